@@ -1,0 +1,15 @@
+"""gptstack: the whole GPT system in one package."""
+
+from gptstack.config import PRESETS, ConfigError, ModelConfig, get_preset
+from gptstack.model import GPT, build_model
+
+__all__ = ["GPT", "PRESETS", "ConfigError", "ModelConfig", "build_model", "get_preset", "load"]
+__version__ = "0.1.0"
+
+
+def load(path, device="cpu", tokenizer=None):
+    """Load a checkpoint folder (or run/checkpoints folder → newest step) as a GPT in eval mode.
+    The model's `.tokenizer` is the checkpoint's tokenizer when it names one (or `tokenizer`)."""
+    from gptstack.checkpoint import load_model
+
+    return load_model(path, device=device, tokenizer=tokenizer)

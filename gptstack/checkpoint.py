@@ -1,0 +1,245 @@
+"""Self-describing checkpoint folders, written atomically, loaded without executing code.
+
+    step-000123/
+      model.safetensors   weights (a tied lm_head is stored once, as transformer.wte.weight)
+      config.json         {"format", "version", "model": ModelConfig, "tokenizer", "train", "step",
+                           "files": {name: {"bytes", "sha256"}}}
+      optimizer.pt        optional training state (optimizer, scheduler, RNG, loader cursor),
+                          loaded with torch.load(weights_only=True)
+      tokenizer/          optional tokenizer folder when the model uses a trained tokenizer
+
+A folder is written under a temporary name beside its destination and renamed into place, so a
+crash never leaves a half checkpoint under a `step-*` name. `resolve()` maps a run folder, a
+checkpoints folder, or `…/latest` to the newest complete step. Loading verifies sizes and SHA-256
+checksums and every tensor name and shape before touching the model: a truncated, corrupt or
+mismatched checkpoint is refused with an error naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from gptstack.config import ConfigError, ModelConfig
+from gptstack.model import GPT
+
+FORMAT = "gptstack-checkpoint"
+VERSION = 1
+STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and the problem."""
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step-{step:06d}"
+
+
+def save_checkpoint(
+    model: GPT, path: str | Path, *, step: int | None = None, tokenizer: Any = None,
+    train_config: dict | None = None, training_state: dict | None = None,
+) -> Path:
+    """Write `model` (and optional training state) to the folder `path`, atomically.
+    `tokenizer`: None, a stock name ('cl100k_base', 'o200k_base', 'bytes'), or a Tokenizer, whose
+    files are then copied into the checkpoint (stock tokenizers are stored by name only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        tensors.pop("lm_head.weight")  # the same tensor as transformer.wte.weight
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": FORMAT})
+    if training_state is not None:
+        torch.save(training_state, tmp / "optimizer.pt")
+    tokenizer_ref = _save_tokenizer(tokenizer, tmp)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+    meta = {
+        "format": FORMAT, "version": VERSION, "model": model.config.to_dict(), "tokenizer": tokenizer_ref,
+        "train": train_config or {}, "step": step, "files": files,
+    }
+    _write_synced(tmp / "config.json", json.dumps(meta, indent=2))
+    _replace_dir(tmp, path)
+    return path
+
+
+def _save_tokenizer(tokenizer: Any, folder: Path) -> str | None:
+    if tokenizer is None or isinstance(tokenizer, str):
+        return tokenizer
+    if tokenizer.name in ("cl100k_base", "o200k_base", "bytes"):
+        return tokenizer.name
+    tokenizer.save(folder / "tokenizer")
+    return "tokenizer"
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_dir(tmp: Path, dst: Path) -> None:
+    """Rename tmp → dst. An existing dst is moved aside first and removed after the rename."""
+    for p in tmp.iterdir():  # make the data durable before the name appears
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    old = None
+    if dst.exists():
+        old = dst.parent / f".old-{dst.name}-{os.getpid()}"
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete step folders under root, oldest first (temporary folders never match step-*)."""
+    root = Path(root)
+    steps = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / "config.json").is_file()]
+    return sorted(steps, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from: the folder itself, `…/latest`, a folder of step-* folders, or a run
+    folder holding checkpoints/."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    root = path.parent if path.name == "latest" else path
+    for candidate in (root, root / "checkpoints"):
+        if candidate.is_dir() and (found := list_checkpoints(candidate)):
+            return found[-1]
+    if not root.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    raise CheckpointError(f"no checkpoint under {path} (expected config.json or step-* folders)")
+
+
+def read_meta(path: str | Path) -> tuple[Path, dict]:
+    """Resolve `path` and return (folder, parsed config.json), validated."""
+    folder = resolve(path)
+    cfg_path = folder / "config.json"
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+        raise CheckpointError(f"{cfg_path}: not a gptstack checkpoint (format field missing or wrong)")
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"{cfg_path}: checkpoint format version {meta['version']} is newer than {VERSION}")
+    return folder, meta
+
+
+def verify_files(folder: Path, meta: dict) -> None:
+    for name, info in meta.get("files", {}).items():
+        p = folder / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing")
+        size = p.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{p}: truncated or altered: {size} bytes, expected {info['bytes']}")
+        if sha256(p) != info["sha256"]:
+            raise CheckpointError(f"{p}: corrupt: SHA-256 checksum does not match config.json")
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    _, meta = read_meta(path)
+    try:
+        return ModelConfig.from_dict(meta["model"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{resolve(path) / 'config.json'}: invalid model config: {e}") from None
+
+
+def load_weights(model: GPT, path: str | Path, verify: bool = True) -> None:
+    """Copy a checkpoint's weights into `model`, after checking every name and shape (nothing is
+    copied unless everything matches)."""
+    folder, meta = read_meta(path)
+    if verify:
+        verify_files(folder, meta)
+    file = folder / "model.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    params = model.state_dict()
+    expected = set(params) - ({"lm_head.weight"} if model.config.tie_embeddings else set())
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            _check_names(file, keys, expected)
+            for k in keys:
+                shape = tuple(f.get_slice(k).get_shape())
+                if shape != tuple(params[k].shape):
+                    raise CheckpointError(
+                        f"{file}: tensor {k} has shape {shape}, the model expects {tuple(params[k].shape)} "
+                        "(a checkpoint of another architecture?)"
+                    )
+            with torch.no_grad():
+                for k in keys:
+                    params[k].copy_(f.get_tensor(k))
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+def _check_names(file: Path, found: set[str], expected: set[str]) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        parts = [f"missing {len(missing)} tensors (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})"] if unexpected else []
+        raise CheckpointError(f"{file}: does not match the model config: {'; '.join(parts)}")
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", tokenizer: Any = None, verify: bool = True,
+) -> GPT:
+    """The checkpoint's model in eval mode, with `.tokenizer` set (None when it names none)."""
+    folder = resolve(path)
+    cfg = load_config(folder)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_buffers()
+    load_weights(model, folder, verify=verify)
+    model.tokenizer = load_tokenizer(folder) if tokenizer is None else tokenizer
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer a checkpoint names, or None."""
+    from gptstack.tokenizer import get_tokenizer
+
+    folder, meta = read_meta(path)
+    ref = meta.get("tokenizer")
+    if ref is None:
+        return None
+    return get_tokenizer(folder / ref if ref == "tokenizer" else ref)
+
+
+def load_training_state(path: str | Path) -> dict | None:
+    """optimizer.pt as saved (tensors, numbers, strings, containers), loaded with weights_only=True."""
+    folder = resolve(path)
+    file = folder / "optimizer.pt"
+    if not file.is_file():
+        return None
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError/RuntimeError/EOFError on bad files
+        raise CheckpointError(f"{file}: cannot be loaded safely ({type(e).__name__}: {str(e)[:200]})") from None

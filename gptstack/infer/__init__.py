@@ -1,0 +1,1 @@
+"""Inference: the KV cache, sampling and generation loops."""

@@ -1,0 +1,293 @@
+"""THE model: one GPT that covers the lineage (GPT-1/2/3, Llama-style, GPT-4-style MoE) by config.
+
+Read top to bottom: norms and rotary positions, attention, the dense and MoE feed-forwards, the block,
+the GPT. Parameter names follow nanoGPT / HF GPT-2 (`transformer.h.{i}.attn.c_attn`, ...) so that
+one conversion table per HF family (interop/hf.py) maps them. Variants are config values:
+
+- positions: learned absolute table (`wpe`) or rotary (RoPE, HF's rotate-half layout, with linear
+  position interpolation for context extension);
+- norms: LayerNorm or RMSNorm; pre-LN (GPT-2+) or post-LN (GPT-1, no final norm);
+- attention: MHA / GQA / MQA through F.scaled_dot_product_attention (flash kernels on GPU); each
+  layer dense-causal or locally banded (GPT-3 alternates them);
+- feed-forward: GELU MLP, SwiGLU, or a dropless top-k mixture of experts with load-balancing and
+  router z-losses added to the LM loss.
+
+The KV cache is an object passed to `forward` (see infer/kvcache.py); the model only calls
+`kv_cache.pos`, `kv_cache.update(layer, k, v)` and `kv_cache.advance(T)`.
+Build on the meta device, move with `to_empty`, then call the one `init_weights()`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptstack.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (block_size, head_dim) in fp32; positions divided by the scaling factor."""
+    half = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta**half) / cfg.rope_scaling  # (head_dim/2,)
+    t = torch.arange(cfg.block_size, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)  # (block_size, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout, as HF Llama
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, T, h, hd); cos/sin: (T, hd). Rotates the two halves of each head."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None, :].to(x.dtype) + rotated * sin[:, None, :].to(x.dtype)
+
+
+def attention_mask(T: int, S: int, pos0: int, window: int | None, device: torch.device) -> Tensor | None:
+    """Boolean (T, S) mask: query at absolute position pos0+i may see key j when j <= pos0+i and,
+    for a banded layer, pos0+i - j < window. None when plain top-left causal or full attention works."""
+    if window is None and (T == 1 or (pos0 == 0 and S == T)):
+        return None
+    q_pos = torch.arange(pos0, pos0 + T, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= q_pos - k_pos < window
+    return mask
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.window = cfg.attn_window if cfg.attn_kinds[layer_idx] == "local" else None
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv_cache, pos0: int) -> Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+        q = q.view(B, T, self.n_head, hd)  # (B, T, h, hd)
+        k = k.view(B, T, self.n_kv_head, hd)  # (B, T, kv, hd)
+        v = v.view(B, T, self.n_kv_head, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h|kv, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, kv, pos0+T, hd)
+        mask = attention_mask(T, k.size(2), pos0, self.window, x.device)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, h, T, hd)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
+
+
+def activate(h: Tensor, kind: str) -> Tensor:
+    """GELU (tanh approximation, as GPT-1/2/3) on h, or SwiGLU on h = [gate; up]."""
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h, approximate="tanh")
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff  # SwiGLU: [gate; up] fused
+        self.c_fc = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_ff, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.dropout(self.c_proj(activate(self.c_fc(x), self.kind))), None
+
+
+class MoE(nn.Module):
+    """Dropless top-k mixture of experts: every token reaches its k experts, no capacity limit.
+
+    Router: softmax over experts in fp32, top-k, gates renormalised to sum to 1 (Mixtral).
+    Aux losses (returned as a (2,) tensor): Switch load balancing n_expert·Σ_e f_e·P_e, with f_e the
+    fraction of the N·k assignments routed to expert e and P_e its mean router probability (1.0 when
+    balanced); and the ST-MoE router z-loss mean(logsumexp(logits)²).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind, self.n_expert, self.k = cfg.mlp, cfg.n_expert, cfg.n_expert_active
+        width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=False)
+        self.w_fc = nn.Parameter(torch.empty(cfg.n_expert, width, cfg.n_embd))  # (E, F or 2F, D)
+        self.w_proj = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd, cfg.d_ff))  # (E, D, F)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, D = x.shape
+        xf = x.reshape(-1, D)  # (N, D)
+        logits = self.router(xf).float()  # (N, E)
+        probs = logits.softmax(dim=-1)
+        gates, experts = probs.topk(self.k, dim=-1)  # (N, k)
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(xf)
+        for e in range(self.n_expert):
+            token, slot = torch.where(experts == e)  # the tokens that chose e, and in which top-k slot
+            if token.numel() == 0:
+                continue
+            h = activate(F.linear(xf[token], self.w_fc[e]), self.kind)
+            out.index_add_(0, token, F.linear(h, self.w_proj[e]) * gates[token, slot, None].to(x.dtype))
+        frac = torch.bincount(experts.flatten(), minlength=self.n_expert).float() / experts.numel()  # (E,)
+        balance = self.n_expert * (frac * probs.mean(dim=0)).sum()
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        return out.view(B, T, D), torch.stack([balance, z])
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.prenorm = cfg.prenorm
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MoE(cfg) if cfg.n_expert else MLP(cfg)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rope, kv_cache, pos0: int) -> tuple[Tensor, Tensor | None]:
+        if self.prenorm:  # GPT-2 onwards: x + f(norm(x))
+            x = x + self.resid_drop(self.attn(self.ln_1(x), rope, kv_cache, pos0))
+            h, aux = self.mlp(self.ln_2(x))
+            return x + h, aux
+        x = self.ln_1(x + self.resid_drop(self.attn(x, rope, kv_cache, pos0)))  # GPT-1: norm(x + f(x))
+        h, aux = self.mlp(x)
+        return self.ln_2(x + h), aux
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            ln_f=make_norm(cfg) if cfg.prenorm else nn.Identity(),
+        ))
+        if cfg.pos == "learned":
+            self.transformer.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        if cfg.pos == "rope":  # derived, not learned: recomputed by init_weights(), never saved
+            cos, sin = rope_tables(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Every init scheme in one place (GPT-2): N(0, 0.02) for linears and embeddings, zero biases,
+        unit norms, and residual projections (attn/MLP/expert c_proj) at 0.02/√(2·n_layer)."""
+        self.tie_weights()  # to_empty() from meta may have untied them
+        resid_std = std / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, resid_std if name.endswith("c_proj") else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.w_fc, 0.0, std)
+                nn.init.normal_(module.w_proj, 0.0, resid_std)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """Recompute derived, non-persistent buffers (the RoPE tables) on the model's device."""
+        if self.config.pos == "rope":
+            self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.lm_head.weight.device)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache=None):
+        """idx: (B, T) token ids. Returns logits (B, T, V), or (logits, loss) when targets (B, T) are
+        given (targets of -1 are ignored; MoE auxiliary losses are added with their coefficients)."""
+        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
+            raise ValueError(f"idx must be a (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}")
+        B, T = idx.shape
+        pos0 = kv_cache.pos if kv_cache is not None else 0
+        if pos0 + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos0 + T} tokens exceeds the context of {self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, D)
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
+        rope = (self.rope_cos[pos0 : pos0 + T], self.rope_sin[pos0 : pos0 + T]) if self.config.pos == "rope" else None
+        x = self.transformer.drop(x)
+        aux = []
+        for block in self.transformer.h:
+            x, a = block(x, rope, kv_cache, pos0)
+            if a is not None:
+                aux.append(a)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if aux:
+            balance, z = torch.stack(aux).mean(dim=0)  # averaged over layers
+            loss = loss + self.config.moe_aux_loss_coef * balance + self.config.moe_z_loss_coef * z
+        return logits, loss
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> GPT:
+    """Construct on the meta device (no memory touched), materialise on `device`, initialise once."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.init_weights()
+    return model
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts from a meta-device model (exact, free even for 175B):
+    total, active per token (MoE: only k of n experts), and the matmul parameters N used for FLOPs
+    (total minus the position table, minus the token table when untied, since a lookup is no matmul)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    if cfg.n_expert:
+        per_expert = sum(p[0].numel() for m in model.modules() if isinstance(m, MoE) for p in (m.w_fc, m.w_proj))
+        inactive = per_expert * (cfg.n_expert - cfg.n_expert_active)
+    wpe = cfg.block_size * cfg.n_embd if cfg.pos == "learned" else 0
+    lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd
+    return {"total": total, "active": total - inactive, "matmul": total - inactive - wpe - lookup}
+
+
+def flops_per_token(cfg: ModelConfig, context: int | None = None) -> dict[str, float]:
+    """Training FLOPs per token = 6·N + 12·Σ_layers(T_eff·h·hd) (PaLM appendix B), N the active matmul
+    parameters, T_eff the attended context (the band width on local layers); forward alone is a third."""
+    T = context or cfg.block_size
+    n = count_params(cfg)["matmul"]
+    attn = sum(min(T, cfg.attn_window) if kind == "local" else T for kind in cfg.attn_kinds)
+    train = 6 * n + 12 * attn * cfg.n_head * cfg.head_dim
+    return {"train": float(train), "forward": train / 3.0}
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
+    """K and V for every layer: 2 · n_layer · n_kv_head · head_dim · bytes."""
+    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * bytes_per_element
