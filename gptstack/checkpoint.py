@@ -46,8 +46,13 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    model: GPT, path: str | Path, *, step: int | None = None, tokenizer: Any = None,
-    train_config: dict | None = None, training_state: dict | None = None,
+    model: GPT,
+    path: str | Path,
+    *,
+    step: int | None = None,
+    tokenizer: Any = None,
+    train_config: dict | None = None,
+    training_state: dict | None = None,
 ) -> Path:
     """Write `model` (and optional training state) to the folder `path`, atomically.
     `tokenizer`: None, a stock name ('cl100k_base', 'o200k_base', 'bytes'), or a Tokenizer, whose
@@ -66,8 +71,13 @@ def save_checkpoint(
     tokenizer_ref = _save_tokenizer(tokenizer, tmp)
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
     meta = {
-        "format": FORMAT, "version": VERSION, "model": model.config.to_dict(), "tokenizer": tokenizer_ref,
-        "train": train_config or {}, "step": step, "files": files,
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model.config.to_dict(),
+        "tokenizer": tokenizer_ref,
+        "train": train_config or {},
+        "step": step,
+        "files": files,
     }
     _write_synced(tmp / "config.json", json.dumps(meta, indent=2))
     _replace_dir(tmp, path)
@@ -207,7 +217,10 @@ def _check_names(file: Path, found: set[str], expected: set[str]) -> None:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", tokenizer: Any = None, verify: bool = True,
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    tokenizer: Any = None,
+    verify: bool = True,
 ) -> GPT:
     """The checkpoint's model in eval mode, with `.tokenizer` set (None when it names none)."""
     folder = resolve(path)

@@ -26,7 +26,8 @@ def cmd_init(args: argparse.Namespace) -> None:
         raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.n_vocab}")
     model = build_model(cfg, seed=args.seed)
     path = save_checkpoint(model, args.out, step=0, tokenizer=tokenizer, train_config={"init_seed": args.seed})
-    print(f"wrote a freshly initialised {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters) to {path}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote a freshly initialised {args.model} ({n_params:,} parameters) to {path}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

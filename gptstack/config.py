@@ -150,23 +150,52 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Llama-style (Llama 3 8B, Grattafiori et al. 2024, Table 3): RMSNorm, RoPE θ=500k, SwiGLU,
     # GQA 32 query / 8 KV heads, no biases, untied embeddings, 128,256 vocabulary.
     "llama3-8b": dict(
-        _LLAMA, vocab_size=128256, block_size=8192, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096,
-        d_ff=14336, rope_theta=500000.0, norm_eps=1e-5,
+        _LLAMA,
+        vocab_size=128256,
+        block_size=8192,
+        n_layer=32,
+        n_head=32,
+        n_kv_head=8,
+        n_embd=4096,
+        d_ff=14336,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
     ),
     # GPT-4-style sparse MoE: 8 experts, top-2 routing, as reported for GPT-4 and published for
     # Mixtral 8x7B (Jiang et al. 2024, Table 1), whose shape this preset takes.
     "moe-8x7b": dict(
-        _LLAMA, vocab_size=32000, block_size=32768, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096,
-        d_ff=14336, rope_theta=1e6, norm_eps=1e-5, n_expert=8, n_expert_active=2, moe_aux_loss_coef=0.02,
+        _LLAMA,
+        vocab_size=32000,
+        block_size=32768,
+        n_layer=32,
+        n_head=32,
+        n_kv_head=8,
+        n_embd=4096,
+        d_ff=14336,
+        rope_theta=1e6,
+        norm_eps=1e-5,
+        n_expert=8,
+        n_expert_active=2,
+        moe_aux_loss_coef=0.02,
     ),
     # Tiny CPU presets (ours): same families, laptop-sized.
     "tiny": dict(_GPT2, block_size=256, n_layer=4, n_head=4, n_embd=128),
     "tiny-gpt1": dict(vocab_size=40478, block_size=256, n_layer=4, n_head=4, n_embd=128, prenorm=False),
     "tiny-gpt3": dict(_GPT3, block_size=256, n_layer=4, n_head=4, n_embd=128, attn_window=64),
-    "tiny-llama": dict(_LLAMA, vocab_size=50257, block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, d_ff=344),
+    "tiny-llama": dict(
+        _LLAMA, vocab_size=50257, block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, d_ff=344
+    ),
     "tiny-moe": dict(
-        _LLAMA, vocab_size=50257, block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, d_ff=256,
-        n_expert=4, n_expert_active=2,
+        _LLAMA,
+        vocab_size=50257,
+        block_size=256,
+        n_layer=4,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=128,
+        d_ff=256,
+        n_expert=4,
+        n_expert_active=2,
     ),
 }
 
@@ -176,7 +205,8 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         hint = difflib.get_close_matches(name, PRESETS, n=3)
         raise ConfigError(
-            f"unknown preset {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
+            f"unknown preset {name!r}"
+            + (f"; did you mean {', '.join(hint)}?" if hint else "")
             + f" (known: {', '.join(PRESETS)})"
         )
     return ModelConfig.from_dict({**PRESETS[name], **overrides})

@@ -31,17 +31,29 @@ def describe_model(spec: str, context: int | None = None) -> str:
     flops = flops_per_token(cfg, context)
     kv = kv_cache_bytes_per_token(cfg, 2)
     kinds = cfg.attn_kinds
-    attn = "dense" if set(kinds) == {"dense"} else f"{kinds.count('local')}/{len(kinds)} layers local (band {cfg.attn_window})"
-    heads = f"{cfg.n_head} heads × {cfg.head_dim}" + (f", {cfg.n_kv_head} KV heads" if cfg.n_kv_head != cfg.n_head else "")
+    attn = (
+        "dense"
+        if set(kinds) == {"dense"}
+        else f"{kinds.count('local')}/{len(kinds)} layers local (band {cfg.attn_window})"
+    )
+    heads = f"{cfg.n_head} heads × {cfg.head_dim}" + (
+        f", {cfg.n_kv_head} KV heads" if cfg.n_kv_head != cfg.n_head else ""
+    )
     ffn = f"{cfg.mlp} d_ff={cfg.d_ff}" + (f", {cfg.n_expert} experts top-{cfg.n_expert_active}" if cfg.n_expert else "")
     rows = [
         ("model", spec),
-        ("shape", f"{cfg.n_layer} layers × {cfg.n_embd} wide, {heads}, context {cfg.block_size}, vocab {cfg.vocab_size}"),
+        (
+            "shape",
+            f"{cfg.n_layer} layers × {cfg.n_embd} wide, {heads}, context {cfg.block_size}, vocab {cfg.vocab_size}",
+        ),
         ("blocks", f"{'pre' if cfg.prenorm else 'post'}-LN {cfg.norm}, {cfg.pos} positions, {ffn}, attention {attn}"),
         ("parameters", f"{params['total']:,} ({_human(params['total'])})"),
         ("active per token", f"{params['active']:,} ({_human(params['active'])})"),
-        ("FLOPs per token", f"train {_human(flops['train'])} (6N + attention at context {context or cfg.block_size}), "
-                            f"forward {_human(flops['forward'])}"),
+        (
+            "FLOPs per token",
+            f"train {_human(flops['train'])} (6N + attention at context {context or cfg.block_size}), "
+            f"forward {_human(flops['forward'])}",
+        ),
         ("KV cache per token", f"{kv:,} bytes in bf16/fp16 ({_human(kv, 'B')}), {2 * kv:,} in fp32"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -13,11 +13,16 @@ from gptstack.model import GPT
 
 @torch.no_grad()
 def generate(
-    model: GPT, prompt: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
-    stop_tokens: frozenset[int] = frozenset(), use_cache: bool = True,
+    model: GPT,
+    prompt: list[int],
+    max_new_tokens: int,
+    params: SamplingParams | None = None,
+    stop_tokens: frozenset[int] = frozenset(),
+    use_cache: bool = True,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (stops early at a stop token, which is not yielded).
     Without the cache every step re-runs the whole sequence (the reference the cache must match)."""
+    params = params or SamplingParams()
     ctx = model.config.block_size
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
@@ -33,7 +38,11 @@ def generate(
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else torch.seed())
     seq = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, device, model.lm_head.weight.dtype) if use_cache else None
+    cache = (
+        KVCache(model.config, 1, len(prompt) + max_new_tokens, device, model.lm_head.weight.dtype)
+        if use_cache
+        else None
+    )
     logits = model(seq, kv_cache=cache)[:, -1]  # (1, V): only the last position predicts
     for i in range(max_new_tokens):
         token = sample(logits, params, generator)  # (1,)

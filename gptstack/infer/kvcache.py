@@ -14,8 +14,12 @@ from gptstack.config import ModelConfig
 
 class KVCache:
     def __init__(
-        self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
-        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
     ):
         self.max_len = max_len or cfg.block_size
         if self.max_len > cfg.block_size:

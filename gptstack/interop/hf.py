@@ -41,13 +41,17 @@ def _gate_up(c: ModelConfig) -> list[int]:
 
 def gpt2_rules(c: ModelConfig) -> list[Rule]:
     h = "transformer.h.{i}."
-    rules = [Rule("transformer.wte.weight", ("transformer.wte.weight",)),
-             Rule("transformer.wpe.weight", ("transformer.wpe.weight",))]
+    rules = [
+        Rule("transformer.wte.weight", ("transformer.wte.weight",)),
+        Rule("transformer.wpe.weight", ("transformer.wpe.weight",)),
+    ]
     for name in ("ln_1", "ln_2"):
         rules += [Rule(h + f"{name}.{p}", (h + f"{name}.{p}",)) for p in ("weight", "bias")]
     for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-        rules += [Rule(h + f"{name}.weight", (h + f"{name}.weight",), transpose=True),
-                  Rule(h + f"{name}.bias", (h + f"{name}.bias",))]
+        rules += [
+            Rule(h + f"{name}.weight", (h + f"{name}.weight",), transpose=True),
+            Rule(h + f"{name}.bias", (h + f"{name}.bias",)),
+        ]
     rules += [Rule(f"transformer.ln_f.{p}", (f"transformer.ln_f.{p}",)) for p in ("weight", "bias")]
     return rules
 
@@ -64,19 +68,27 @@ def llama_rules(c: ModelConfig) -> list[Rule]:
         Rule("transformer.ln_f.weight", ("model.norm.weight",)),
     ]
     if c.bias:  # Llama's attention_bias / mlp_bias options
-        rules += [Rule(h + "attn.c_attn.bias", tuple(a + ".bias" for a in attn), split=_qkv),
-                  Rule(h + "attn.c_proj.bias", (m + "self_attn.o_proj.bias",))]
+        rules += [
+            Rule(h + "attn.c_attn.bias", tuple(a + ".bias" for a in attn), split=_qkv),
+            Rule(h + "attn.c_proj.bias", (m + "self_attn.o_proj.bias",)),
+        ]
     if c.n_expert:  # Mixtral: router + experts stacked as (E, 2F, D) and (E, D, F), as we store them
-        rules += [Rule(h + "mlp.router.weight", (m + "mlp.gate.weight",)),
-                  Rule(h + "mlp.w_fc", (m + "mlp.experts.gate_up_proj",)),
-                  Rule(h + "mlp.w_proj", (m + "mlp.experts.down_proj",))]
+        rules += [
+            Rule(h + "mlp.router.weight", (m + "mlp.gate.weight",)),
+            Rule(h + "mlp.w_fc", (m + "mlp.experts.gate_up_proj",)),
+            Rule(h + "mlp.w_proj", (m + "mlp.experts.down_proj",)),
+        ]
         return rules
     mlp = (m + "mlp.gate_proj", m + "mlp.up_proj")
-    rules += [Rule(h + "mlp.c_fc.weight", tuple(p + ".weight" for p in mlp), split=_gate_up),
-              Rule(h + "mlp.c_proj.weight", (m + "mlp.down_proj.weight",))]
+    rules += [
+        Rule(h + "mlp.c_fc.weight", tuple(p + ".weight" for p in mlp), split=_gate_up),
+        Rule(h + "mlp.c_proj.weight", (m + "mlp.down_proj.weight",)),
+    ]
     if c.bias:
-        rules += [Rule(h + "mlp.c_fc.bias", tuple(p + ".bias" for p in mlp), split=_gate_up),
-                  Rule(h + "mlp.c_proj.bias", (m + "mlp.down_proj.bias",))]
+        rules += [
+            Rule(h + "mlp.c_fc.bias", tuple(p + ".bias" for p in mlp), split=_gate_up),
+            Rule(h + "mlp.c_proj.bias", (m + "mlp.down_proj.bias",)),
+        ]
     return rules
 
 
@@ -86,8 +98,10 @@ def rules_for(c: ModelConfig, family: str) -> list[Rule]:
     out = []
     for r in table:
         if "{i}" in r.ours:
-            out += [Rule(r.ours.format(i=i), tuple(t.format(i=i) for t in r.theirs), r.transpose, r.split)
-                    for i in range(c.n_layer)]
+            out += [
+                Rule(r.ours.format(i=i), tuple(t.format(i=i) for t in r.theirs), r.transpose, r.split)
+                for i in range(c.n_layer)
+            ]
         else:
             out.append(r)
     if not c.tie_embeddings:
@@ -96,6 +110,7 @@ def rules_for(c: ModelConfig, family: str) -> list[Rule]:
 
 
 # --- configs ---------------------------------------------------------------------------------
+
 
 def family_of(c: ModelConfig) -> str:
     """The HF family that represents `c` exactly, or an InteropError saying what does not fit."""
@@ -126,20 +141,40 @@ def to_hf_config(c: ModelConfig):
     family = family_of(c)
     if family == "gpt2":
         return transformers.GPT2Config(
-            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-            n_head=c.n_head, n_inner=c.d_ff, activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
-            resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=c.tie_embeddings,
+            vocab_size=c.vocab_size,
+            n_positions=c.block_size,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_inner=c.d_ff,
+            activation_function="gelu_new",
+            layer_norm_epsilon=c.norm_eps,
+            resid_pdrop=c.dropout,
+            embd_pdrop=c.dropout,
+            attn_pdrop=c.dropout,
+            tie_word_embeddings=c.tie_embeddings,
         )
     common = dict(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.d_ff, num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
-        max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps, rope_parameters=_rope_parameters(c),
-        tie_word_embeddings=c.tie_embeddings, attention_dropout=c.dropout,
+        vocab_size=c.vocab_size,
+        hidden_size=c.n_embd,
+        intermediate_size=c.d_ff,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.block_size,
+        rms_norm_eps=c.norm_eps,
+        rope_parameters=_rope_parameters(c),
+        tie_word_embeddings=c.tie_embeddings,
+        attention_dropout=c.dropout,
     )
     if family == "mixtral":
         return transformers.MixtralConfig(
-            **common, num_local_experts=c.n_expert, num_experts_per_tok=c.n_expert_active,
-            router_aux_loss_coef=c.moe_aux_loss_coef, sliding_window=None,
+            **common,
+            num_local_experts=c.n_expert,
+            num_experts_per_tok=c.n_expert_active,
+            router_aux_loss_coef=c.moe_aux_loss_coef,
+            sliding_window=None,
         )
     return transformers.LlamaConfig(**common, attention_bias=c.bias, mlp_bias=c.bias)
 
@@ -152,8 +187,14 @@ def from_hf_config(h) -> ModelConfig:
         if getattr(h, "scale_attn_by_inverse_layer_idx", False) or not getattr(h, "scale_attn_weights", True):
             raise InteropError("GPT-2 attention scaling variants are not supported")
         return ModelConfig(
-            vocab_size=h.vocab_size, block_size=h.n_positions, n_layer=h.n_layer, n_head=h.n_head, n_embd=h.n_embd,
-            d_ff=h.n_inner or 4 * h.n_embd, norm_eps=h.layer_norm_epsilon, tie_embeddings=h.tie_word_embeddings,
+            vocab_size=h.vocab_size,
+            block_size=h.n_positions,
+            n_layer=h.n_layer,
+            n_head=h.n_head,
+            n_embd=h.n_embd,
+            d_ff=h.n_inner or 4 * h.n_embd,
+            norm_eps=h.layer_norm_epsilon,
+            tie_embeddings=h.tie_word_embeddings,
         )
     if kind not in ("llama", "mixtral"):
         raise InteropError(f"unsupported HF model_type {kind!r} (supported: gpt2, llama, mixtral)")
@@ -169,18 +210,34 @@ def from_hf_config(h) -> ModelConfig:
         raise InteropError("attention_bias and mlp_bias must agree")
     extra = {}
     if kind == "mixtral":
-        extra = dict(n_expert=h.num_local_experts, n_expert_active=h.num_experts_per_tok,
-                     moe_aux_loss_coef=h.router_aux_loss_coef)
+        extra = dict(
+            n_expert=h.num_local_experts,
+            n_expert_active=h.num_experts_per_tok,
+            moe_aux_loss_coef=h.router_aux_loss_coef,
+        )
     return ModelConfig(
-        vocab_size=h.vocab_size, block_size=h.max_position_embeddings, n_layer=h.num_hidden_layers,
-        n_head=h.num_attention_heads, n_kv_head=h.num_key_value_heads, n_embd=h.hidden_size,
-        head_dim=getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads, d_ff=h.intermediate_size,
-        mlp="swiglu", norm="rmsnorm", norm_eps=h.rms_norm_eps, pos="rope", rope_theta=float(rope["rope_theta"]),
-        rope_scaling=float(rope.get("factor", 1.0)), bias=bias, tie_embeddings=h.tie_word_embeddings, **extra,
+        vocab_size=h.vocab_size,
+        block_size=h.max_position_embeddings,
+        n_layer=h.num_hidden_layers,
+        n_head=h.num_attention_heads,
+        n_kv_head=h.num_key_value_heads,
+        n_embd=h.hidden_size,
+        head_dim=getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads,
+        d_ff=h.intermediate_size,
+        mlp="swiglu",
+        norm="rmsnorm",
+        norm_eps=h.rms_norm_eps,
+        pos="rope",
+        rope_theta=float(rope["rope_theta"]),
+        rope_scaling=float(rope.get("factor", 1.0)),
+        bias=bias,
+        tie_embeddings=h.tie_word_embeddings,
+        **extra,
     )
 
 
 # --- weights ---------------------------------------------------------------------------------
+
 
 def from_hf_model(hf_model: nn.Module) -> GPT:
     """Our GPT (fp32, eval mode) holding the weights of a transformers causal LM."""
