@@ -47,7 +47,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     stream = tok.stream_decoder()
     out = sys.stdout
     out.write(args.prompt)
-    for token in generate(model, prompt, args.max_new_tokens, params, stop_tokens=frozenset({tok.eot_id})):
+    allowed = tok.decodable_mask(model.config.vocab_size)
+    stops = frozenset({tok.eot_id})
+    for token in generate(model, prompt, args.max_new_tokens, params, stop_tokens=stops, allowed=allowed):
         out.write(stream.push(token))
         out.flush()
     out.write(stream.flush() + "\n")

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import tiktoken
+import torch
 
 # Pre-tokenization regexes (the published patterns of GPT-2 r50k, GPT-4 cl100k and GPT-4o o200k).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -66,6 +67,14 @@ class Tokenizer:
     @property
     def eot_id(self) -> int:
         return self.special_tokens[EOT]
+
+    def decodable_mask(self, vocab_size: int) -> torch.Tensor:
+        """Boolean (vocab_size,): the ids this tokenizer can decode. A model's vocabulary may be
+        larger (padding) and stock encodings have unassigned ids; generation never samples those."""
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        ids = torch.tensor([*self.ranks.values(), *self.special_tokens.values()], dtype=torch.long)
+        mask[ids[ids < vocab_size]] = True
+        return mask
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         return self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)

@@ -19,8 +19,10 @@ def generate(
     params: SamplingParams | None = None,
     stop_tokens: frozenset[int] = frozenset(),
     use_cache: bool = True,
+    allowed: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (stops early at a stop token, which is not yielded).
+    `allowed` (V,) bool: the only ids that may be sampled (see Tokenizer.decodable_mask).
     Without the cache every step re-runs the whole sequence (the reference the cache must match)."""
     params = params or SamplingParams()
     ctx = model.config.block_size
@@ -35,6 +37,7 @@ def generate(
     if max_new_tokens == 0:
         return
     device = model.lm_head.weight.device
+    allowed = allowed.to(device) if allowed is not None else None
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else torch.seed())
     seq = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
@@ -45,7 +48,7 @@ def generate(
     )
     logits = model(seq, kv_cache=cache)[:, -1]  # (1, V): only the last position predicts
     for i in range(max_new_tokens):
-        token = sample(logits, params, generator)  # (1,)
+        token = sample(logits, params, generator, allowed)  # (1,)
         if token.item() in stop_tokens:
             return
         yield token.item()

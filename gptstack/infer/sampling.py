@@ -38,8 +38,12 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float) -> Tensor:
     return logits
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
-    """logits (B, V) → next token ids (B,)."""
+def sample(
+    logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None, allowed: Tensor | None = None
+) -> Tensor:
+    """logits (B, V) → next token ids (B,); `allowed` (V,) bool excludes ids that may never be produced."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)

@@ -1,0 +1,148 @@
+"""HF interop: tiny random transformers models of the GPT-2, Llama and Mixtral families give the
+same fp32 logits after import (atol 1e-5), and exported folders load in transformers and agree."""
+
+import pytest
+import torch
+import transformers
+
+from conftest import scramble
+from gptstack.checkpoint import load_model, save_checkpoint
+from gptstack.cli import main
+from gptstack.config import get_preset
+from gptstack.interop.hf import InteropError, from_hf_model, to_hf_model
+from gptstack.model import build_model
+
+V = 101
+HF_CONFIGS = {
+    "gpt2-odd-heads-tied": transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=60, n_layer=2, n_head=5),
+    "gpt2-untied-ninner": transformers.GPT2Config(
+        vocab_size=V, n_positions=64, n_embd=48, n_layer=3, n_head=4, n_inner=80, tie_word_embeddings=False
+    ),
+    "llama-gqa-3to1-theta500": transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+    ),
+    "llama-mqa-linear-rope-bias-tied": transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    ),
+    "llama-odd-heads-headdim": transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=60,
+        intermediate_size=90,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        head_dim=24,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ),
+    "mixtral-2experts-top1": transformers.MixtralConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    ),
+    "mixtral-3experts-gqa": transformers.MixtralConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 2000.0},
+    ),
+    "mixtral-4experts-tied": transformers.MixtralConfig(
+        vocab_size=V,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def hf_model(name):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[name], dtype=torch.float32)
+    return scramble(model, seed=1, std=0.1).eval()
+
+
+def ids(batch=2, length=33):
+    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+@torch.no_grad()
+def test_imported_logits_equal_transformers(name):
+    theirs = hf_model(name)
+    ours = from_hf_model(theirs)
+    expected = theirs(ids()).logits
+    assert expected.std() > 0.1, "test model too flat to compare"
+    torch.testing.assert_close(ours(ids()), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+@torch.no_grad()
+def test_export_through_folders_loads_in_transformers(tmp_path, name):
+    theirs = hf_model(name)
+    theirs.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "hf-import", str(tmp_path / "hf"), str(tmp_path / "ck")]) == 0
+    ours = load_model(tmp_path / "ck")
+    torch.testing.assert_close(ours(ids()), theirs(ids()).logits, atol=1e-5, rtol=0)
+    assert main(["convert", "hf-export", str(tmp_path / "ck"), str(tmp_path / "out")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    torch.testing.assert_close(back(ids()).logits, ours(ids()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama", "tiny-moe"])
+@torch.no_grad()
+def test_our_presets_export_to_transformers(tmp_path, preset):
+    ours = scramble(build_model(get_preset(preset, vocab_size=V, block_size=64), seed=0), std=0.1).eval()
+    save_checkpoint(ours, tmp_path / "ck")
+    assert main(["convert", "hf-export", str(tmp_path / "ck"), str(tmp_path / "hf")]) == 0
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    torch.testing.assert_close(theirs(ids()).logits, ours(ids()), atol=1e-5, rtol=0)
+    assert (
+        type(theirs).__name__
+        == {"tiny": "GPT2LMHeadModel", "tiny-llama": "LlamaForCausalLM", "tiny-moe": "MixtralForCausalLM"}[preset]
+    )
+
+
+@pytest.mark.parametrize("preset,message", [("tiny-gpt3", "locally banded"), ("tiny-gpt1", "post-LN")])
+def test_architectures_without_an_hf_family_are_refused(preset, message):
+    with pytest.raises(InteropError, match=message):
+        to_hf_model(build_model(get_preset(preset, vocab_size=V), seed=0))
+
+
+def test_import_of_a_non_model_folder_fails_clearly(tmp_path, capsys):
+    assert main(["convert", "hf-import", str(tmp_path), str(tmp_path / "ck")]) == 2
+    assert "is not a transformers model folder" in capsys.readouterr().err
