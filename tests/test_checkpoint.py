@@ -11,10 +11,10 @@ import time
 
 import pytest
 import torch
+from conftest import VARIANTS, scramble
 from safetensors import safe_open
 
 import gptstack
-from conftest import VARIANTS, scramble
 from gptstack.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -50,7 +50,8 @@ def test_round_trip_is_exact(tmp_path, name):
 def test_tied_head_is_stored_once_and_stays_tied(saved):
     _, path = saved
     with safe_open(path / "model.safetensors", "pt") as f:
-        assert "lm_head.weight" not in f.keys() and "transformer.wte.weight" in f.keys()
+        keys = set(f.keys())  # a safetensors handle, not a dict
+        assert "lm_head.weight" not in keys and "transformer.wte.weight" in keys
     loaded = load_model(path)
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
 

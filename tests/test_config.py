@@ -89,7 +89,7 @@ def test_inconsistent_configs_fail_with_a_clear_message(fields, message):
 
 
 def test_unknown_field_and_preset_get_suggestions():
-    with pytest.raises(ConfigError, match="unknown config field 'n_layers' .*did you mean 'n_layer'"):
+    with pytest.raises(ConfigError, match=r"unknown config field 'n_layers' .*did you mean 'n_layer'"):
         ModelConfig.from_dict({"n_layers": 4})
     with pytest.raises(ConfigError, match="unknown preset 'gpt2-smal'; did you mean gpt2-small"):
         get_preset("gpt2-smal")

@@ -4,8 +4,8 @@ same fp32 logits after import (atol 1e-5), and exported folders load in transfor
 import pytest
 import torch
 import transformers
-
 from conftest import scramble
+
 from gptstack.checkpoint import load_model, save_checkpoint
 from gptstack.cli import main
 from gptstack.config import get_preset

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import SMALL, VARIANTS, scramble
+
 from gptstack.config import ModelConfig, get_preset
 from gptstack.infer.generate import generate
 from gptstack.infer.kvcache import KVCache
@@ -137,7 +137,7 @@ def test_bad_input_fails_clearly():
         model(torch.zeros(65))
     cache = KVCache(model.config, 1, max_len=8)
     model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
-    with pytest.raises(ValueError, match="sequence of 9 tokens exceeds|KV cache full"):
+    with pytest.raises(ValueError, match=r"sequence of 9 tokens exceeds|KV cache full"):
         model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match="exceed the context of 64 tokens"):
         list(generate(model, [1] * 60, 10))
