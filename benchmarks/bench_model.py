@@ -3,7 +3,8 @@
 1. forward+backward training tokens/s of a gpt2-small-shaped model (batch 4 × 256 by default):
    gptstack GPT vs transformers.GPT2LMHeadModel holding the same weights (exported by interop/hf.py);
 2. decode-step latency at a 512-token context: one new token with the KV cache vs re-running the
-   whole sequence without it, for both implementations.
+   whole sequence without it, for both implementations, and for ours with the CPU decode layout
+   (infer/layout.py: linear weights stored (in, out), what `gptstack generate` uses on CPU).
 
     python benchmarks/bench_model.py [--reps 7] [--batch 4] [--seq 256] [--context 512]
 """
@@ -20,6 +21,7 @@ from transformers import DynamicCache
 
 from gptstack.config import get_preset
 from gptstack.infer.kvcache import KVCache
+from gptstack.infer.layout import decode_layout
 from gptstack.interop.hf import to_hf_model
 from gptstack.model import build_model
 
@@ -69,17 +71,24 @@ def main() -> None:
     tokens = args.batch * args.seq
 
     ours.eval(), theirs.eval()
+    fast = decode_layout(build_model(get_preset("gpt2-small"), seed=0))  # same weights, (in, out) layout
     ctx = args.context
     seq = torch.randint(0, 50257, (1, ctx))
     cache = KVCache(ours.config, 1, ctx)
+    fast_cache = KVCache(ours.config, 1, ctx)
     hf_cache = DynamicCache(config=theirs.config)
     with torch.no_grad():
         ours(seq[:, :-1], kv_cache=cache)  # prefill ctx-1 tokens once
+        fast(seq[:, :-1], kv_cache=fast_cache)
         theirs(seq[:, :-1], past_key_values=hf_cache, use_cache=True)
 
         def ours_cached():
             cache.pos = ctx - 1  # rewrite the last slot every repetition
             ours(seq[:, -1:], kv_cache=cache)
+
+        def fast_cached():
+            fast_cache.pos = ctx - 1
+            fast(seq[:, -1:], kv_cache=fast_cache)
 
         def hf_cached():
             theirs(seq[:, -1:], past_key_values=hf_cache, use_cache=True)
@@ -87,15 +96,18 @@ def main() -> None:
 
         decode = interleave(
             {
+                "gptstack+layout cached": fast_cached,
                 "gptstack cached": ours_cached,
                 "transformers cached": hf_cached,
+                "gptstack+layout uncached": lambda: fast(seq),
                 "gptstack uncached": lambda: ours(seq),
                 "transformers uncached": lambda: theirs(seq, use_cache=False),
             },
             args.reps * 3,
         )
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"\n### forward+backward, gpt2-small shape, batch {args.batch} × {args.seq}, fp32, median of {args.reps}\n")
     print("| implementation | s/step | tokens/s | vs transformers |")
     print("| --- | ---: | ---: | ---: |")
@@ -104,12 +116,15 @@ def main() -> None:
     print(f"\n### one decode step at {ctx} tokens of context, batch 1, median of {args.reps * 3}\n")
     print("| implementation | ms/token | speed-up from the cache |")
     print("| --- | ---: | ---: |")
-    for impl in ("gptstack", "transformers"):
+    for impl in ("gptstack+layout", "gptstack", "transformers"):
         for mode in ("cached", "uncached"):
             s = decode[f"{impl} {mode}"]
             gain = decode[f"{impl} uncached"] / decode[f"{impl} cached"]
             print(f"| {impl} {mode} | {1000 * s:.1f} | {f'{gain:.1f}×' if mode == 'cached' else ''} |")
-    print(f"\ncached decode, gptstack vs transformers: {decode['transformers cached'] / decode['gptstack cached']:.2f}×")
+    for impl in ("gptstack+layout", "gptstack"):
+        ratio = decode["transformers cached"] / decode[f"{impl} cached"]
+        print(f"\ncached decode, {impl} vs transformers: {ratio:.2f}×", end="")
+    print()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from gptstack.checkpoint import load_model
     from gptstack.infer.generate import generate
+    from gptstack.infer.layout import decode_layout
     from gptstack.infer.sampling import SamplingParams
     from gptstack.tokenizer import get_tokenizer
 
@@ -44,6 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if tok.n_vocab > model.config.vocab_size:
         raise ValueError(f"tokenizer {tok.name} has {tok.n_vocab} tokens, the model only {model.config.vocab_size}")
     prompt = tok.encode(args.prompt)
+    model = decode_layout(model)  # CPU GEMV-friendly weights (see infer/layout.py)
     stream = tok.stream_decoder()
     out = sys.stdout
     out.write(args.prompt)

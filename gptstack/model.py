@@ -225,7 +225,7 @@ class GPT(nn.Module):
     def init_buffers(self) -> None:
         """Recompute derived, non-persistent buffers (the RoPE tables) on the model's device."""
         if self.config.pos == "rope":
-            self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.lm_head.weight.device)
+            self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.transformer.wte.weight.device)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache=None):
         """idx: (B, T) token ids. Returns logits (B, T, V), or (logits, loss) when targets (B, T) are

@@ -36,16 +36,13 @@ def generate(
         )
     if max_new_tokens == 0:
         return
-    device = model.lm_head.weight.device
+    weight = next(model.parameters())
+    device = weight.device
     allowed = allowed.to(device) if allowed is not None else None
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else torch.seed())
     seq = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-    cache = (
-        KVCache(model.config, 1, len(prompt) + max_new_tokens, device, model.lm_head.weight.dtype)
-        if use_cache
-        else None
-    )
+    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, device, weight.dtype) if use_cache else None
     logits = model(seq, kv_cache=cache)[:, -1]  # (1, V): only the last position predicts
     for i in range(max_new_tokens):
         token = sample(logits, params, generator, allowed)  # (1,)
