@@ -129,75 +129,54 @@ def family_of(c: ModelConfig) -> str:
     raise InteropError(f"no HF family for pos={c.pos}, norm={c.norm}, mlp={c.mlp}")
 
 
-def _rope_parameters(c: ModelConfig) -> dict:
-    if c.rope_scaling == 1.0:
-        return {"rope_type": "default", "rope_theta": c.rope_theta}
-    return {"rope_type": "linear", "rope_theta": c.rope_theta, "factor": c.rope_scaling}
+# Our ModelConfig field → the HF config attribute, per family. Both directions read these tables;
+# what has no one-to-one field (activation, RoPE dict, biases, dropout) is handled beside them.
+GPT2_FIELDS = {
+    "vocab_size": "vocab_size", "block_size": "n_positions", "n_embd": "n_embd", "n_layer": "n_layer",
+    "n_head": "n_head", "d_ff": "n_inner", "norm_eps": "layer_norm_epsilon", "tie_embeddings": "tie_word_embeddings",
+}  # fmt: skip
+LLAMA_FIELDS = {
+    "vocab_size": "vocab_size", "block_size": "max_position_embeddings", "n_embd": "hidden_size",
+    "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+    "head_dim": "head_dim", "d_ff": "intermediate_size", "norm_eps": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+}  # fmt: skip
+MIXTRAL_FIELDS = {
+    **LLAMA_FIELDS, "n_expert": "num_local_experts", "n_expert_active": "num_experts_per_tok",
+    "moe_aux_loss_coef": "router_aux_loss_coef",
+}  # fmt: skip
+FIELDS = {"gpt2": GPT2_FIELDS, "llama": LLAMA_FIELDS, "mixtral": MIXTRAL_FIELDS}
 
 
 def to_hf_config(c: ModelConfig):
     import transformers
 
     family = family_of(c)
+    mapped = {theirs: getattr(c, ours) for ours, theirs in FIELDS[family].items()}
     if family == "gpt2":
-        return transformers.GPT2Config(
-            vocab_size=c.vocab_size,
-            n_positions=c.block_size,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            n_inner=c.d_ff,
-            activation_function="gelu_new",
-            layer_norm_epsilon=c.norm_eps,
-            resid_pdrop=c.dropout,
-            embd_pdrop=c.dropout,
-            attn_pdrop=c.dropout,
-            tie_word_embeddings=c.tie_embeddings,
-        )
-    common = dict(
-        vocab_size=c.vocab_size,
-        hidden_size=c.n_embd,
-        intermediate_size=c.d_ff,
-        num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head,
-        num_key_value_heads=c.n_kv_head,
-        head_dim=c.head_dim,
-        max_position_embeddings=c.block_size,
-        rms_norm_eps=c.norm_eps,
-        rope_parameters=_rope_parameters(c),
-        tie_word_embeddings=c.tie_embeddings,
-        attention_dropout=c.dropout,
-    )
+        drop = dict(resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
+        return transformers.GPT2Config(**mapped, **drop, activation_function="gelu_new")
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling != 1.0:
+        rope = {"rope_type": "linear", "rope_theta": c.rope_theta, "factor": c.rope_scaling}
+    extra = dict(rope_parameters=rope, attention_dropout=c.dropout)
     if family == "mixtral":
-        return transformers.MixtralConfig(
-            **common,
-            num_local_experts=c.n_expert,
-            num_experts_per_tok=c.n_expert_active,
-            router_aux_loss_coef=c.moe_aux_loss_coef,
-            sliding_window=None,
-        )
-    return transformers.LlamaConfig(**common, attention_bias=c.bias, mlp_bias=c.bias)
+        return transformers.MixtralConfig(**mapped, **extra, sliding_window=None)
+    return transformers.LlamaConfig(**mapped, **extra, attention_bias=c.bias, mlp_bias=c.bias)
 
 
 def from_hf_config(h) -> ModelConfig:
     kind = h.model_type
+    if kind not in FIELDS:
+        raise InteropError(f"unsupported HF model_type {kind!r} (supported: {', '.join(FIELDS)})")
+    mapped = {ours: getattr(h, theirs, None) for ours, theirs in FIELDS[kind].items()}
+    mapped = {k: v for k, v in mapped.items() if v is not None}  # e.g. n_inner=None → our 4·n_embd default
     if kind == "gpt2":
         if h.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise InteropError(f"GPT-2 activation {h.activation_function!r} is not supported (need tanh GELU)")
         if getattr(h, "scale_attn_by_inverse_layer_idx", False) or not getattr(h, "scale_attn_weights", True):
             raise InteropError("GPT-2 attention scaling variants are not supported")
-        return ModelConfig(
-            vocab_size=h.vocab_size,
-            block_size=h.n_positions,
-            n_layer=h.n_layer,
-            n_head=h.n_head,
-            n_embd=h.n_embd,
-            d_ff=h.n_inner or 4 * h.n_embd,
-            norm_eps=h.layer_norm_epsilon,
-            tie_embeddings=h.tie_word_embeddings,
-        )
-    if kind not in ("llama", "mixtral"):
-        raise InteropError(f"unsupported HF model_type {kind!r} (supported: gpt2, llama, mixtral)")
+        return ModelConfig(**mapped)
     if getattr(h, "hidden_act", "silu") != "silu":
         raise InteropError(f"activation {h.hidden_act!r} is not supported (need silu for SwiGLU)")
     rope = h.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
@@ -208,32 +187,10 @@ def from_hf_config(h) -> ModelConfig:
     bias = bool(getattr(h, "attention_bias", False))
     if bias != bool(getattr(h, "mlp_bias", False)):
         raise InteropError("attention_bias and mlp_bias must agree")
-    extra = {}
-    if kind == "mixtral":
-        extra = dict(
-            n_expert=h.num_local_experts,
-            n_expert_active=h.num_experts_per_tok,
-            moe_aux_loss_coef=h.router_aux_loss_coef,
-        )
     return ModelConfig(
-        vocab_size=h.vocab_size,
-        block_size=h.max_position_embeddings,
-        n_layer=h.num_hidden_layers,
-        n_head=h.num_attention_heads,
-        n_kv_head=h.num_key_value_heads,
-        n_embd=h.hidden_size,
-        head_dim=getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads,
-        d_ff=h.intermediate_size,
-        mlp="swiglu",
-        norm="rmsnorm",
-        norm_eps=h.rms_norm_eps,
-        pos="rope",
-        rope_theta=float(rope["rope_theta"]),
-        rope_scaling=float(rope.get("factor", 1.0)),
-        bias=bias,
-        tie_embeddings=h.tie_word_embeddings,
-        **extra,
-    )
+        **mapped, mlp="swiglu", norm="rmsnorm", pos="rope", rope_theta=float(rope["rope_theta"]),
+        rope_scaling=float(rope.get("factor", 1.0)), bias=bias,
+    )  # fmt: skip
 
 
 # --- weights ---------------------------------------------------------------------------------
