@@ -146,3 +146,12 @@ def test_architectures_without_an_hf_family_are_refused(preset, message):
 def test_import_of_a_non_model_folder_fails_clearly(tmp_path, capsys):
     assert main(["convert", "hf-import", str(tmp_path), str(tmp_path / "ck")]) == 2
     assert "is not a transformers model folder" in capsys.readouterr().err
+
+
+def test_generate_on_an_imported_checkpoint_needs_a_fitting_tokenizer(tmp_path, capsys):
+    hf_model("llama-gqa-3to1-theta500").save_pretrained(tmp_path / "hf")
+    assert main(["convert", "hf-import", str(tmp_path / "hf"), str(tmp_path / "ck")]) == 0
+    assert main(["generate", str(tmp_path / "ck"), "--prompt", "hi"]) == 2
+    assert "names no tokenizer: pass --tokenizer" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "ck"), "--prompt", "hi", "--tokenizer", "bytes"]) == 2
+    assert "tokenizer bytes has 257 tokens, the model only 101" in capsys.readouterr().err
