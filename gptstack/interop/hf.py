@@ -109,6 +109,14 @@ def rules_for(c: ModelConfig, family: str) -> list[Rule]:
     return out
 
 
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("HF interop needs transformers: pip install 'gptstack[hf]'") from None
+    return transformers
+
+
 # --- configs ---------------------------------------------------------------------------------
 
 
@@ -149,7 +157,7 @@ FIELDS = {"gpt2": GPT2_FIELDS, "llama": LLAMA_FIELDS, "mixtral": MIXTRAL_FIELDS}
 
 
 def to_hf_config(c: ModelConfig):
-    import transformers
+    transformers = _transformers()
 
     family = family_of(c)
     mapped = {theirs: getattr(c, ours) for ours, theirs in FIELDS[family].items()}
@@ -230,7 +238,7 @@ def to_hf_state_dict(model: GPT) -> dict[str, Tensor]:
 
 def to_hf_model(model: GPT):
     """A transformers causal LM (fp32, eval mode) with our weights."""
-    import transformers
+    transformers = _transformers()
 
     hf = transformers.AutoModelForCausalLM.from_config(to_hf_config(model.config), dtype=torch.float32)
     result = hf.load_state_dict(to_hf_state_dict(model), strict=False)
@@ -243,7 +251,7 @@ def to_hf_model(model: GPT):
 
 def hf_import(src: str | Path, dst: str | Path, tokenizer=None) -> Path:
     """HF folder → gptstack checkpoint folder."""
-    import transformers
+    transformers = _transformers()
 
     from gptstack.checkpoint import save_checkpoint
 
