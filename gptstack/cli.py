@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -67,6 +68,102 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from gptstack import tokenizer as T
+    from gptstack.data.sources import corpus_texts
+
+    if args.action == "train":
+        texts = corpus_texts(args.input, "train", args.heldout, args.max_bytes)
+        t0 = time.perf_counter()
+        tok = T.train_bpe(texts, args.vocab_size, args.pattern, args.trainer, name=args.out.name)
+        seconds = time.perf_counter() - t0
+        tok.save(args.out)
+        mb = sum(len(t.encode()) for t in texts) / 1e6
+        print(f"trained {tok.n_vocab:,}-id BPE ({args.trainer}) on {mb:.1f} MB in {seconds:.1f}s; wrote {args.out}")
+    elif args.action == "eval":
+        texts = corpus_texts(args.input, "heldout", args.heldout, args.max_bytes)
+        rows = T.bytes_per_token([T.get_tokenizer(t) for t in args.tokenizers.split(",")], texts)
+        print("| tokenizer | ids | tokens | bytes/token |\n|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['tokenizer']} | {r['n_vocab']:,} | {r['tokens']:,} | {r['bytes_per_token']:.3f} |")
+    else:
+        tok = T.get_tokenizer(args.tokenizer)
+        text = args.text if args.text is not None else sys.stdin.read()
+        if args.decode:
+            print(tok.decode([int(x) for x in text.replace(",", " ").split()]))
+            return
+        ids = tok.encode(text, allow_special=args.allow_special)
+        print(" ".join(map(str, ids)))
+        if args.show:
+            print(" | ".join(repr(tok.decode_bytes([i]))[2:-1] for i in ids), file=sys.stderr)
+
+
+def _kv(pairs: list[str], what: str) -> dict[str, float]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"{what} wants NAME=NUMBER, got {pair!r}")
+    return out
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    import json
+
+    from gptstack.data import pipeline
+
+    if args.action == "prepare":
+        filters = {}
+        if args.filters:
+            text = Path(args.filters).read_text() if Path(args.filters).is_file() else args.filters
+            try:
+                filters = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--filters is neither a JSON file nor JSON: {e}") from None
+        cfg = pipeline.PrepareConfig(
+            out=str(args.out), inputs=[str(p) for p in args.input or []], tokenizer=args.tokenizer,
+            text_field=args.text_field, filters=filters, pii=not args.no_pii, quality_model=args.quality_model,
+            dedup=args.dedup, mixture=_kv(args.mixture, "--mixture"), val_fraction=args.val_fraction,
+            shard_tokens=args.shard_tokens, seed=args.seed, keep_text=args.keep_text,
+        )  # fmt: skip
+        executor = pipeline.DaskExecutor(None if args.dask == "local" else args.dask) if args.dask else None
+        try:
+            manifest = pipeline.prepare(cfg, executor or pipeline.LocalExecutor(args.workers))
+        finally:
+            if executor:
+                executor.close()
+        print(pipeline.format_stats(manifest))
+        print(f"\nwrote {args.out}")
+    elif args.action == "stats":
+        from gptstack.data.shards import read_manifest
+
+        print(pipeline.format_stats(read_manifest(args.dir)))
+    elif args.action == "train-quality":
+        from gptstack.data.quality import QualityClassifier
+        from gptstack.data.sources import corpus_texts
+
+        pos = corpus_texts(args.positive, "train", 0.0)
+        neg = corpus_texts(args.negative, "train", 0.0)
+        model, report = QualityClassifier.train(pos, neg)
+        model.save(args.out)
+        print(f"trained on {len(pos):,} positive / {len(neg):,} negative documents; "
+              f"held-out accuracy {report['heldout_accuracy']:.3f}; wrote {args.out}")  # fmt: skip
+    else:
+        from gptstack.data.contamination import contamination_report, read_task, shard_documents
+
+        tasks = {Path(t).stem: read_task(t) for t in args.tasks}
+        report = contamination_report(shard_documents(args.dir), tasks)
+        print("| task | items | n-gram | dirty | dirty % |\n|---|---:|---:|---:|---:|")
+        for name, r in report.items():
+            print(f"| {name} | {r['items']:,} | {r['ngram']} | {r['dirty']:,} | {r['dirty_fraction']:.1%} |")
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptstack", description="The whole GPT system in one package.")
     p.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
@@ -95,6 +192,66 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--tokenizer", help="override the checkpoint's: cl100k_base | o200k_base | bytes | DIR")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("tokenizer", help="train, evaluate or use a BPE tokenizer")
+    tsub = s.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE (default corpus: the Python stdlib)")
+    t.add_argument("--input", nargs="+", help="files or folders (default: the Python standard library)")
+    t.add_argument("--vocab-size", type=int, default=8192, help="ids in all, special tokens included")
+    t.add_argument("--pattern", default="cl100k", help="pre-tokenization regex: gpt2 | cl100k | o200k | REGEX")
+    t.add_argument("--trainer", default="rustbpe", choices=["rustbpe", "hf"], help="rustbpe measured faster")
+    t.add_argument("--max-bytes", type=int, default=None, help="train on at most this much text")
+    t.add_argument("--heldout", type=float, default=0.1, help="fraction of documents kept out for eval")
+    t.add_argument("--out", type=Path, required=True)
+    t.set_defaults(func=cmd_tokenizer)
+    t = tsub.add_parser("eval", help="bytes per token on held-out text")
+    t.add_argument("--input", nargs="+", help="files or folders (default: the Python standard library)")
+    t.add_argument("--tokenizers", default="cl100k_base,o200k_base", help="comma-separated names or folders")
+    t.add_argument("--max-bytes", type=int, default=None)
+    t.add_argument("--heldout", type=float, default=0.1, help="must match the value used to train")
+    t.set_defaults(func=cmd_tokenizer)
+    t = tsub.add_parser("encode", help="print the ids of --text (or stdin)")
+    t.add_argument("tokenizer", help="cl100k_base | o200k_base | bytes | DIR")
+    t.add_argument("--text")
+    t.add_argument("--allow-special", action="store_true", help="parse special-token text as special tokens")
+    t.add_argument("--show", action="store_true", help="also print each token's bytes on stderr")
+    t.add_argument("--decode", action="store_true", help="the input is ids: print their text")
+    t.set_defaults(func=cmd_tokenizer)
+
+    s = sub.add_parser("data", help="prepare token shards from documents, and inspect them")
+    dsub = s.add_subparsers(dest="action", required=True)
+    d = dsub.add_parser("prepare", help="documents → filtered, deduplicated token shards + manifest")
+    d.add_argument("--input", nargs="+", help="files or folders (default: the Python standard library)")
+    d.add_argument("--tokenizer", default="cl100k_base", help="cl100k_base | o200k_base | bytes | DIR")
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--keep-text", action="store_true", help="also write the kept documents as documents.jsonl")
+    d.add_argument("--text-field", default="text", help="JSONL/Parquet field with the text")
+    d.add_argument(
+        "--filters", help='JSON (or a JSON file) of overrides: {"gopher_quality": {"min_doc_words": 20}, "c4": false}'
+    )
+    d.add_argument("--no-pii", action="store_true", help="do not mask e-mail, IP addresses and phone numbers")
+    d.add_argument("--quality-model", help="a classifier from `gptstack data train-quality`")
+    d.add_argument("--dedup", default="fuzzy", choices=["fuzzy", "exact", "none"])
+    d.add_argument("--mixture", nargs="+", default=[], metavar="SOURCE=WEIGHT", help="epochs of each source")
+    d.add_argument("--val-fraction", type=float, default=0.01)
+    d.add_argument("--shard-tokens", type=int, default=2**24)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    d.add_argument("--dask", help="run the stages on Dask: a scheduler address, or 'local' for a local cluster")
+    d.set_defaults(func=cmd_data)
+    d = dsub.add_parser("stats", help="print a shard folder's manifest tables")
+    d.add_argument("dir", type=Path)
+    d.set_defaults(func=cmd_data)
+    d = dsub.add_parser("train-quality", help="train the GPT-3-style quality classifier")
+    d.add_argument("--positive", nargs="+", required=True, help="reference high-quality documents")
+    d.add_argument("--negative", nargs="+", required=True, help="raw documents")
+    d.add_argument("--out", type=Path, required=True, help="classifier file (.npz)")
+    d.set_defaults(func=cmd_data)
+    d = dsub.add_parser("contamination", help="eval items whose n-grams occur in the training shards")
+    d.add_argument("dir", type=Path)
+    d.add_argument("--tasks", nargs="+", required=True, help="task JSONL files")
+    d.add_argument("--out", type=Path, help="write the full report (with dirty item indices) as JSON")
+    d.set_defaults(func=cmd_data)
 
     s = sub.add_parser("convert", help="import or export transformers checkpoints")
     s.add_argument("direction", choices=["hf-import", "hf-export"])

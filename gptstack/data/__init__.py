@@ -1,0 +1,1 @@
+"""The data pipeline: sources → extract → filter → PII → dedup → tokenize → shards, and the loader."""

@@ -1,0 +1,93 @@
+"""Test-set contamination, the GPT-3 method (Brown et al. 2020, appendix C): an eval item is "dirty"
+when any of its word n-grams also occurs in the training data. Text is lower-cased and cut into words
+(punctuation dropped); n is the 5th percentile of the task's item lengths in words, clamped to
+[8, 13], so short-item tasks are not all called clean by construction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from gptstack.data.dedup import ngram_hashes, normalize, word_hashes
+
+
+def item_text(record) -> str:
+    """All string values of a task record (question, context, choices, answers), joined."""
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        return "\n".join(item_text(v) for v in record.values())
+    if isinstance(record, list):
+        return "\n".join(item_text(v) for v in record)
+    return ""
+
+
+def read_task(path: str | Path) -> list[str]:
+    path = Path(path)
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    items.append(item_text(json.loads(line)))
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{lineno}: not JSON") from None
+    if not items:
+        raise ValueError(f"{path} has no items")
+    return items
+
+
+def task_ngram(items: list[list[str]]) -> int:
+    lengths = [len(w) for w in items] or [13]
+    return int(np.clip(np.percentile(lengths, 5), 8, 13))
+
+
+def training_ngrams(texts: Iterable[str], sizes: set[int]) -> dict[int, np.ndarray]:
+    """Sorted unique n-gram hashes of the training text, for each n in `sizes`."""
+    parts: dict[int, list[np.ndarray]] = {n: [] for n in sizes}
+    for text in texts:
+        h = word_hashes(normalize(text))
+        for n in sizes:
+            if len(h) >= n:
+                parts[n].append(np.unique(ngram_hashes(h, n)))
+    return {n: np.unique(np.concatenate(p)) if p else np.zeros(0, np.uint64) for n, p in parts.items()}
+
+
+def shard_documents(folder: str | Path, splits: tuple[str, ...] = ("train",)) -> Iterable[str]:
+    """The documents of a shard folder, decoded with its own tokenizer (split at <|endoftext|>)."""
+    from gptstack.data.shards import open_shards, read_manifest
+    from gptstack.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    tok = Tokenizer.from_dir(folder / manifest["tokenizer"]["folder"])
+    for split in splits:
+        carry = np.zeros(0, dtype=np.int64)
+        for shard in open_shards(folder, split):
+            tokens = np.concatenate([carry, np.asarray(shard, dtype=np.int64)])
+            ends = np.flatnonzero(tokens == tok.eot_id)
+            start = 0
+            for end in ends:
+                yield tok.decode(tokens[start:end].tolist())
+                start = end + 1
+            carry = tokens[start:]
+
+
+def contamination_report(train_texts: Iterable[str], tasks: dict[str, list[str]]) -> dict[str, dict]:
+    """Per task: items, the n used, and which items overlap the training text."""
+    words = {name: [normalize(t) for t in items] for name, items in tasks.items()}
+    sizes = {name: task_ngram(w) for name, w in words.items()}
+    index = training_ngrams(train_texts, set(sizes.values()))
+    report = {}
+    for name, items in words.items():
+        n = sizes[name]
+        dirty = [
+            i for i, w in enumerate(items) if len(w) >= n and np.isin(ngram_hashes(word_hashes(w), n), index[n]).any()
+        ]
+        report[name] = {"items": len(items), "ngram": n, "dirty": len(dirty), "dirty_fraction": len(dirty) / len(items),
+                        "dirty_items": dirty}  # fmt: skip
+    return report
