@@ -67,3 +67,55 @@ def test_init_then_generate_streams_reproducibly(tmp_path):
     assert too_long.returncode == 2 and "exceed the context of 256 tokens" in too_long.stderr
     override = run(*args, "--tokenizer", "bytes", "--temperature", "0")
     assert override.stdout.startswith("def main():")
+
+
+@pytest.mark.slow
+def test_tokenizer_and_data_commands_end_to_end(tmp_path):
+    import json
+
+    from conftest import SHARED_DATA
+
+    from gptstack.data.sources import default_corpus
+
+    tok = tmp_path / "tok"
+    out = run("tokenizer", "train", "--vocab-size", "2048", "--max-bytes", "2000000", "--out", str(tok)).stdout
+    assert "trained 2,048-id BPE (rustbpe)" in out and (tok / "ranks.tiktoken").is_file()
+    table = run("tokenizer", "eval", "--tokenizers", f"{tok},cl100k_base", "--max-bytes", "300000").stdout
+    assert "| tok | 2,048 |" in table and "| cl100k_base | 100,281 |" in table
+    ids = run("tokenizer", "encode", str(tok), "--text", "def f(x):\n    return x").stdout.split()
+    assert (
+        run("tokenizer", "encode", str(tok), "--decode", "--text", " ".join(ids)).stdout == "def f(x):\n    return x\n"
+    )
+
+    # A quality classifier trained on real articles vs raw stdlib license/readme text, then a run.
+    pos, neg = tmp_path / "pos", tmp_path / "neg"
+    pos.mkdir()
+    neg.mkdir()
+    gold = json.loads((SHARED_DATA / "html" / "ground-truth.json").read_text())
+    for i, k in enumerate(sorted(gold)[:40]):
+        (pos / f"{i}.txt").write_text(gold[k]["articleBody"])
+    for i, line in enumerate((default_corpus() / "LICENSE.txt").read_text().split("\n\n")[:40]):
+        (neg / f"{i}.txt").write_text(line)
+    out = run("data", "train-quality", "--positive", str(pos), "--negative", str(neg), "--out", str(tmp_path / "q.npz"))
+    assert "held-out accuracy" in out.stdout
+    shards = tmp_path / "shards"
+    inputs = [str(SHARED_DATA / "html"), str(default_corpus() / "json")]
+    out = run("data", "prepare", "--input", *inputs, "--tokenizer", str(tok), "--out", str(shards), "--keep-text",
+              "--quality-model", str(tmp_path / "q.npz"), "--mixture", "json=2", "--workers", "2").stdout  # fmt: skip
+    assert "| json | 5 | 5 | 2 |" in out and "| quality | pareto_rejected |" in out
+    assert (shards / "quality.npz").is_file() and (shards / "documents.jsonl").is_file()
+    assert run("data", "stats", str(shards)).stdout.strip() in out
+    task = tmp_path / "t.jsonl"
+    from gptstack.data.contamination import shard_documents
+
+    doc = next(shard_documents(shards))  # a training document
+    task.write_text(json.dumps({"query": doc[:3000], "choices": ["a", "b"], "gold": 0}) + "\n" + '{"query": "x"}\n')
+    report = run("data", "contamination", str(shards), "--tasks", str(task), "--out", str(tmp_path / "c.json")).stdout
+    assert "| t | 2 |" in report and json.loads((tmp_path / "c.json").read_text())["t"]["dirty_items"] == [0]
+
+    bad = run("data", "prepare", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), ok=False)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    bad = run("data", "prepare", "--filters", '{"c4": {"lines": 1}}', "--out", str(tmp_path / "x"), ok=False)
+    assert "filter c4 has no parameter 'lines'" in bad.stderr
+    bad = run("data", "stats", str(tmp_path), ok=False)
+    assert "not a shard folder" in bad.stderr

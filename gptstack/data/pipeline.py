@@ -56,7 +56,7 @@ class PrepareConfig:
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "keep_text")}
         h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
         for root in self.inputs or [str(default_corpus())]:
-            for path in list_files(Path(root)):
+            for path in list_files(Path(root), None if self.inputs else (".py",)):
                 st = path.stat()
                 h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         for extra in (self.tokenizer, self.quality_model):
@@ -170,16 +170,17 @@ def process_chunk(task: tuple[list[Document], dict]) -> dict:
             pii.update(counts)
             cpu["pii"] += time.process_time() - t0
         kept.append(dataclasses.replace(doc, text=text))
-    if cfg["quality_model"] and kept:
+    prose = [d for d in kept if d.kind != "code"]  # as GPT-3, the classifier judges web text, not code
+    if cfg["quality_model"] and prose:
         t0 = time.process_time()
-        nbytes["quality"] += sum(len(d.text.encode()) for d in kept)
-        scores = _quality(cfg["quality_model"]).score([d.text for d in kept])
-        keep = [
-            _quality(cfg["quality_model"]).keep(s, f"{d.source}/{d.id}", cfg["seed"])
-            for d, s in zip(kept, scores, strict=False)
-        ]
-        drops["quality"]["pareto_rejected"] += keep.count(False)
-        kept = [d for d, k in zip(kept, keep, strict=False) if k]
+        model = _quality(cfg["quality_model"])
+        nbytes["quality"] += sum(len(d.text.encode()) for d in prose)
+        scores = model.score([d.text for d in prose])
+        rejected = {
+            id(d) for d, s in zip(prose, scores, strict=True) if not model.keep(s, f"{d.source}/{d.id}", cfg["seed"])
+        }
+        drops["quality"]["pareto_rejected"] += len(rejected)
+        kept = [d for d in kept if id(d) not in rejected]
         cpu["quality"] += time.process_time() - t0
     t0 = time.process_time()
     nbytes["dedup"] += sum(len(d.text.encode()) for d in kept)

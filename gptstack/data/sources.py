@@ -53,8 +53,9 @@ def _kind_and_suffix(path: Path) -> tuple[str | None, str]:
     return TEXT_SUFFIXES.get(suffix), suffix
 
 
-def list_files(root: Path) -> list[Path]:
-    """Readable files under `root` in a stable order (sorted), skipping site-packages and caches."""
+def list_files(root: Path, only: tuple[str, ...] | None = None) -> list[Path]:
+    """Readable files under `root` (only those ending in `only`, if given) in a stable order (sorted),
+    skipping site-packages and caches."""
     if root.is_file():
         return [root]
     if not root.is_dir():
@@ -62,7 +63,11 @@ def list_files(root: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__") and not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if _kind_and_suffix(Path(f))[0] is not None]
+        found += [
+            Path(dirpath) / f
+            for f in sorted(filenames)
+            if _kind_and_suffix(Path(f))[0] is not None and (only is None or f.endswith(only))
+        ]
     return found
 
 
@@ -80,12 +85,13 @@ def read_bytes(path: Path) -> bytes:
 def iter_documents(
     inputs: list[str | Path] | None = None, text_field: str = "text", max_bytes: int = 8_000_000
 ) -> Iterator[Document | Skip]:
-    """Documents from every input in order. `inputs` None means the default corpus."""
+    """Documents from every input in order. No `inputs` means the default corpus: the .py files of the
+    standard library (31.5 MB on CPython 3.11)."""
     roots = [Path(p) for p in inputs] if inputs else [default_corpus()]
     for root in roots:
         source = "stdlib" if not inputs else root.name or str(root)
         base = root if root.is_dir() else root.parent
-        for path in list_files(root):
+        for path in list_files(root, None if inputs else (".py",)):
             rel = path.relative_to(base).as_posix()
             kind, suffix = _kind_and_suffix(path)
             try:
