@@ -199,7 +199,7 @@ def stock_tokenizer(name: str) -> Tokenizer:
 
 
 def byte_tokenizer() -> Tokenizer:
-    """The fallback: 256 byte tokens (id = byte value) plus <|endoftext|> = 256; no merges."""
+    """The fallback: 256 byte tokens (id = byte value), <|endoftext|> = 256, chat role tokens 257-260."""
     return Tokenizer("bytes", {bytes([i]): i for i in range(256)}, GPT2_PATTERN, {EOT: 256})
 
 

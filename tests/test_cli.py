@@ -50,7 +50,7 @@ def test_init_then_generate_streams_reproducibly(tmp_path):
     assert model.tokenizer.name == "cl100k_base" and model.config.vocab_size == model.tokenizer.n_vocab
     assert model(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, model.tokenizer.n_vocab)
     info = run("info", str(ckpt), "--context", "128").stdout
-    assert "2 layers × 128 wide" in info and "vocab 100277" in info and "at context 128" in info
+    assert "2 layers × 128 wide" in info and "vocab 100281" in info and "at context 128" in info
 
     args = ("generate", str(ckpt), "--prompt", "def main():", "--max-new-tokens", "12")
     first = run(*args, "--seed", "3", "--temperature", "0.9", "--top-p", "0.95").stdout

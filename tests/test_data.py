@@ -355,7 +355,6 @@ def test_prepare_is_deterministic_across_worker_counts_and_refuses_other_setting
 
 
 def test_dask_cluster_gives_byte_identical_shards(corpus_dir, tmp_path):
-    pytest.importorskip("dask.distributed")
     from gptstack.data.pipeline import DaskExecutor
 
     local = _prepare(corpus_dir, tmp_path / "local")

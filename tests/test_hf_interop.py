@@ -154,4 +154,4 @@ def test_generate_on_an_imported_checkpoint_needs_a_fitting_tokenizer(tmp_path, 
     assert main(["generate", str(tmp_path / "ck"), "--prompt", "hi"]) == 2
     assert "names no tokenizer: pass --tokenizer" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "ck"), "--prompt", "hi", "--tokenizer", "bytes"]) == 2
-    assert "tokenizer bytes has 257 tokens, the model only 101" in capsys.readouterr().err
+    assert "tokenizer bytes has 261 tokens, the model only 101" in capsys.readouterr().err

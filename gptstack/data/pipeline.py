@@ -88,7 +88,10 @@ class DaskExecutor:
     """The same stage functions on a Dask distributed cluster (`address`, or a local cluster)."""
 
     def __init__(self, address: str | None = None, workers: int = 2):
-        from dask.distributed import Client, LocalCluster
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ImportError:
+            raise ImportError("the Dask executor needs dask: pip install 'gptstack[dask]'") from None
 
         self.cluster = None if address else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True)
         self.client = Client(address or self.cluster)
