@@ -6,7 +6,7 @@ A tokenizer folder holds `ranks.tiktoken` (tiktoken's base64-rank file format) a
 (name, pattern, special tokens, chat template), all plain files.
 
 Training (`train_bpe`) runs in native code: rustbpe by default, HF `tokenizers` as the alternative;
-rustbpe trained 1.6x faster on 11.8 MB of stdlib sources (docs/BENCHMARKS.md), and both export
+rustbpe trained 1.76x faster on 10 MB of stdlib sources (docs/BENCHMARKS.md), and both export
 tiktoken ranks, so encoding is always tiktoken's.
 """
 
