@@ -156,7 +156,8 @@ def cmd_data(args: argparse.Namespace) -> None:
         from gptstack.data.contamination import contamination_report, read_task, shard_documents
 
         tasks = {Path(t).stem: read_task(t) for t in args.tasks}
-        report = contamination_report(shard_documents(args.dir), tasks)
+        ngram = None if args.ngram == "auto" else int(args.ngram)
+        report = contamination_report(shard_documents(args.dir), tasks, ngram)
         print("| task | items | n-gram | dirty | dirty % |\n|---|---:|---:|---:|---:|")
         for name, r in report.items():
             print(f"| {name} | {r['items']:,} | {r['ngram']} | {r['dirty']:,} | {r['dirty_fraction']:.1%} |")
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("contamination", help="eval items whose n-grams occur in the training shards")
     d.add_argument("dir", type=Path)
     d.add_argument("--tasks", nargs="+", required=True, help="task JSONL files")
+    d.add_argument("--ngram", default="13", help="n-gram length, or 'auto' for GPT-3 appendix C's per-task n")
     d.add_argument("--out", type=Path, help="write the full report (with dirty item indices) as JSON")
     d.set_defaults(func=cmd_data)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from gptstack.data.contamination import contamination_report, read_task, shard_documents
+from gptstack.data.contamination import contamination_report, read_task, shard_documents, task_ngram
 from gptstack.data.dedup import MinHasher, clusters, dedup_keep, ngram_hashes, normalize, word_hashes
 from gptstack.data.extract import extract_html, word_prf
 from gptstack.data.filters import (
@@ -441,8 +441,13 @@ def test_contamination_finds_the_planted_items(tmp_path):
     planted = [long_enough[3], long_enough[50], long_enough[151]]
     train = ARTICLES[:10] + [f"Some page quoting a test.\n{texts[i]}\nMore text after it." for i in planted]
     report = contamination_report(train, {"arc_easy": texts})["arc_easy"]
-    assert report["dirty_items"] == planted and report["items"] == 200
-    assert 8 <= report["ngram"] <= 13
+    assert report["dirty_items"] == planted and report["items"] == 200 and report["ngram"] == 13
+    report = contamination_report(train, {"arc_easy": texts}, ngram=None)["arc_easy"]  # appendix C's n
+    assert report["dirty_items"] == planted
+    lengths = sorted(len(normalize(t)) for t in texts)
+    assert report["ngram"] == int(np.clip(np.percentile(lengths, 5), 8, 13))
+    assert task_ngram([["w"] * 3] * 20) == 8 and task_ngram([["w"] * 10] * 20) == 10
+    assert task_ngram([["w"] * 40] * 20) == 13
     assert report["too_short"] == sum(len(normalize(t)) < report["ngram"] for t in texts)
 
 

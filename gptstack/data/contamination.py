@@ -1,7 +1,8 @@
 """Test-set contamination, the GPT-3 method (Brown et al. 2020, appendix C): an eval item is "dirty"
 when any of its word n-grams also occurs in the training data. Text is lower-cased and cut into words
-(punctuation dropped); n is the 5th percentile of the task's item lengths in words, clamped to
-[8, 13], so short-item tasks are not all called clean by construction. Items shorter than n words
+(punctuation dropped). n is 13 by default; `ngram=None` applies appendix C's refinement, n = the 5th
+percentile of the task's item lengths in words clamped to [8, 13], so tasks of short items are not
+all called clean by construction. Items shorter than n words
 (at most ~5% of a task) cannot be tested this way; they count as clean and are reported as `too_short`.
 """
 
@@ -78,10 +79,12 @@ def shard_documents(folder: str | Path, splits: tuple[str, ...] = ("train",)) ->
             carry = tokens[start:]
 
 
-def contamination_report(train_texts: Iterable[str], tasks: dict[str, list[str]]) -> dict[str, dict]:
+def contamination_report(
+    train_texts: Iterable[str], tasks: dict[str, list[str]], ngram: int | None = 13
+) -> dict[str, dict]:
     """Per task: items, the n used, and which items overlap the training text."""
     words = {name: [normalize(t) for t in items] for name, items in tasks.items()}
-    sizes = {name: task_ngram(w) for name, w in words.items()}
+    sizes = {name: ngram or task_ngram(w) for name, w in words.items()}
     index = training_ngrams(train_texts, set(sizes.values()))
     report = {}
     for name, items in words.items():
