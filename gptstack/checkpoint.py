@@ -53,18 +53,20 @@ def save_checkpoint(
     tokenizer: Any = None,
     train_config: dict | None = None,
     training_state: dict | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` (and optional training state) to the folder `path`, atomically.
     `tokenizer`: None, a stock name ('cl100k_base', 'o200k_base', 'bytes'), or a Tokenizer, whose
-    files are then copied into the checkpoint (stock tokenizers are stored by name only)."""
+    files are then copied into the checkpoint (stock tokenizers are stored by name only).
+    `tensors`: the weights to write instead of `model.state_dict()` (an unsharded FSDP state dict)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (tensors or model.state_dict()).items()}
     if model.config.tie_embeddings:
-        tensors.pop("lm_head.weight")  # the same tensor as transformer.wte.weight
+        tensors.pop("lm_head.weight", None)  # the same tensor as transformer.wte.weight
     save_file(tensors, tmp / "model.safetensors", metadata={"format": FORMAT})
     if training_state is not None:
         torch.save(training_state, tmp / "optimizer.pt")
@@ -102,7 +104,9 @@ def _write_synced(path: Path, text: str) -> None:
 
 def _replace_dir(tmp: Path, dst: Path) -> None:
     """Rename tmp → dst. An existing dst is moved aside first and removed after the rename."""
-    for p in tmp.iterdir():  # make the data durable before the name appears
+    for p in tmp.rglob("*"):  # make the data durable before the name appears
+        if not p.is_file():
+            continue
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     old = None

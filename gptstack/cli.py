@@ -98,6 +98,29 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
             print(" | ".join(repr(tok.decode_bytes([i]))[2:-1] for i in ids), file=sys.stderr)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from gptstack.train.loop import make_config, pretrain
+
+    cfg = make_config(
+        args.config, args.preset, args.set, data=str(args.data), out=str(args.out), max_steps=args.max_steps,
+        budget=args.budget, batch_size=args.batch_size, seq_len=args.seq_len, batch_tokens=args.batch_tokens,
+        lr=args.lr, device=args.device, dtype=args.dtype, distributed=args.distributed,
+        compile=args.compile or None, progress=False if args.no_progress else None,
+    )  # fmt: skip
+    summary = pretrain(cfg, resume=args.resume)
+    if "report" not in summary:  # ranks > 0 of a torchrun job
+        return
+    for s in summary["samples"]:
+        print(f"\n--- sample: {s['prompt']!r} ---\n{s['prompt']}{s['completion']}")
+    val = f", val loss {summary['val_loss']:.3f} ({summary['val_bpb']:.3f} bits/byte)" if "val_loss" in summary else ""
+    print(
+        f"\ntrained {summary['steps']:,} steps / {summary['tokens']:,} tokens in {summary['train_seconds']:.0f} s "
+        f"at {summary['tokens_per_s']:,.0f} tokens/s (MFU {summary['mfu']:.1%}){val}\n"
+        f"report:     {summary['report']}\nloss plot:  {Path(summary['run']) / 'loss.png'}\n"
+        f"metrics:    {Path(summary['run']) / 'metrics.jsonl'}\ncheckpoint: {summary['checkpoint']}"
+    )
+
+
 def _kv(pairs: list[str], what: str) -> dict[str, float]:
     out = {}
     for pair in pairs:
@@ -255,6 +278,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, help="write the full report (with dirty item indices) as JSON")
     d.set_defaults(func=cmd_data)
 
+    s = sub.add_parser("pretrain", help="pretrain on token shards (GPT-3 recipe; torchrun for DDP/FSDP2)")
+    s.add_argument("--data", type=Path, required=True, help="shard folder from `gptstack data prepare`")
+    s.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, report)")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--preset", help="model preset (see `gptstack info`), e.g. tiny, gpt2-small")
+    which.add_argument("--config", help="training config JSON (a run's train_config.json works)")
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--budget", help="chinchilla (20 tokens/parameter, the default) or a wall-clock time: 90s, 10m, 2h")
+    s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    s.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
+    s.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context)")
+    s.add_argument("--batch-tokens", type=int, help="tokens per optimizer step, by gradient accumulation")
+    s.add_argument("--lr", type=float, help="peak learning rate")
+    s.add_argument("--device", help="auto | cpu | cuda")
+    s.add_argument("--dtype", help="auto | fp32 | bf16 | fp16")
+    s.add_argument("--distributed", help="ddp | fsdp (under torchrun)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training field (e.g. eval_every=100) or a model field (e.g. n_layer=6)",
+    )
+    s.set_defaults(func=cmd_pretrain)
+
     s = sub.add_parser("convert", help="import or export transformers checkpoints")
     s.add_argument("direction", choices=["hf-import", "hf-export"])
     s.add_argument("src")
@@ -268,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, RuntimeError) as e:
         if args.traceback:
             traceback.print_exc()
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

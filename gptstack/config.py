@@ -99,11 +99,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                hint = difflib.get_close_matches(key, known, n=1)
-                raise ConfigError(f"unknown config field {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        check_fields(cls, d)
         return cls(**d)
 
     def to_json(self) -> str:
@@ -227,17 +223,24 @@ def load_config(spec: str | Path, **overrides: Any) -> ModelConfig:
     return get_preset(str(spec), **overrides)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`key=value` strings (from the CLI) to typed overrides, typed by the ModelConfig field."""
-    types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+def check_fields(cls: type, d: dict[str, Any]) -> None:
+    """Raise ConfigError naming the first key of `d` that is not a field of the dataclass `cls`."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"unknown config field {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+def parse_overrides(items: list[str], cls: type = ModelConfig) -> dict[str, Any]:
+    """`key=value` strings (from the CLI) to overrides typed by the fields of the dataclass `cls`."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not key=value")
-        if key not in types:
-            hint = difflib.get_close_matches(key, types, n=1)
-            raise ConfigError(f"unknown config field {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        check_fields(cls, {key: None})
         out[key] = _coerce(key, types[key], raw)
     return out
 
@@ -254,9 +257,11 @@ def _coerce(key: str, typ: str, raw: str) -> Any:
             return int(raw)
         if typ.startswith("float"):
             return float(raw)
-    except ValueError:
+        if typ.startswith(("list", "dict")):
+            return json.loads(raw)
+    except ValueError:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"{key}={raw!r} is not a valid {typ.split()[0]}") from None
     return raw
 
 
-__all__ = ["PRESETS", "ConfigError", "ModelConfig", "get_preset", "load_config", "parse_overrides"]
+__all__ = ["PRESETS", "ConfigError", "ModelConfig", "check_fields", "get_preset", "load_config", "parse_overrides"]

@@ -23,6 +23,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from gptstack.config import ModelConfig
@@ -193,6 +194,7 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
+        self.activation_checkpointing = False  # recompute each block in backward instead of storing it
         if cfg.pos == "rope":  # derived, not learned: recomputed by init_weights(), never saved
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -242,8 +244,12 @@ class GPT(nn.Module):
         rope = (self.rope_cos[pos0 : pos0 + T], self.rope_sin[pos0 : pos0 + T]) if self.config.pos == "rope" else None
         x = self.transformer.drop(x)
         aux = []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x, a = block(x, rope, kv_cache, pos0)
+            if recompute:
+                x, a = torch.utils.checkpoint.checkpoint(block, x, rope, kv_cache, pos0, use_reentrant=False)
+            else:
+                x, a = block(x, rope, kv_cache, pos0)
             if a is not None:
                 aux.append(a)
         if kv_cache is not None:

@@ -1,0 +1,1 @@
+"""Pretraining: the GPT-3 recipe (optim.py), the loop (loop.py), processes and parallelism (distributed.py)."""
