@@ -3,6 +3,7 @@ SIGKILL, and DDP / FSDP2 on 2 gloo processes matching 1 process."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
