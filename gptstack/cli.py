@@ -75,7 +75,10 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     if args.action == "train":
         texts = corpus_texts(args.input, "train", args.heldout, args.max_bytes)
         t0 = time.perf_counter()
-        tok = T.train_bpe(texts, args.vocab_size, args.pattern, args.trainer, name=args.out.name)
+        if args.trainer == "chars":
+            tok = T.train_chars(texts, name=args.out.name)
+        else:
+            tok = T.train_bpe(texts, args.vocab_size, args.pattern, args.trainer, name=args.out.name)
         seconds = time.perf_counter() - t0
         tok.save(args.out)
         mb = sum(len(t.encode()) for t in texts) / 1e6
@@ -223,7 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--input", nargs="+", help="files or folders (default: the Python standard library)")
     t.add_argument("--vocab-size", type=int, default=8192, help="ids in all, special tokens included")
     t.add_argument("--pattern", default="cl100k", help="pre-tokenization regex: gpt2 | cl100k | o200k | REGEX")
-    t.add_argument("--trainer", default="rustbpe", choices=["rustbpe", "hf"], help="rustbpe measured faster")
+    t.add_argument(
+        "--trainer",
+        default="rustbpe",
+        choices=["rustbpe", "hf", "chars"],
+        help="rustbpe (measured faster) | hf | chars: one id per character seen, no merges",
+    )
     t.add_argument("--max-bytes", type=int, default=None, help="train on at most this much text")
     t.add_argument("--heldout", type=float, default=0.1, help="fraction of documents kept out for eval")
     t.add_argument("--out", type=Path, required=True)

@@ -69,6 +69,7 @@ class Tokenizer:
         special_tokens = with_chat_tokens(ranks, special_tokens)
         self.name, self.ranks, self.pattern, self.special_tokens = name, ranks, pattern, special_tokens
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
+        self._known_bytes = bytes(sorted(t[0] for t in ranks if len(t) == 1))  # all 256 except for `chars`
 
     @property
     def n_vocab(self) -> int:
@@ -87,7 +88,22 @@ class Tokenizer:
         return mask
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        self._check_bytes(text)
         return self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        """Ordinary (no special tokens) encoding of many texts, in tiktoken's thread pool."""
+        for text in texts:
+            self._check_bytes(text)
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def _check_bytes(self, text: str) -> None:
+        """A tokenizer without all 256 byte tokens (`chars`) cannot encode unseen bytes: say which."""
+        if len(self._known_bytes) < 256:
+            unknown = text.encode("utf-8", "surrogatepass").translate(None, delete=self._known_bytes)
+            if unknown:
+                char = next(c for c in text if c.encode("utf-8", "surrogatepass")[0] in unknown)
+                raise ValueError(f"tokenizer {self.name!r} has no token for the character {char!r}")
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids, errors="replace")
@@ -215,6 +231,18 @@ def get_tokenizer(spec: str | Path) -> Tokenizer:
     raise ValueError(f"unknown tokenizer {spec!r}: use cl100k_base, o200k_base, bytes or a tokenizer folder")
 
 
+def train_chars(texts: Iterable[str], name: str = "chars") -> Tokenizer:
+    """One id per distinct byte of `texts`, in byte order, then <|endoftext|> and the chat tokens: a
+    character-level tokenizer for ASCII text (nanoGPT's shakespeare_char has the same 65 characters)."""
+    seen = set()
+    for text in texts:
+        seen.update(text.encode("utf-8", "surrogatepass"))
+    if not seen:
+        raise ValueError("no text to build a character vocabulary from")
+    ranks = {bytes([b]): i for i, b in enumerate(sorted(seen))}
+    return Tokenizer(name, ranks, GPT2_PATTERN, {EOT: len(ranks)})
+
+
 def train_bpe(
     texts: Iterable[str], vocab_size: int, pattern: str = "cl100k", trainer: str = "rustbpe", name: str = "bpe"
 ) -> Tokenizer:
@@ -279,7 +307,7 @@ def bytes_per_token(tokenizers: list[Tokenizer], texts: list[str]) -> list[dict]
     n_bytes = sum(len(t.encode()) for t in texts)
     rows = []
     for tok in tokenizers:
-        n_tokens = sum(len(ids) for ids in tok.enc.encode_ordinary_batch(texts))
+        n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
         rows.append({"tokenizer": tok.name, "n_vocab": tok.n_vocab, "bytes": n_bytes, "tokens": n_tokens,
                      "bytes_per_token": n_bytes / max(1, n_tokens)})  # fmt: skip
     return rows

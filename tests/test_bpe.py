@@ -1,6 +1,8 @@
 """BPE training: rustbpe and HF tokenizers trainers export tiktoken ranks that encode like the trainers
 themselves; round trips on arbitrary Unicode; chat template; bytes per token."""
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +17,7 @@ from gptstack.tokenizer import (
     bytes_per_token,
     get_tokenizer,
     train_bpe,
+    train_chars,
 )
 
 VOCAB = 1024
@@ -136,3 +139,18 @@ def test_bytes_per_token(corpus, trained):
     assert 1.0 < rows["bpe"]["bytes_per_token"] < rows["cl100k_base"]["bytes_per_token"]
     assert rows["bpe"]["tokens"] == sum(len(trained.encode(t)) for t in heldout)
     assert isinstance(trained, Tokenizer)
+
+
+def test_chars_tokenizer_is_character_level_and_refuses_unseen_characters(tmp_path):
+    text = (Path(__file__).resolve().parents[2] / "shared/data/text/tinyshakespeare.txt").read_text()
+    tok = train_chars([text], name="chars")
+    assert len(tok.ranks) == 65  # nanoGPT's shakespeare_char vocabulary
+    assert tok.n_vocab == 65 + 5 and tok.eot_id == 65  # + <|endoftext|> and the 4 chat tokens
+    sample = text[:2000]
+    ids = tok.encode(sample)
+    assert len(ids) == len(sample) and tok.decode(ids) == sample
+    assert tok.encode_batch([sample, "ROMEO:"]) == [ids, tok.encode("ROMEO:")]
+    with pytest.raises(ValueError, match=r"no token for the character '\{'"):
+        tok.encode("ROMEO: {exit}")
+    again = Tokenizer.from_dir(tok.save(tmp_path / "chars"))
+    assert again.encode(sample) == ids and again.n_vocab == tok.n_vocab

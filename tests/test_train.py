@@ -4,6 +4,7 @@ SIGKILL, and DDP / FSDP2 on 2 gloo processes matching 1 process."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import random
@@ -15,14 +16,16 @@ import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from gptstack import checkpoint as ckpt
 from gptstack.config import ConfigError, get_preset
 from gptstack.data.pipeline import LocalExecutor, PrepareConfig, prepare
+from gptstack.data.shards import write_token_arrays
 from gptstack.model import build_model, count_params
-from gptstack.tokenizer import train_bpe
+from gptstack.tokenizer import train_bpe, train_chars
 from gptstack.train import optim
 from gptstack.train.loop import TrainConfig, Trainer, TrainingError, make_config, pretrain, read_metrics
 
@@ -344,3 +347,32 @@ def test_two_process_gloo_matches_one_process(shards, tmp_path, mode):
     assert cont.returncode == 0, cont.stderr[-2000:]
     assert [r["step"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")] == list(range(1, 13))
     assert torch.isfinite(torch.tensor(losses(tmp_path / "two"))).all()
+
+
+def test_make_config_precedence_and_token_arrays(tmp_path):
+    cfg = make_config(None, "gpt3-xl", [])
+    assert (cfg.lr, cfg.batch_tokens, cfg.batch_ramp_start) == (2e-4, 2**20, 32_768)  # GPT-3 Table 2.1
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr": 1e-4, "eval_every": 7}))
+    cfg = make_config(str(path), "tiny", ["lr=5e-4", "n_layer=3"], lr=None, max_steps=9)
+    assert (cfg.lr, cfg.eval_every, cfg.max_steps, cfg.batch_size) == (5e-4, 7, 9, 8)  # --set beats the file
+    assert cfg.model == "tiny" and cfg.model_overrides == {"n_layer": 3}
+    again = TrainConfig.from_file(path.with_name("c.json"))
+    assert again.eval_every == 7
+    # a shard folder from streams tokenized elsewhere trains like a prepared one
+    tok = train_chars(["abcdefgh ij\n" * 50])
+    ids = np.array(tok.encode("abc defg hij\n" * 400), dtype=np.int64)
+    write_token_arrays(tmp_path / "s", tok, {"train": ids[:4000], "val": ids[4000:]})
+    summary = pretrain(
+        micro_cfg(
+            tmp_path / "s",
+            tmp_path / "run",
+            max_steps=80,
+            lr=1e-2,
+            vocab_multiple=1,
+            sample_prompts=["import ", "abc "],
+        )
+    )  # "import " is not encodable: skipped
+    assert [s["prompt"] for s in summary["samples"]] == ["abc "]
+    assert summary["model"]["vocab_size"] == tok.n_vocab == 12 + 5  # 12 characters + 5 special tokens
+    assert summary["val_loss"] < 1.0  # a periodic text is learnt quickly

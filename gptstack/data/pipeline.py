@@ -26,7 +26,15 @@ from tqdm.auto import tqdm
 from gptstack.data.dedup import MinHasher, dedup_keep
 from gptstack.data.extract import extract_html
 from gptstack.data.filters import DEFAULT_CHAINS, build_filter, mask_pii
-from gptstack.data.shards import FORMAT, MANIFEST, ShardWriter, atomic_write, read_manifest, token_dtype
+from gptstack.data.shards import (
+    FORMAT,
+    MANIFEST,
+    ShardWriter,
+    atomic_write,
+    read_manifest,
+    token_dtype,
+    tokenizer_entry,
+)
 from gptstack.data.sources import Document, Skip, default_corpus, iter_documents, list_files
 
 
@@ -210,7 +218,7 @@ def tokenize_chunk(task: tuple[list[str], str]) -> tuple[np.ndarray, float, int]
         _CACHE[("tok", spec)] = get_tokenizer(spec)
     tok = _CACHE[("tok", spec)]
     t0 = time.process_time()
-    ids = tok.enc.encode_ordinary_batch(texts, num_threads=1)
+    ids = tok.encode_batch(texts, num_threads=1)
     dtype = token_dtype(tok.n_vocab)
     parts = [np.array([*doc, tok.eot_id], dtype=dtype) for doc in ids]
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
@@ -402,20 +410,12 @@ def prepare(cfg: PrepareConfig, executor=None, progress: bool = True) -> dict:
         }
         for s in read
     }
-    tok_dir = out / "tokenizer"
-    tokenizer.save(tok_dir)
     if cfg.quality_model:
         shutil.copyfile(cfg.quality_model, out / "quality.npz")
     manifest = {
         "format": FORMAT,
         "fingerprint": fp,
-        "tokenizer": {
-            "spec": cfg.tokenizer,
-            "name": tokenizer.name,
-            "n_vocab": tokenizer.n_vocab,
-            "eot_id": tokenizer.eot_id,
-            "folder": "tokenizer",
-        },
+        "tokenizer": tokenizer_entry(tokenizer, out, cfg.tokenizer),
         "dtype": dtype.name,
         "splits": splits,
         "sources": sources,
@@ -452,6 +452,8 @@ def format_stats(manifest: dict) -> str:
     lines += ["| split | documents | tokens | shards |", "|---|---:|---:|---:|"]
     for name, s in manifest["splits"].items():
         lines.append(f"| {name} | {s['documents']:,} | {s['tokens']:,} | {len(s['shards'])} |")
+    if "sources" not in manifest:  # written by write_token_arrays: no pipeline tables
+        return "\n".join(lines)
     lines += ["", "| source | read | kept | weight | train tokens | share |", "|---|---:|---:|---:|---:|---:|"]
     for name, s in manifest["sources"].items():
         lines.append(

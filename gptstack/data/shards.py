@@ -94,3 +94,27 @@ def open_shards(folder: str | Path, split: str, verify: bool = False) -> list[np
         if shard["tokens"]:
             maps.append(np.memmap(path, dtype=dtype, mode="r"))
     return maps
+
+
+def tokenizer_entry(tokenizer, out: Path, spec: str) -> dict:
+    """Save the tokenizer inside the shard folder and return the manifest's `tokenizer` record."""
+    tokenizer.save(out / "tokenizer")
+    return {"spec": spec, "name": tokenizer.name, "n_vocab": tokenizer.n_vocab, "eot_id": tokenizer.eot_id,
+            "folder": "tokenizer"}  # fmt: skip
+
+
+def write_token_arrays(out: str | Path, tokenizer, splits: dict[str, np.ndarray], shard_tokens: int = 2**24) -> dict:
+    """A shard folder from token streams tokenized elsewhere, e.g. a corpus split by position as nanoGPT
+    splits Shakespeare (first 90% train, last 10% val). The manifest is written last."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.n_vocab)
+    info = {}
+    for split, tokens in splits.items():
+        writer = ShardWriter(out, split, dtype, shard_tokens, tokenizer.eot_id)
+        writer.add(np.asarray(tokens))
+        info[split] = writer.close()
+    manifest = {"format": FORMAT, "tokenizer": tokenizer_entry(tokenizer, out, tokenizer.name), "dtype": dtype.name,
+                "splits": info}  # fmt: skip
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+    return manifest

@@ -193,7 +193,7 @@ def barrier() -> None:
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """(peak FLOP/s, where the number comes from). GPUs: the data-sheet table above. CPU: a measured
-    fp32 matmul rate (median of repeated 1024³ products on this process's threads)."""
+    fp32 matmul rate (median of 15 1024³ products on this process's threads)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, half, single in GPU_PEAKS:
@@ -203,8 +203,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
         return float("nan"), f"{name}: not in the peak table (MFU not reported)"
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
     times = []
-    for _ in range(7):
+    for _ in range(15):
         t0 = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t0)

@@ -47,6 +47,28 @@ from gptstack.train.optim import accum_steps_at, build_adamw, lr_at, param_group
 CODE_PROMPTS = ["def ", "import ", "class ", "    for i in range("]
 
 
+# Per-preset recipe defaults, applied under the config file and the command line. GPT-3 (Brown et al.
+# 2020, Table 2.1): peak learning rate and batch size in tokens (3.2M for 175B = 1536 × 2048); the batch
+# ramp from 32k tokens "over the first 4-12 billion tokens ... depending on the model size" (§B), spread
+# over the sizes by us. GPT-2 small: the GPT-3 small recipe, as nanoGPT reproduces it. Tiny: ours.
+_GPT3_RAMP = dict(batch_ramp_start=32_768)
+RECIPES: dict[str, dict[str, Any]] = {
+    "gpt2-small": dict(lr=6e-4, batch_tokens=2**19),
+    "gpt3-small": dict(_GPT3_RAMP, lr=6e-4, batch_tokens=2**19, batch_ramp_tokens=4_000_000_000),
+    "gpt3-medium": dict(_GPT3_RAMP, lr=3e-4, batch_tokens=2**19, batch_ramp_tokens=4_000_000_000),
+    "gpt3-large": dict(_GPT3_RAMP, lr=2.5e-4, batch_tokens=2**19, batch_ramp_tokens=4_000_000_000),
+    "gpt3-xl": dict(_GPT3_RAMP, lr=2e-4, batch_tokens=2**20, batch_ramp_tokens=6_000_000_000),
+    "gpt3-2.7b": dict(_GPT3_RAMP, lr=1.6e-4, batch_tokens=2**20, batch_ramp_tokens=8_000_000_000),
+    "gpt3-6.7b": dict(_GPT3_RAMP, lr=1.2e-4, batch_tokens=2**21, batch_ramp_tokens=10_000_000_000),
+    "gpt3-13b": dict(_GPT3_RAMP, lr=1e-4, batch_tokens=2**21, batch_ramp_tokens=10_000_000_000),
+    "gpt3-175b": dict(_GPT3_RAMP, lr=0.6e-4, batch_tokens=1536 * 2048, batch_ramp_tokens=12_000_000_000),
+    **{
+        name: dict(lr=1e-3, batch_size=8, eval_every=250)
+        for name in ("tiny", "tiny-gpt1", "tiny-gpt3", "tiny-llama", "tiny-moe")
+    },
+}
+
+
 class TrainingError(RuntimeError):
     """Training stopped and cannot go on by itself; the message says why and what is safe on disk."""
 
@@ -281,6 +303,12 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.d.rank)
             self.plan = self._plan()
         self.token_bytes = self._token_bytes()
+        self.prompts = []  # the sample prompts this tokenizer can encode (a `chars` vocabulary may lack some)
+        for prompt in cfg.sample_prompts:
+            try:
+                self.prompts.append((prompt, self.tokenizer.encode(prompt)))
+            except ValueError as e:
+                print(f"skipping sample prompt {prompt!r}: {e}", file=sys.stderr)
 
     # ---- set-up helpers --------------------------------------------------------------------
     def _check_resume(self) -> dict:
@@ -469,8 +497,7 @@ class Trainer:
         model.eval()
         allowed = self.tokenizer.decodable_mask(self.model_cfg.vocab_size)
         out = []
-        for i, prompt in enumerate(self.cfg.sample_prompts):
-            ids = self.tokenizer.encode(prompt)
+        for i, (prompt, ids) in enumerate(self.prompts):
             n = min(self.cfg.sample_tokens, self.model_cfg.block_size - len(ids))
             if not ids or n <= 0:
                 continue
@@ -638,13 +665,15 @@ def pretrain(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def make_config(config_file: str | None, preset: str | None, overrides: list[str], **fields: Any) -> TrainConfig:
-    """A TrainConfig from an optional JSON file, a model preset, `key=value` overrides (TrainConfig
-    fields first, else ModelConfig fields) and explicit fields (None values are ignored)."""
+    """A TrainConfig from, in increasing precedence: the preset's recipe (RECIPES), an optional JSON file,
+    `key=value` overrides (TrainConfig fields first, else ModelConfig fields) and explicit fields (None
+    values are ignored)."""
     from gptstack.config import parse_overrides
 
-    d: dict[str, Any] = json.loads(Path(config_file).read_text()) if config_file else {}
     if config_file:
         TrainConfig.from_file(config_file)  # validates the file with a clear error
+    d: dict[str, Any] = dict(RECIPES.get(preset or "", {}))
+    d.update(json.loads(Path(config_file).read_text()) if config_file else {})
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     train_items = [o for o in overrides if o.partition("=")[0] in train_keys]
     model_items = [o for o in overrides if o.partition("=")[0] not in train_keys]
