@@ -140,9 +140,14 @@ def test_budget_sizing(shards, tmp_path):
     t = Trainer(micro_cfg(shards, tmp_path / "a", max_steps=None, budget="chinchilla"))
     total = count_params(t.model_cfg)["total"]
     assert t.plan["tokens"] >= 20 * total and t.plan["tokens"] - 20 * total < t.micro_tokens
+    fresh = build_model(t.model_cfg, seed=t.cfg.seed).state_dict()
     t = Trainer(micro_cfg(shards, tmp_path / "b", max_steps=None, budget="3s"))
+    after = torch.get_rng_state()
     assert t.plan["tokens"] > 0 and t.plan["steps"] >= 1
-    assert t.tokens == 0 and t.loader.position == 0  # the probe consumed no data
+    assert t.tokens == 0 and t.loader.position == 0  # the probe consumed no data,
+    assert all(torch.equal(v, t.base.state_dict()[k]) for k, v in fresh.items())  # changed no weight,
+    assert not t.optimizer.state  # left no AdamW state,
+    assert torch.equal(after, torch.manual_seed(t.cfg.seed).get_state())  # and drew no random numbers
     with pytest.raises(ConfigError, match="chinchilla"):
         micro_cfg(shards, tmp_path / "c", budget="10 minutes")
 

@@ -374,11 +374,15 @@ class Trainer:
         return {"steps": steps, "tokens": tokens, "warmup": warmup, "decay": cfg.decay_tokens or tokens}
 
     def _probe_tokens_per_s(self) -> float:
-        """Training tokens/s measured on real batches (forward + backward, no update, RNG untouched),
-        for sizing a wall-clock budget. Discounted by 10% for evaluation and checkpoints."""
-        times = []
+        """Training tokens/s measured on real batches, for sizing a wall-clock budget: micro-batches
+        (forward + backward) and optimizer steps (clip + AdamW at lr 0, which leaves the weights as they
+        are; the AdamW state it creates is dropped), with the RNG and the data cursor restored.
+        Discounted by 10% for evaluation and checkpoints."""
+        micro, update = [], []
         with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
-            state = self.loader.state_dict()
+            cursor = self.loader.state_dict()
+            for g in self.optimizer.param_groups:
+                g["lr"] = 0.0
             for _ in range(4):
                 x, y = self.loader.next_batch()
                 t0 = time.perf_counter()
@@ -386,11 +390,18 @@ class Trainer:
                     _, loss = self.model(x, y)
                 loss.backward()
                 self._sync()
-                times.append(time.perf_counter() - t0)
-            self.loader.load_state_dict(state)
-        self.optimizer.zero_grad(set_to_none=True)
-        per_micro = statistics.median(times[1:])  # the first includes warm-up (and compilation)
-        rate = torch.tensor([self.micro_tokens / per_micro], device=self.d.device)
+                t1 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(self.params, math.inf)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self._sync()
+                micro.append(t1 - t0)
+                update.append(time.perf_counter() - t1)
+            self.loader.load_state_dict(cursor)
+            self.optimizer.state.clear()
+        # the first repetition includes warm-up (and compilation)
+        step_s = self.full_accum * statistics.median(micro[1:]) + statistics.median(update[1:])
+        rate = torch.tensor([self.full_accum * self.micro_tokens / step_s], device=self.d.device)
         rate = D.all_reduce_sum(rate) / self.d.world
         return 0.9 * float(rate)
 
