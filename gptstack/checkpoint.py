@@ -8,6 +8,9 @@
                           loaded with torch.load(weights_only=True)
       tokenizer/          optional tokenizer folder when the model uses a trained tokenizer
 
+A quantized model (infer/quantize.py) stores its codes, scales and minimums in model.safetensors and
+says how in config.json's "quantization" entry; `load_model` rebuilds that structure before loading.
+
 A folder is written under a temporary name beside its destination and renamed into place, so a
 crash never leaves a half checkpoint under a `step-*` name. `resolve()` maps a run folder, a
 checkpoints folder, or `…/latest` to the newest complete step. Loading verifies sizes and SHA-256
@@ -81,6 +84,8 @@ def save_checkpoint(
         "step": step,
         "files": files,
     }
+    if getattr(model, "quantization", None):  # infer/quantize.py: how the linear layers are stored
+        meta["quantization"] = model.quantization
     _write_synced(tmp / "config.json", json.dumps(meta, indent=2))
     _replace_dir(tmp, path)
     return path
@@ -229,8 +234,16 @@ def load_model(
     """The checkpoint's model in eval mode, with `.tokenizer` set (None when it names none)."""
     folder = resolve(path)
     cfg = load_config(folder)
+    _, meta = read_meta(folder)
     with torch.device("meta"):
         model = GPT(cfg)
+        if meta.get("quantization"):
+            from gptstack.infer.quantize import quantized_structure
+
+            try:
+                quantized_structure(model, meta["quantization"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{folder / 'config.json'}: bad quantization entry ({e})") from None
     model.to_empty(device=device)
     model.tie_weights()
     model.init_buffers()

@@ -31,31 +31,73 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"wrote a freshly initialised {args.model} ({n_params:,} parameters) to {path}")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from gptstack.checkpoint import load_model
-    from gptstack.infer.generate import generate
-    from gptstack.infer.layout import decode_layout
+def _sampling(args: argparse.Namespace, **extra):
     from gptstack.infer.sampling import SamplingParams
-    from gptstack.tokenizer import get_tokenizer
 
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    model = load_model(args.checkpoint, tokenizer=get_tokenizer(args.tokenizer) if args.tokenizer else None)
-    tok = model.tokenizer
-    if tok is None:
-        raise ValueError(f"{args.checkpoint} names no tokenizer: pass --tokenizer cl100k_base|o200k_base|bytes|DIR")
-    if tok.n_vocab > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tok.name} has {tok.n_vocab} tokens, the model only {model.config.vocab_size}")
-    prompt = tok.encode(args.prompt)
-    model = decode_layout(model)  # CPU GEMV-friendly weights (see infer/layout.py)
-    stream = tok.stream_decoder()
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, stop=tuple(args.stop), **extra,
+    )  # fmt: skip
+
+
+def _engine(args: argparse.Namespace):
+    from gptstack.infer.engine import load_engine
+
+    return load_engine(
+        args.checkpoint, tokenizer=args.tokenizer, quantize=args.quantize, group_size=args.group_size,
+        speculative=args.speculative, num_speculative=args.num_speculative,
+    )  # fmt: skip
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    engine = _engine(args)
+    params = _sampling(args, logprobs=1 if args.logprobs else None)
+    prompt = engine.tokenizer.encode(args.prompt)
     out = sys.stdout
     out.write(args.prompt)
-    allowed = tok.decodable_mask(model.config.vocab_size)
-    stops = frozenset({tok.eot_id})
-    for token in generate(model, prompt, args.max_new_tokens, params, stop_tokens=stops, allowed=allowed):
-        out.write(stream.push(token))
+    start, n = time.perf_counter(), 0
+    for piece in engine.stream(prompt, params):
+        out.write(piece.text)
         out.flush()
-    out.write(stream.flush() + "\n")
+        n += len(piece.token_ids)
+        if args.logprobs:
+            for token, (lp, _) in zip(piece.token_ids, piece.logprobs, strict=True):
+                print(f"\n[{token} logprob {lp:.3f}]", end="", file=sys.stderr)
+    out.write("\n")
+    spec = f", {engine.acceptance_rate:.0%} of drafts accepted" if engine.config.speculative else ""
+    print(f"[{n} tokens in {time.perf_counter() - start:.2f} s{spec}]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from gptstack.infer.chat import chat
+
+    engine = _engine(args)
+    interactive = sys.stdin.isatty()
+
+    def read() -> str | None:
+        try:
+            return input("user> ") if interactive else (sys.stdin.readline() or None)
+        except EOFError:
+            return None
+
+    if interactive:
+        print("chat: Ctrl-D to leave, /reset to clear the history", file=sys.stderr)
+    chat(engine, _sampling(args), read, sys.stdout, system=args.system)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from gptstack.checkpoint import load_model, read_meta, save_checkpoint
+    from gptstack.infer.quantize import quantize
+
+    model = load_model(args.checkpoint)
+    _, meta = read_meta(args.checkpoint)
+    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    quantize(model, args.method, args.group_size)
+    tok, step = model.tokenizer, meta.get("step")
+    path = save_checkpoint(model, args.out, step=step, tokenizer=tok, train_config=meta.get("train"))
+    after = (Path(path) / "model.safetensors").stat().st_size
+    print(f"wrote {args.method} {path}: {after / 2**20:.1f} MiB of weights ({before / 2**20:.1f} MiB before)")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -209,16 +251,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_init)
 
-    s = sub.add_parser("generate", help="stream a completion of --prompt")
+    for name, text in (("generate", "stream a completion of --prompt"), ("chat", "talk to a model (chat template)")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("checkpoint", help="checkpoint folder, run folder, or …/latest")
+        if name == "generate":
+            s.add_argument("--prompt", required=True)
+            s.add_argument("--logprobs", action="store_true", help="print each token's log-probability to stderr")
+        else:
+            s.add_argument("--system", default="", help="system prompt")
+        default = 64 if name == "generate" else 256
+        s.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=default)
+        s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        s.add_argument("--top-k", type=int, default=None)
+        s.add_argument("--top-p", type=float, default=1.0)
+        s.add_argument("--min-p", type=float, default=0.0)
+        s.add_argument("--presence-penalty", type=float, default=0.0)
+        s.add_argument("--frequency-penalty", type=float, default=0.0)
+        s.add_argument("--repetition-penalty", type=float, default=1.0)
+        s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+        s.add_argument("--seed", type=int, default=None)
+        s.add_argument("--tokenizer", help="override the checkpoint's: cl100k_base | o200k_base | bytes | DIR")
+        s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights on load")
+        s.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
+        s.add_argument("--speculative", help="'ngram' (prompt lookup) or a draft model's checkpoint")
+        s.add_argument("--num-speculative", type=int, default=4, help="tokens drafted per round")
+        s.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
+
+    s = sub.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint")
     s.add_argument("checkpoint", help="checkpoint folder, run folder, or …/latest")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--tokenizer", help="override the checkpoint's: cl100k_base | o200k_base | bytes | DIR")
-    s.set_defaults(func=cmd_generate)
+    s.add_argument("--method", choices=["int8", "int4"], default="int8")
+    s.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
+    s.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("tokenizer", help="train, evaluate or use a BPE tokenizer")
     tsub = s.add_subparsers(dest="action", required=True)

@@ -12,8 +12,10 @@ one conversion table per HF family (interop/hf.py) maps them. Variants are confi
 - feed-forward: GELU MLP, SwiGLU, or a dropless top-k mixture of experts with load-balancing and
   router z-losses added to the LM loss.
 
-The KV cache is an object passed to `forward` (see infer/kvcache.py); the model only calls
-`kv_cache.pos`, `kv_cache.update(layer, k, v)` and `kv_cache.advance(T)`.
+The KV cache is an object passed to `forward` that owns where keys and values live and how the new
+tokens attend to them (infer/kvcache.py: one contiguous cache; infer/engine.py: paged blocks shared
+by many sequences). The model only calls `kv_cache.positions(T, device)` (the absolute positions
+of the new tokens), `kv_cache.attend(layer, q, k, v, window)` and `kv_cache.advance(T)`.
 Build on the meta device, move with `to_empty`, then call the one `init_weights()`.
 """
 
@@ -46,10 +48,11 @@ def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[T
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, T, h, hd); cos/sin: (T, hd). Rotates the two halves of each head."""
+    """x: (B, T, h, hd); cos/sin: (T, hd) or (B, T, hd), one row per position. Rotates the two
+    halves of each head."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :].to(x.dtype) + rotated * sin[:, None, :].to(x.dtype)
+    return x * cos.unsqueeze(-2).to(x.dtype) + rotated * sin.unsqueeze(-2).to(x.dtype)
 
 
 def attention_mask(T: int, S: int, pos0: int, window: int | None, device: torch.device) -> Tensor | None:
@@ -65,6 +68,15 @@ def attention_mask(T: int, S: int, pos0: int, window: int | None, device: torch.
     return mask
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float = 0.0) -> Tensor:
+    """q (B, h, T, hd), k/v (B, kv, S, hd), mask broadcastable to (B, h, T, S) or None for plain
+    top-left causal (or T == 1). GQA/MQA: kv divides h and each kv head serves h/kv query heads."""
+    T = q.size(2)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=dropout, enable_gqa=k.size(1) != q.size(1)
+    )  # (B, h, T, hd)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -75,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv_cache, pos0: int) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv_cache) -> Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
@@ -85,18 +97,10 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h|kv, T, hd)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, kv, pos0+T, hd)
-        mask = attention_mask(T, k.size(2), pos0, self.window, x.device)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, h, T, hd)
+        if kv_cache is not None:  # the cache stores k, v and attends over everything cached
+            y = kv_cache.attend(self.layer_idx, q, k, v, self.window)  # (B, h, T, hd)
+        else:
+            y = attend(q, k, v, attention_mask(T, T, 0, self.window, x.device), self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
 
 
@@ -168,12 +172,12 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.n_expert else MLP(cfg)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rope, kv_cache, pos0: int) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, rope, kv_cache) -> tuple[Tensor, Tensor | None]:
         if self.prenorm:  # GPT-2 onwards: x + f(norm(x))
-            x = x + self.resid_drop(self.attn(self.ln_1(x), rope, kv_cache, pos0))
+            x = x + self.resid_drop(self.attn(self.ln_1(x), rope, kv_cache))
             h, aux = self.mlp(self.ln_2(x))
             return x + h, aux
-        x = self.ln_1(x + self.resid_drop(self.attn(x, rope, kv_cache, pos0)))  # GPT-1: norm(x + f(x))
+        x = self.ln_1(x + self.resid_drop(self.attn(x, rope, kv_cache)))  # GPT-1: norm(x + f(x))
         h, aux = self.mlp(x)
         return self.ln_2(x + h), aux
 
@@ -201,7 +205,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
 
     def tie_weights(self) -> None:
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and isinstance(self.lm_head, nn.Linear):  # not once quantized
             self.lm_head.weight = self.transformer.wte.weight
 
     @torch.no_grad()
@@ -229,31 +233,38 @@ class GPT(nn.Module):
         if self.config.pos == "rope":
             self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.transformer.wte.weight.device)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache=None):
+    def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache=None, logits_at: Tensor | None = None):
         """idx: (B, T) token ids. Returns logits (B, T, V), or (logits, loss) when targets (B, T) are
-        given (targets of -1 are ignored; MoE auxiliary losses are added with their coefficients)."""
+        given (targets of -1 are ignored; MoE auxiliary losses are added with their coefficients).
+        `logits_at` (n,): compute the logits only at these positions of T, giving (B, n, V); an
+        engine that needs one next-token distribution per sequence skips the rest of the head."""
         if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
             raise ValueError(f"idx must be a (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}")
         T = idx.size(1)
-        pos0 = kv_cache.pos if kv_cache is not None else 0
-        if pos0 + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos0 + T} tokens exceeds the context of {self.config.block_size}")
+        if kv_cache is not None:
+            positions = kv_cache.positions(T, idx.device)  # (T,) or (B, T), checked by the cache
+        elif self.config.block_size < T:
+            raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.block_size}")
+        else:
+            positions = torch.arange(T, device=idx.device)  # (T,)
         x = self.transformer.wte(idx)  # (B, T, D)
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
-        rope = (self.rope_cos[pos0 : pos0 + T], self.rope_sin[pos0 : pos0 + T]) if self.config.pos == "rope" else None
+            x = x + self.transformer.wpe(positions)
+        rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos == "rope" else None
         x = self.transformer.drop(x)
         aux = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
             if recompute:
-                x, a = torch.utils.checkpoint.checkpoint(block, x, rope, kv_cache, pos0, use_reentrant=False)
+                x, a = torch.utils.checkpoint.checkpoint(block, x, rope, kv_cache, use_reentrant=False)
             else:
-                x, a = block(x, rope, kv_cache, pos0)
+                x, a = block(x, rope, kv_cache)
             if a is not None:
                 aux.append(a)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if logits_at is not None:
+            x = x[:, logits_at]  # (B, n, D)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits

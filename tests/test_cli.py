@@ -64,7 +64,7 @@ def test_init_then_generate_streams_reproducibly(tmp_path):
     assert greedy == "def main():" + tok.decode(expected) + "\n"
 
     too_long = run("generate", str(ckpt), "--prompt", "x " * 300, "--max-new-tokens", "10", ok=False)
-    assert too_long.returncode == 2 and "exceed the context of 256 tokens" in too_long.stderr
+    assert too_long.returncode == 2 and "the prompt has 301 tokens; the context holds 256" in too_long.stderr
     override = run(*args, "--tokenizer", "bytes", "--temperature", "0")
     assert override.stdout.startswith("def main():")
 

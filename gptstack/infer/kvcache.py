@@ -1,7 +1,9 @@
-"""KVCache: a preallocated key/value cache that `GPT.forward(idx, kv_cache=...)` writes into.
+"""KVCache: one preallocated, contiguous key/value cache for a batch that advances in lockstep.
 
-Static shapes (n_layer, B, n_kv_head, max_len, head_dim), allocated once; the caller (generation
-loop, engine) owns its lifecycle. All B sequences share one write position `pos`.
+Static shapes (n_layer, B, n_kv_head, max_len, head_dim), allocated once; all B sequences share one
+write position `pos`. This is the simple cache of `generate()` and of training-time sampling; the
+engine (infer/engine.py) uses paged blocks instead. Both implement what `GPT.forward` asks of a cache:
+`positions(T, device)`, `attend(layer, q, k, v, window)` and `advance(T)`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 from torch import Tensor
 
 from gptstack.config import ModelConfig
+from gptstack.model import attend, attention_mask
 
 
 class KVCache:
@@ -24,19 +27,29 @@ class KVCache:
         self.max_len = max_len or cfg.block_size
         if self.max_len > cfg.block_size:
             raise ValueError(f"cache length {self.max_len} exceeds the model context {cfg.block_size}")
+        self.context = cfg.block_size
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # tokens already cached (the absolute position of the next token)
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, kv, T, hd) at [pos, pos+T) of `layer`; return all cached (B, kv, pos+T, hd)."""
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} tokens exceed its {self.max_len} slots")
+    def positions(self, T: int, device: torch.device) -> Tensor:
+        """(T,) absolute positions of T new tokens; refuses to run past the context or the cache."""
+        if self.pos + T > self.context:
+            raise ValueError(f"sequence of {self.pos + T} tokens exceeds the context of {self.context}")
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos + T} tokens exceed its {self.max_len} slots")
+        return torch.arange(self.pos, self.pos + T, device=device)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
+        """Write k, v (B, kv, T, hd) at [pos, pos+T) of `layer`; q (B, h, T, hd) attends causally over
+        all pos+T cached keys. Returns (B, h, T, hd)."""
+        T = k.size(2)
+        end = self.pos + T
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        mask = attention_mask(T, end, self.pos, window, q.device)
+        return attend(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask)
 
     def advance(self, n: int) -> None:
         self.pos += n

@@ -1,42 +1,51 @@
-"""Decode layout: linear weights stored (in, out) for fast matrix-vector products on CPU.
+"""Decode layout: linear layers that run batch-1 decoding through the C GEMV kernel.
 
-During decoding each linear layer multiplies one row by its weight. On CPU the GEMV kernel runs
-1.4-1.7× faster (2.8× for a 50k-vocabulary head) when the weight is stored (in, out), i.e. as
-y = x @ W_t, than as nn.Linear's y = x @ W.T with W stored (out, in); for large batches the two
-are equal (benchmarks/bench_model.py). HF's GPT-2 gets this layout from its Conv1D modules.
-
-`decode_layout(model)` swaps every nn.Linear for a TransposedLinear holding a contiguous copy of
-Wᵀ. It is an inference transform applied from outside the model, like quantization: the result is
-frozen (no gradients) and is never what a checkpoint saves. A tied output head gets its own
-transposed copy (vocab × width more memory); the embedding table keeps serving lookups.
+During decoding each linear layer multiplies one row by its weight, which is bound by memory
+bandwidth; the BLAS GEMV behind F.linear leaves much of it unused on CPU (see infer/kernels.py).
+`decode_layout(model)` swaps every nn.Linear for a DecodeLinear holding the same weight tensor (no
+copy; a tied output head stays tied): a single row on CPU goes through `kernels.gemv` (csrc/gemv.c), anything else
+(prefill, batched decoding, GPU) through F.linear. It is an inference transform applied from outside
+the model, like quantization: the result is frozen and is never what a checkpoint saves.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gptstack.infer import kernels
 from gptstack.model import GPT
 
 
-class TransposedLinear(nn.Module):
+class DecodeLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)  # (in, out)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.weight = linear.weight  # (out, in), shared with the original module
+        self.bias = linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
-        y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        if x2.size(0) == 1 and x2.device.type == "cpu" and not torch.is_grad_enabled():
+            y = kernels.gemv(x2, self.weight)
+            y = y if self.bias is None else y + self.bias
+        else:
+            y = F.linear(x2, self.weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def replace_linears(model: nn.Module, make) -> nn.Module:
+    """In place: every nn.Linear child `lin` of `model` becomes make(lin)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, make(child))
+    return model
 
 
 @torch.no_grad()
 def decode_layout(model: GPT) -> GPT:
-    """In place: every nn.Linear of `model` becomes a TransposedLinear. Returns the model (eval mode)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, TransposedLinear(child))
-    return model.eval()
+    """In place: every nn.Linear of `model` becomes a DecodeLinear. Returns the model (eval mode)."""
+    model.requires_grad_(False)
+    return replace_linears(model, DecodeLinear).eval()

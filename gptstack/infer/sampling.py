@@ -1,4 +1,15 @@
-"""Sampling one next token from logits: greedy, temperature, top-k, top-p (nucleus)."""
+"""Sampling the next token: penalties, temperature, top-k, top-p (nucleus), min-p; greedy at 0.
+
+The order is the one vLLM and HF apply: repetition penalty (over prompt and output tokens, CTRL's
+divide-positive/multiply-negative rule), presence and frequency penalties (over output tokens, as
+OpenAI defines them), temperature, then the min-p, top-k and top-p filters. Greedy (temperature 0)
+takes the argmax of the penalised logits. Log-probabilities reported with tokens are those of the
+model (log-softmax of the raw logits), not of the filtered distribution, as OpenAI's API reports.
+
+Sampling draws with the exponential race (argmax of p_i / E_i, E_i ~ Exp(1) from the request's own
+generator): exactly a draw from p, and a request's draws depend only on its seed, never on which
+other requests share its batch.
+"""
 
 from __future__ import annotations
 
@@ -11,40 +22,115 @@ from torch import Tensor
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 → greedy
-    top_k: int | None = None
+    top_k: int | None = None  # None: no top-k filter
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens below min_p × the most likely token's probability
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # >1 discourages tokens of the prompt and the output
     seed: int | None = None
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()  # stop strings (need the engine's tokenizer); not part of the text
+    stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's end tokens
+    ignore_eos: bool = False
+    logprobs: int | None = None  # report each sampled token's log-probability and the top-n alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token (OpenAI's echo)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
+            (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (
+                -2.0 <= self.frequency_penalty <= 2.0,
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            ),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
+            ),
+            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty, got {self.stop!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if getattr(self, name) != getattr(self, name):  # NaN passes every comparison above as False
+                raise ValueError(f"{name} must be a number, got NaN")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
-def filter_logits(logits: Tensor, top_k: int | None, top_p: float) -> Tensor:
-    """logits (B, V) with everything outside the top-k and the top-p nucleus set to -inf."""
+def filter_logits(logits: Tensor, top_k: int | None, top_p: float, min_p: float = 0.0) -> Tensor:
+    """logits (B, V) with everything outside the min-p set, the top-k and the top-p nucleus set to -inf."""
+    if min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
 
 
+def penalise(logits: Tensor, params: SamplingParams, output_counts: Tensor | None, seen: Tensor | None) -> Tensor:
+    """logits (V,) float; output_counts (V,) occurrences in the generated tokens; seen (V,) bool over
+    prompt and output tokens. Returns new logits."""
+    if params.repetition_penalty != 1.0 and seen is not None:
+        r = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    if output_counts is not None and (params.presence_penalty or params.frequency_penalty):
+        counts = output_counts.to(logits.dtype)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def distribution(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The sampling distribution (V,) fp32 of penalised logits (V,): one-hot on the argmax when greedy."""
+    logits = logits.float()
+    if params.greedy:
+        return torch.zeros_like(logits).scatter_(0, logits.argmax().view(1), 1.0)
+    scaled = filter_logits((logits / params.temperature)[None], params.top_k, params.top_p, params.min_p)[0]
+    return scaled.softmax(dim=-1)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None) -> int:
+    """One token from the distribution probs (V,) by the exponential race."""
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / race).argmax())
+
+
 def sample(
     logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None, allowed: Tensor | None = None
 ) -> Tensor:
-    """logits (B, V) → next token ids (B,); `allowed` (V,) bool excludes ids that may never be produced."""
+    """logits (B, V) → next token ids (B,), without penalties (the plain `generate` loop);
+    `allowed` (V,) bool excludes ids that may never be produced."""
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def top_logprobs(logprobs: Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """logprobs (V,): the token's log-probability and the n most likely (id, log-probability) pairs."""
+    top = logprobs.topk(n) if n > 0 else None
+    pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return float(logprobs[token]), pairs

@@ -1,0 +1,705 @@
+"""The inference engine: requests in, tokens out, over a paged KV cache with continuous batching.
+
+    engine = Engine(model, EngineConfig(max_seqs=32), tokenizer=tok)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=64))   # ValueError on bad input
+    while engine.has_unfinished():
+        for out in engine.step():       # each step: new tokens of every running request
+            ...
+
+Memory: the KV cache is a pool of fixed-size blocks (`block_size` tokens × layers × kv heads ×
+head_dim, for K and V). Each sequence holds a block table (its blocks in order); free blocks sit in
+an LRU free list. Every token of a step is written to its slot `table[pos // bs] * bs + pos % bs`.
+
+Scheduling (one `step()`), in the spirit of vLLM v1: the running sequences first, in arrival order,
+then waiting ones while there is room (`max_seqs` sequences, `max_step_tokens` tokens per step).
+A sequence that has tokens without KV (a prompt, a chunk of one, or the last sampled token) gets up
+to the remaining budget of them, so long prompts are prefilled in chunks between decode steps. When
+the pool runs out of blocks the newest running sequence is preempted: its blocks are freed and it
+goes back to the head of the queue, to be recomputed (prompt + tokens generated so far) later; its
+sampled tokens and generator are kept, so its output is unchanged. A request that could not fit
+even alone is refused when added, so the engine never waits on blocks that cannot come.
+
+Prefix caching: a full block is named by the hash of (previous block's hash, its tokens). Finished
+sequences leave their blocks in the free list still named; a new request whose prompt starts with
+named blocks takes them instead of recomputing (at least one prompt token is always computed, for
+its logits). Eviction takes the least recently freed block first.
+
+The flattened batch: all new tokens of a step form one row (1, N) through the model, so the linear
+layers see every token at once. Attention is per sequence (`PagedKVCache.attend`): one padded
+batched call for the single-token (decode) sequences, one call per multi-token chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gptstack.infer.sampling import SamplingParams, distribution, draw, penalise, top_logprobs
+from gptstack.infer.speculative import accept, ngram_propose
+from gptstack.model import GPT, attend, attention_mask
+from gptstack.tokenizer import CHAT_TOKENS
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # default: room for max_seqs full contexts (never preempts)
+    max_seqs: int = 32  # sequences running at once
+    max_step_tokens: int = 512  # tokens through the model per step (prefill chunks share it)
+    prefix_caching: bool = True
+    speculative: str | None = None  # None | "ngram" (prompt lookup) | "draft" (needs a draft model)
+    num_speculative: int = 4  # tokens proposed per round
+    ngram_max: int = 4  # prompt lookup tries the last n_max..1 tokens
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.max_seqs < 1 or self.max_step_tokens < 1:
+            raise ValueError("block_size, max_seqs and max_step_tokens must be >= 1")
+        if self.speculative not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative must be None, 'ngram' or 'draft', got {self.speculative!r}")
+        if self.num_speculative < 1:
+            raise ValueError(f"num_speculative must be >= 1, got {self.num_speculative}")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new tokens (and text, given a tokenizer)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str = ""
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """A finished request, gathered by `Engine.generate`."""
+
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[tuple[float, list[tuple[int, float]]]]
+    prompt_logprobs: list | None
+    num_cached_tokens: int
+
+
+class BlockPool:
+    """Block ids 0..n-1: reference counts, an LRU free list, and the prefix-cache name of each block."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.refs = [0] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.name: dict[int, int] = {}  # block → hash
+        self.by_hash: dict[int, int] = {}  # hash → block
+
+    def allocate(self) -> int | None:
+        if not self.free:
+            return None
+        block, _ = self.free.popitem(last=False)  # least recently freed
+        if block in self.name:  # evict its cached content
+            del self.by_hash[self.name.pop(block)]
+        self.refs[block] = 1
+        return block
+
+    def take_cached(self, h: int) -> int | None:
+        block = self.by_hash.get(h)
+        if block is None:
+            return None
+        if self.refs[block] == 0:
+            del self.free[block]
+        self.refs[block] += 1
+        return block
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free[block] = None
+
+    def register(self, block: int, h: int) -> None:
+        if block not in self.name and h not in self.by_hash:
+            self.name[block], self.by_hash[h] = h, block
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, arrival: int, device, vocab: int):
+        self.request_id, self.params, self.arrival = request_id, params, arrival
+        self.prompt = list(prompt)
+        self.tokens = list(prompt)  # prompt + generated
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.draft_computed = 0  # the same for the draft model's cache
+        self.blocks: list[int] = []
+        self.hashes: list[int] = []  # prefix-cache names of the full blocks, in order
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7)))
+        self.counts = torch.zeros(vocab, dtype=torch.int32, device=device) if params.penalised else None
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device) if params.repetition_penalty != 1 else None
+        if self.seen is not None:
+            self.seen[torch.tensor(prompt, device=device)] = True
+        self.logprobs: list = []
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
+        self.num_cached = 0  # prompt tokens served from the prefix cache
+        self.admitted = False
+        self.text, self.emitted = "", 0  # detokenized output, and how much of it was returned
+        self.decoder = None
+        self.finish_reason: str | None = None
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+
+class PagedKVCache:
+    """Block pools K, V of shape (n_layer, num_blocks, block_size, n_kv_head, head_dim), and the
+    layout of the current step, set by `prepare`. Implements the cache protocol of `GPT.forward`."""
+
+    def __init__(self, model: GPT, num_blocks: int, block_size: int):
+        cfg = model.config
+        ref = model.transformer.wte.weight
+        shape = (cfg.n_layer, num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+        self.v = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+        self.block_size, self.device = block_size, ref.device
+
+    def prepare(self, chunks: list[tuple[int, int, list[int]]]) -> None:
+        """chunks: per sequence (start position, number of new tokens, block table), in the order
+        their tokens are laid out in the flattened batch."""
+        bs, dev = self.block_size, self.device
+        pos = torch.cat([torch.arange(s, s + n) for s, n, _ in chunks])  # (N,)
+        tables = [torch.tensor(t, dtype=torch.long) for _, _, t in chunks]
+        self.pos = pos.to(dev)
+        per_seq = pos.split([n for _, n, _ in chunks])
+        self.slots = torch.cat([t[p // bs] * bs + p % bs for t, p in zip(tables, per_seq, strict=True)]).to(dev)
+        offsets = list(itertools.accumulate([n for _, n, _ in chunks], initial=0))
+        single = [i for i, (_, n, _) in enumerate(chunks) if n == 1]
+        self.multi = [(offsets[i], n, s + n, tables[i].to(dev)) for i, (s, n, _) in enumerate(chunks) if n > 1]
+        self.single = None
+        if single:
+            lens = torch.tensor([chunks[i][0] + 1 for i in single])  # (Bd,) context lengths
+            width = -(-int(lens.max()) // bs)
+            table = torch.zeros(len(single), width, dtype=torch.long)
+            for row, i in enumerate(single):
+                t = tables[i][:width]
+                table[row, : len(t)] = t
+            self.single = (torch.tensor([offsets[i] for i in single], device=dev), table.to(dev), lens.to(dev))
+        self.masks: dict = {}
+
+    def positions(self, T: int, device) -> Tensor:
+        return self.pos[None]  # (1, N)
+
+    def _single_mask(self, window: int | None) -> Tensor | None:
+        """(Bd, 1, 1, S) key mask of the decode rows: key j visible when j < len (and within the band)."""
+        if window not in self.masks:
+            _, table, lens = self.single
+            j = torch.arange(table.size(1) * self.block_size, device=self.device)[None]
+            mask = j < lens[:, None]
+            if window is not None:
+                mask &= lens[:, None] - 1 - j < window
+            self.masks[window] = None if bool(mask.all()) else mask[:, None, None, :]
+        return self.masks[window]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
+        """q (1, h, N, hd), k/v (1, kv, N, hd) of the flattened step → (1, h, N, hd)."""
+        kv, hd = k.size(1), k.size(3)
+        kp, vp = self.k[layer], self.v[layer]  # (num_blocks, bs, kv, hd)
+        kp.view(-1, kv, hd).index_copy_(0, self.slots, k[0].transpose(0, 1))
+        vp.view(-1, kv, hd).index_copy_(0, self.slots, v[0].transpose(0, 1))
+        if self.single is not None and not self.multi and self.single[0].numel() == q.size(2):
+            return self._attend_single(q[0].transpose(0, 1)[:, :, None], kp, vp, window).transpose(0, 1)[None]
+        out = torch.empty_like(q)
+        if self.single is not None:
+            rows = self.single[0]
+            y = self._attend_single(q[0, :, rows].transpose(0, 1)[:, :, None], kp, vp, window)  # (Bd, h, 1, hd)
+            out[0, :, rows] = y.transpose(0, 1)
+        for start, n, length, table in self.multi:
+            keys = kp[table].view(1, -1, kv, hd)[:, :length].transpose(1, 2)  # (1, kv, L, hd)
+            vals = vp[table].view(1, -1, kv, hd)[:, :length].transpose(1, 2)
+            mask = attention_mask(n, length, length - n, window, q.device)
+            out[:, :, start : start + n] = attend(q[:, :, start : start + n], keys, vals, mask)
+        return out
+
+    def _attend_single(self, q: Tensor, kp: Tensor, vp: Tensor, window: int | None) -> Tensor:
+        """q (Bd, h, 1, hd): each decode row against its own blocks → (Bd, h, 1, hd)[:, :, 0]."""
+        _, table, _ = self.single
+        Bd, kv, hd = table.size(0), kp.size(2), kp.size(3)
+        keys = kp[table].view(Bd, -1, kv, hd).transpose(1, 2)  # (Bd, kv, S, hd)
+        vals = vp[table].view(Bd, -1, kv, hd).transpose(1, 2)
+        return attend(q, keys, vals, self._single_mask(window))[:, :, 0]
+
+    def advance(self, n: int) -> None:
+        pass  # positions come from the engine's layout
+
+
+class Engine:
+    def __init__(self, model: GPT, config: EngineConfig | None = None, tokenizer=None, draft: GPT | None = None):
+        self.model, self.config, self.tokenizer, self.draft = model.eval(), config or EngineConfig(), tokenizer, draft
+        cfg = self.config
+        mc = model.config
+        self.context = mc.block_size
+        self.device = model.transformer.wte.weight.device
+        if cfg.speculative == "draft":
+            if draft is None:
+                raise ValueError("speculative='draft' needs a draft model")
+            if draft.config.vocab_size != mc.vocab_size or draft.config.block_size < mc.block_size:
+                raise ValueError("the draft model must share the target's vocabulary and context")
+        per_seq = -(-self.context // cfg.block_size) + 1
+        self.num_blocks = cfg.num_blocks or cfg.max_seqs * per_seq
+        self.pool = BlockPool(self.num_blocks)
+        self.cache = PagedKVCache(model, self.num_blocks, cfg.block_size)
+        self.draft_cache = None
+        if cfg.speculative == "draft":  # the draft's own pools, indexed by the same block tables
+            self.draft_cache = PagedKVCache(draft.eval(), self.num_blocks, cfg.block_size)
+        self.allowed = tokenizer.decodable_mask(mc.vocab_size).to(self.device) if tokenizer is not None else None
+        self.eos = frozenset(  # end of text, and the chat template's end of turn
+            [tokenizer.eot_id, tokenizer.special_tokens[CHAT_TOKENS["end"]]] if tokenizer is not None else []
+        )
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.by_id: dict[str, Sequence] = {}
+        self.counter = itertools.count()
+        self.stats = dict(
+            steps=0, prompt_tokens=0, computed_tokens=0, generated_tokens=0, prefix_queried=0, prefix_hits=0,
+            preemptions=0, spec_proposed=0, spec_accepted=0,
+        )  # fmt: skip
+
+    # ---- requests ----------------------------------------------------------------------------------
+
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None, request_id: str | None = None):
+        """Queue a request; raises ValueError (nothing queued) for a request that cannot be served."""
+        params = params or SamplingParams()
+        rid = request_id if request_id is not None else f"req-{next(self.counter)}"
+        if rid in self.by_id:
+            raise ValueError(f"request id {rid!r} is already in use")
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        V = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < V for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {V})")
+        if len(prompt) >= self.context:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.context}, including output")
+        if len(prompt) + params.max_tokens > self.context:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceed the context of "
+                f"{self.context} tokens (at most {self.context - len(prompt)} new tokens)"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        spare = self.config.num_speculative if self.config.speculative else 0
+        need = -(-(len(prompt) + params.max_tokens + spare) // self.config.block_size)
+        if need > self.num_blocks:
+            raise ValueError(f"the request needs {need} KV blocks and the pool has {self.num_blocks}")
+        seq = Sequence(rid, prompt, params, next(self.counter), self.device, V)
+        if self.tokenizer is not None:
+            seq.decoder = self.tokenizer.stream_decoder()
+        self.by_id[rid] = seq
+        self.waiting.append(seq)
+        self.stats["prompt_tokens"] += len(prompt)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; False when it is unknown or already finished."""
+        seq = self.by_id.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._free(seq)
+        seq.finish_reason = "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks held by sequences (cached-but-free blocks count as free)."""
+        return self.pool.used / self.num_blocks
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.stats["prefix_hits"] / max(1, self.stats["prefix_queried"])
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.stats["spec_accepted"] / max(1, self.stats["spec_proposed"])
+
+    # ---- blocks --------------------------------------------------------------------------------------
+
+    def _grow(self, seq: Sequence, n_tokens: int) -> bool:
+        """Give seq blocks for its first n_tokens tokens; False (holding what it got) when none are left."""
+        while len(seq.blocks) * self.config.block_size < n_tokens:
+            block = self.pool.allocate()
+            if block is None:
+                return False
+            seq.blocks.append(block)
+        return True
+
+    def _free(self, seq: Sequence) -> None:
+        for block in seq.blocks:
+            self.pool.release(block)
+        seq.blocks, seq.hashes, seq.num_computed, seq.draft_computed = [], [], 0, 0
+
+    def _name_blocks(self, seq: Sequence) -> None:
+        """Prefix-cache names for the blocks whose tokens are all computed."""
+        bs = self.config.block_size
+        while (len(seq.hashes) + 1) * bs <= seq.num_computed:
+            i = len(seq.hashes)
+            h = hash((seq.hashes[-1] if seq.hashes else None, tuple(seq.tokens[i * bs : (i + 1) * bs])))
+            seq.hashes.append(h)
+            if self.config.prefix_caching:
+                self.pool.register(seq.blocks[i], h)
+
+    def _take_prefix(self, seq: Sequence) -> None:
+        """Reuse the cached blocks that start seq's tokens (leaving at least one token to compute)."""
+        if not self.config.prefix_caching or seq.prompt_logprobs is not None:
+            return
+        bs = self.config.block_size
+        parent = None
+        for i in range((len(seq.tokens) - 1) // bs):
+            h = hash((parent, tuple(seq.tokens[i * bs : (i + 1) * bs])))
+            block = self.pool.take_cached(h)
+            if block is None:
+                break
+            seq.blocks.append(block)
+            seq.hashes.append(h)
+            parent = h
+        seq.num_computed = len(seq.blocks) * bs
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        self.waiting.appendleft(seq)
+        self.stats["preemptions"] += 1
+
+    # ---- scheduling ------------------------------------------------------------------------------------
+
+    def _schedule(self, spare: int = 0) -> list[tuple[Sequence, int]]:
+        """Pick (sequence, new tokens) pairs for this step. `spare`: extra slots each decode sequence
+        must own (speculative tokens)."""
+        budget = self.config.max_step_tokens
+        batch: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below by an older sequence
+                continue
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            if n == 0:
+                break
+            extra = spare if seq.num_computed + n == len(seq.tokens) else 0
+            while not self._grow(seq, seq.num_computed + n + extra):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                batch.append((seq, n))
+                budget -= n
+        while self.waiting and len(self.running) < self.config.max_seqs and budget > 0:
+            seq = self.waiting[0]
+            if seq.num_computed == 0 and not seq.blocks:
+                self._take_prefix(seq)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                self._free(seq)  # hold nothing while waiting: the running sequences will free blocks
+                break
+            if not seq.admitted:  # first admission: count its prompt against the prefix cache
+                seq.admitted, seq.num_cached = True, seq.num_computed
+                self.stats["prefix_queried"] += len(seq.prompt)
+                self.stats["prefix_hits"] += seq.num_computed
+            self.waiting.popleft()
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    # ---- the step ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """Run one model step over the scheduled tokens; return what each request produced."""
+        full = not self.waiting or len(self.running) >= self.config.max_seqs
+        decoding = all(s.num_computed + 1 == len(s.tokens) for s in self.running)
+        if self.config.speculative and self.running and full and decoding:
+            return self._speculative_step()  # every running sequence is decoding and none can join
+        batch = self._schedule()
+        if not batch:
+            return []
+        self.stats["steps"] += 1
+        want: list[int] = []  # flattened positions whose logits are needed
+        rows: dict[int, tuple[int, int]] = {}  # batch index → (first row in `want`, number of rows)
+        offset = 0
+        for i, (seq, n) in enumerate(batch):
+            first = len(want)
+            if seq.prompt_logprobs is not None and seq.num_computed < len(seq.prompt):
+                want += range(offset, offset + n)  # every prompt position predicts the next prompt token
+            elif seq.num_computed + n == len(seq.tokens):
+                want.append(offset + n - 1)
+            rows[i] = (first, len(want) - first)
+            offset += n
+        logits = self._forward(self.model, self.cache, batch, want)  # (len(want), V)
+        outputs = []
+        for i, (seq, n) in enumerate(batch):
+            first, count = rows[i]
+            start = seq.num_computed
+            seq.num_computed += n
+            self.stats["computed_tokens"] += n
+            self._name_blocks(seq)
+            out = RequestOutput(seq.request_id, [], num_prompt_tokens=len(seq.prompt), num_cached_tokens=seq.num_cached)
+            try:
+                if seq.prompt_logprobs is not None and start < len(seq.prompt):
+                    self._prompt_logprobs(seq, start, n, logits[first : first + count])
+                if seq.num_computed == len(seq.tokens):
+                    row = logits[first + count - 1]
+                    self._emit(seq, [self._sample(seq, row)], out, raw=row[None])
+            except Exception as e:  # one request's failure never takes down the batch
+                seq.finish_reason, out.error = "error", f"{type(e).__name__}: {e}"
+            outputs.append(self._finish_output(seq, out))
+        return outputs
+
+    def _forward(self, model: GPT, cache: PagedKVCache, batch: list[tuple[Sequence, int]], want, draft=False):
+        """One flattened forward of the batch's new tokens; logits (len(want), V) in fp32."""
+        chunks, ids = [], []
+        for seq, n in batch:
+            start = seq.draft_computed if draft else seq.num_computed
+            chunks.append((start, n, seq.blocks))
+            ids += seq.tokens[start : start + n]
+        cache.prepare(chunks)
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, N)
+        at = torch.tensor(want, dtype=torch.long, device=self.device)
+        logits = model(idx, kv_cache=cache, logits_at=at)[0].float()  # (len(want), V)
+        if self.allowed is not None:
+            logits = logits.masked_fill(~self.allowed, float("-inf"))
+        return logits
+
+    def _processed(self, seq: Sequence, logits: Tensor, history: list[int] = ()) -> Tensor:
+        """The sampling distribution (V,) for seq after `history` more tokens (speculative drafts)."""
+        p = seq.params
+        if p.penalised:
+            counts, seen = seq.counts, seq.seen
+            if history:
+                extra = torch.tensor(history, device=self.device)
+                if counts is not None:
+                    counts = counts.clone().index_add_(0, extra, torch.ones_like(extra, dtype=counts.dtype))
+                if seen is not None:
+                    seen = seen.clone().index_fill_(0, extra, True)
+            logits = penalise(logits, p, counts, seen)
+        return distribution(logits, p)
+
+    def _sample(self, seq: Sequence, logits: Tensor) -> int:
+        if seq.params.greedy and not seq.params.penalised:
+            return int(logits.argmax())
+        return draw(self._processed(seq, logits), seq.generator)
+
+    def _prompt_logprobs(self, seq: Sequence, start: int, n: int, logits: Tensor) -> None:
+        logprobs = logits.log_softmax(dim=-1)
+        for j in range(n):
+            target = start + j + 1
+            if target < len(seq.prompt):
+                seq.prompt_logprobs.append(top_logprobs(logprobs[j], seq.prompt[target], seq.params.prompt_logprobs))
+
+    def _emit(self, seq: Sequence, tokens: list[int], out: RequestOutput, raw: Tensor) -> None:
+        """Append sampled tokens to seq (checking stops and lengths) and to the step's output.
+        `raw` (len(tokens), V): the target logits that produced each token, for log-probabilities."""
+        p = seq.params
+        for j, token in enumerate(tokens):
+            seq.tokens.append(token)
+            self.stats["generated_tokens"] += 1
+            if seq.counts is not None:
+                seq.counts[token] += 1
+            if seq.seen is not None:
+                seq.seen[token] = True
+            out.token_ids.append(token)
+            if p.logprobs is not None:
+                entry = top_logprobs(raw[j].log_softmax(dim=-1), token, p.logprobs)
+                seq.logprobs.append(entry)
+                out.logprobs.append(entry)
+            if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif seq.decoder is not None:
+                seq.text += seq.decoder.push(token)
+                for s in p.stop:
+                    at = seq.text.find(s, max(0, seq.emitted - len(s)))
+                    if at >= 0:
+                        seq.text, seq.finish_reason = seq.text[:at], "stop"
+                        break
+            if seq.finish_reason is None and seq.num_output >= p.max_tokens:
+                seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                return
+
+    def _finish_output(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
+        if seq.finish_reason is not None:
+            if seq.decoder is not None and seq.finish_reason != "stop":
+                seq.text += seq.decoder.flush()
+            self.running.remove(seq)
+            self.by_id.pop(seq.request_id, None)
+            self._free(seq)
+            out.finished, out.finish_reason = True, seq.finish_reason
+        hold = 0 if out.finished else max((len(s) - 1 for s in seq.params.stop), default=0)
+        safe = max(seq.emitted, len(seq.text) - hold)
+        out.text, seq.emitted = seq.text[seq.emitted : safe], safe
+        if out.finished and seq.prompt_logprobs is not None:
+            out.prompt_logprobs = seq.prompt_logprobs
+        return out
+
+    # ---- speculative decoding --------------------------------------------------------------------------
+
+    def _speculative_step(self) -> list[RequestOutput]:
+        """One round for every (decoding) running sequence: draft k tokens, verify them in one target
+        forward, keep the accepted prefix plus one token from the target."""
+        k = self.config.num_speculative
+        batch = self._schedule(spare=k)
+        if not batch:
+            return []
+        self.stats["steps"] += 1
+        drafts: dict[int, list[int]] = {}
+        qs: dict[int, Tensor | None] = {}
+        room = {i: min(k, seq.params.max_tokens - seq.num_output - 1) for i, (seq, _) in enumerate(batch)}
+        if self.config.speculative == "ngram":
+            for i, (seq, _) in enumerate(batch):
+                drafts[i], qs[i] = ngram_propose(seq.tokens, room[i], self.config.ngram_max), None
+        else:
+            drafts, qs = self._draft(batch, room)
+        chunks = [(seq, 1 + len(drafts[i])) for i, (seq, _) in enumerate(batch)]
+        saved = [list(seq.tokens) for seq, _ in batch]
+        for i, (seq, _) in enumerate(batch):
+            seq.tokens += drafts[i]  # temporarily, so the forward reads them
+        logits = self._forward(self.model, self.cache, chunks, range(sum(n for _, n in chunks)))
+        outputs, offset = [], 0
+        for i, (seq, n) in enumerate(chunks):
+            seq.tokens = saved[i]
+            rows = logits[offset : offset + n]  # (1 + k_i, V)
+            offset += n
+            out = RequestOutput(seq.request_id, [], num_prompt_tokens=len(seq.prompt), num_cached_tokens=seq.num_cached)
+            try:
+                d = drafts[i]
+                p = torch.stack([self._processed(seq, rows[j], d[:j]) for j in range(n)])
+                emitted, accepted = accept(d, qs[i], p, seq.generator)
+                self.stats["spec_proposed"] += len(d)
+                self.stats["spec_accepted"] += accepted
+                seq.num_computed = len(seq.tokens) + accepted  # the last emitted token has no K/V yet
+                seq.draft_computed = min(seq.draft_computed, seq.num_computed)
+                self._emit(seq, emitted, out, raw=rows)
+                self._name_blocks(seq)
+            except Exception as e:
+                seq.finish_reason, out.error = "error", f"{type(e).__name__}: {e}"
+            self.stats["computed_tokens"] += n
+            outputs.append(self._finish_output(seq, out))
+        return outputs
+
+    def _draft(self, batch, room) -> tuple[dict[int, list[int]], dict[int, Tensor]]:
+        """The draft model catches up on each sequence's tokens, then proposes room[i] tokens."""
+        drafts = {i: [] for i in range(len(batch))}
+        qs: dict[int, list[Tensor]] = {i: [] for i in range(len(batch))}
+        saved = [list(seq.tokens) for seq, _ in batch]
+        for _ in range(max(room.values(), default=0)):
+            active = [i for i in range(len(batch)) if len(drafts[i]) < room[i]]
+            if not active:
+                break
+            chunks = [(batch[i][0], len(batch[i][0].tokens) - batch[i][0].draft_computed) for i in active]
+            want = list(itertools.accumulate((n for _, n in chunks), initial=-1))[1:]
+            logits = self._forward(self.draft, self.draft_cache, chunks, want, draft=True)
+            for row, i in enumerate(active):
+                seq = batch[i][0]
+                seq.draft_computed = len(seq.tokens)
+                q = self._processed(seq, logits[row], drafts[i])
+                token = draw(q, seq.generator)
+                drafts[i].append(token)
+                qs[i].append(q)
+                seq.tokens.append(token)
+        for (seq, _), tokens in zip(batch, saved, strict=True):
+            seq.tokens = tokens
+        return drafts, {i: torch.stack(q) if q else None for i, q in qs.items()}
+
+    # ---- conveniences ------------------------------------------------------------------------------------
+
+    def run(self) -> Iterator[RequestOutput]:
+        """Step until every request has finished, yielding each step's outputs."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None):
+        """Run prompts to completion (continuous batching over all of them); Completions in order."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        got = {rid: Completion(rid, list(p), [], "", "", [], None, 0) for rid, p in zip(ids, prompts, strict=True)}
+        for out in self.run():
+            c = got.get(out.request_id)
+            if c is None:
+                continue
+            c.token_ids += out.token_ids
+            c.text += out.text
+            c.logprobs += out.logprobs
+            c.num_cached_tokens = out.num_cached_tokens
+            if out.finished:
+                c.finish_reason, c.prompt_logprobs = out.finish_reason, out.prompt_logprobs
+        return [got[rid] for rid in ids]
+
+    def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Add one request and yield its outputs as they come (other requests keep running)."""
+        rid = self.add_request(prompt, params)
+        try:
+            while rid in self.by_id:
+                for out in self.step():
+                    if out.request_id == rid:
+                        yield out
+        finally:
+            self.abort(rid)
+
+
+def load_engine(
+    checkpoint,
+    tokenizer=None,
+    quantize: str | None = None,
+    group_size: int = 64,
+    speculative: str | None = None,
+    num_speculative: int = 4,
+    device: str = "cpu",
+    **config,
+) -> Engine:
+    """An engine over a checkpoint: `tokenizer` overrides the checkpoint's (a spec or a Tokenizer);
+    `quantize` int8|int4 quantizes on load (a quantized checkpoint loads as it was saved);
+    `speculative`: None, "ngram", or the path of a draft checkpoint. On CPU the linear layers take
+    the decode layout (infer/layout.py)."""
+    from gptstack.checkpoint import load_model
+    from gptstack.infer.layout import decode_layout
+    from gptstack.infer.quantize import quantize as quantize_model
+    from gptstack.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    model = load_model(checkpoint, device=device, tokenizer=tok)
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(f"{checkpoint} names no tokenizer: pass --tokenizer cl100k_base|o200k_base|bytes|DIR")
+    if tok.n_vocab > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} has {tok.n_vocab} tokens, the model only {model.config.vocab_size}")
+
+    def prepare(m: GPT) -> GPT:
+        if quantize and not getattr(m, "quantization", None):
+            return quantize_model(m, quantize, group_size)
+        return decode_layout(m) if device == "cpu" and not getattr(m, "quantization", None) else m
+
+    draft = None
+    if speculative not in (None, "ngram"):
+        draft = prepare(load_model(speculative, device=device, tokenizer=tok))
+        speculative = "draft"
+    cfg = EngineConfig(speculative=speculative, num_speculative=num_speculative, **config)
+    return Engine(prepare(model), cfg, tokenizer=tok, draft=draft)

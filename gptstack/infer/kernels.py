@@ -1,0 +1,119 @@
+"""Matrix-vector kernels for batch-1 decoding on CPU: fp32, int8 and int4 weights.
+
+Decoding one token reads every weight once for two FLOPs each: it is bound by memory bandwidth.
+On a 2-core CI machine (≈30 GB/s streaming reads) the BLAS GEMV behind F.linear reaches about
+10 GB/s on nn.Linear's (out, in) layout; the small C kernels of csrc/gemv.c reach 25-35 GB/s, and
+their int8 and int4 versions read 4× and 8× fewer bytes, dequantizing in registers
+(benchmarks/bench_infer.py has the per-shape table, with torch.compile's generated loop beside them).
+
+The C file is compiled on first use with the system's gcc (-O3 -march=native -fopenmp) into
+$GPTSTACK_CACHE (default ~/.cache/gptstack) and called through ctypes. The PyTorch definitions below
+are the reference the C code must equal (tests compare them); without a working compiler they run
+instead, after one warning.
+
+Shapes: x (1, K) fp32 contiguous; fp32 w (N, K); int8 q (N, K) with scales (N,); int4 `packed`
+(K/2, N) uint8 holding rows 2j (low nibble) and 2j+1 (high nibble) of the (K, N) codes, with
+per-group scales and minimums (G, N), G = K / group: w[k, n] = code[k, n]·scale[k // group, n] +
+minimum[k // group, n]. Output (1, N).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+ENABLED = True  # set False to run the PyTorch definitions (tests compare the two)
+_lib: ctypes.CDLL | bool | None = None  # None: not built yet; False: unavailable
+
+
+def gemv_ref(x: Tensor, w: Tensor) -> Tensor:
+    return x @ w.t()
+
+
+def gemv_int8_ref(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    return (x @ q.to(x.dtype).t()) * scales.to(x.dtype)
+
+
+def gemv_int4_ref(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    G, N = scales.shape
+    codes = torch.stack([packed & 15, packed >> 4], dim=1).view(-1, N).to(x.dtype)  # (K, N)
+    w = codes.view(G, -1, N) * scales.to(x.dtype)[:, None] + mins.to(x.dtype)[:, None]  # (G, group, N)
+    return x @ w.view(-1, N)
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built once per source version and machine; None when unavailable."""
+    global _lib
+    if _lib is None:
+        try:
+            _lib = _build()
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = e.stderr.decode()[-300:] if isinstance(e, subprocess.CalledProcessError) else str(e)
+            warnings.warn(f"decode kernels unavailable (gcc failed: {detail}); using PyTorch ops", stacklevel=3)
+            _lib = False
+    return _lib or None
+
+
+def _build() -> ctypes.CDLL:
+    text = SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(text + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("GPTSTACK_CACHE", Path.home() / ".cache" / "gptstack")) / "kernels"
+    lib = root / f"gemv-{key}.so"
+    if not lib.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".gemv-{key}-{os.getpid()}.so"
+        subprocess.run(["gcc", *flags, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True)
+        os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
+    cdll = ctypes.CDLL(str(lib))
+    P, I = ctypes.c_void_p, ctypes.c_int
+    cdll.gemv_f32.argtypes = [P, P, P, I, I]
+    cdll.gemv_int8.argtypes = [P, P, P, P, I, I]
+    cdll.gemv_int4.argtypes = [P, P, P, P, P, I, I, I]
+    return cdll
+
+
+def _usable(x: Tensor, *tensors: Tensor) -> ctypes.CDLL | None:
+    if not ENABLED or x.device.type != "cpu" or x.dtype != torch.float32 or x.size(0) != 1:
+        return None
+    if not all(t.is_contiguous() for t in (x, *tensors)) or any(t.dtype == torch.float64 for t in tensors):
+        return None
+    return library()
+
+
+def gemv(x: Tensor, w: Tensor) -> Tensor:
+    lib = _usable(x, w)
+    if lib is None or w.dtype != torch.float32:
+        return gemv_ref(x, w)
+    y = x.new_empty(1, w.size(0))
+    lib.gemv_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.size(1), w.size(0))
+    return y
+
+
+def gemv_int8(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    lib = _usable(x, q, scales)
+    if lib is None or scales.dtype != torch.float32:
+        return gemv_int8_ref(x, q, scales)
+    y = x.new_empty(1, q.size(0))
+    lib.gemv_int8(x.data_ptr(), q.data_ptr(), scales.data_ptr(), y.data_ptr(), x.size(1), q.size(0))
+    return y
+
+
+def gemv_int4(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    lib = _usable(x, packed, scales, mins)
+    if lib is None or scales.dtype != torch.float32:
+        return gemv_int4_ref(x, packed, scales, mins)
+    K, N = x.size(1), packed.size(1)
+    y = x.new_empty(1, N)
+    lib.gemv_int4(
+        x.data_ptr(), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), y.data_ptr(), K, N, K // scales.size(0)
+    )
+    return y

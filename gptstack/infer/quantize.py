@@ -1,0 +1,136 @@
+"""Weight-only quantization of the linear layers: int8 per output channel, int4 in groups.
+
+- int8: w ≈ q · s with q = round(w / s) ∈ [-127, 127] and one scale s = max|w_row| / 127 per output
+  channel (row of the (out, in) weight).
+- int4: along the input dimension, each group of `group_size` (32, 64 or 128) weights of an output
+  channel gets a scale and a minimum: w ≈ code · scale + min with code = round((w - min) / scale) ∈
+  [0, 15], scale = (max - min) / 15 (asymmetric, as GPTQ/AWQ's default "zero point" variants).
+
+Activations stay in floating point (weight-only). `quantize(model, "int8" | "int4", group_size)`
+swaps every nn.Linear for a QuantizedLinear. The output head is quantized too, untied from the
+embedding (which stays in floating point for lookups); under int4 it takes int8, as llama.cpp's
+4-bit mixes keep their output tensor at higher precision: the head holds a third of a small
+model's weights and its errors reach every logit directly. Then `save_checkpoint` then writes the codes, scales and
+minimums, and `load_model` rebuilds the quantized structure from config.json's "quantization"
+entry. A single row on CPU runs through the C kernels of infer/kernels.py, which dequantize in
+registers; prefill and batches dequantize the weight and use F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptstack.infer import kernels
+from gptstack.infer.layout import replace_linears
+from gptstack.model import GPT
+
+METHODS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer holding int8 or int4 codes. Buffers (saved in the state dict):
+    int8: qweight (out, in) int8, scales (out,); int4: qweight (in/2, out) uint8 (two codes per
+    byte, see kernels.py), scales and mins (in/group, out)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, method: str, group_size: int = 64):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown quantization {method!r}; choose from {', '.join(METHODS)}")
+        if method == "int4" and (group_size not in GROUP_SIZES or in_features % group_size):
+            raise ValueError(f"int4 group size must be one of {GROUP_SIZES} and divide {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.method, self.group_size = method, group_size
+        if method == "int8":
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.zeros(out_features))
+        else:
+            G = in_features // group_size
+            self.register_buffer("qweight", torch.zeros(in_features // 2, out_features, dtype=torch.uint8))
+            self.register_buffer("scales", torch.zeros(G, out_features))
+            self.register_buffer("mins", torch.zeros(G, out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, method: str, group_size: int = 64) -> QuantizedLinear:
+        w = linear.weight.detach().float()  # (out, in)
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, method, group_size)
+        q.to(w.device)
+        if method == "int8":
+            scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (out,)
+            q.qweight.copy_((w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+            q.scales.copy_(scales)
+        else:
+            wg = w.t().reshape(-1, group_size, w.size(0))  # (G, group, out)
+            lo, hi = wg.amin(dim=1), wg.amax(dim=1)  # (G, out)
+            scales = ((hi - lo) / 15).clamp(min=1e-12)
+            codes = ((wg - lo[:, None]) / scales[:, None]).round().clamp(0, 15).to(torch.uint8)
+            codes = codes.reshape(w.size(1), w.size(0))  # (in, out)
+            q.qweight.copy_(codes[0::2] | (codes[1::2] << 4))
+            q.scales.copy_(scales)
+            q.mins.copy_(lo)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach())
+        return q
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The (out, in) weight the codes stand for."""
+        if self.method == "int8":
+            return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
+        codes = torch.stack([self.qweight & 15, self.qweight >> 4], dim=1).view(self.in_features, -1)  # (in, out)
+        G = self.in_features // self.group_size
+        w = codes.to(dtype).view(G, self.group_size, -1) * self.scales.to(dtype)[:, None] + self.mins.to(dtype)[:, None]
+        return w.view(self.in_features, -1).t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        if x2.size(0) == 1 and x2.device.type == "cpu":
+            if self.method == "int8":
+                y = kernels.gemv_int8(x2, self.qweight, self.scales)
+            else:
+                y = kernels.gemv_int4(x2, self.qweight, self.scales, self.mins)
+            y = y if self.bias is None else y + self.bias
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype), self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.method == "int4" else ""
+        return f"{self.in_features}, {self.out_features}, {self.method}{group}"
+
+
+def check(method: str, group_size: int) -> dict:
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization {method!r}; choose from {', '.join(METHODS)}")
+    if method == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+    return {"method": method, "group_size": group_size} if method == "int4" else {"method": method}
+
+
+@torch.no_grad()
+def quantize(model: GPT, method: str = "int8", group_size: int = 64) -> GPT:
+    """In place: every nn.Linear becomes a QuantizedLinear; `model.quantization` records how."""
+    spec = check(method, group_size)
+    model.requires_grad_(False)
+    model.lm_head = QuantizedLinear.from_linear(model.lm_head, "int8")
+    replace_linears(model, lambda lin: QuantizedLinear.from_linear(lin, method, group_size))
+    model.quantization = spec
+    return model.eval()
+
+
+def quantized_structure(model: GPT, spec: dict) -> GPT:
+    """In place, on a meta-device model about to be loaded: the QuantizedLinear modules `spec` implies."""
+    check(spec.get("method"), spec.get("group_size", 64))
+
+    def make(lin: nn.Linear, method: str = spec["method"]) -> QuantizedLinear:
+        return QuantizedLinear(
+            lin.in_features, lin.out_features, lin.bias is not None, method, spec.get("group_size", 64)
+        )
+
+    model.lm_head = make(model.lm_head, "int8")
+    replace_linears(model, make)
+    model.quantization = dict(spec)
+    return model.requires_grad_(False)
