@@ -171,12 +171,12 @@ def test_generation_never_samples_ids_the_tokenizer_cannot_decode():
 
 @torch.no_grad()
 def test_decode_layout_gives_the_same_logits_and_tokens(variant):
-    from gptstack.infer.layout import TransposedLinear, decode_layout
+    from gptstack.infer.layout import DecodeLinear, decode_layout
 
     model = make(variant, seed=4)
     fast = decode_layout(make(variant, seed=4))
     assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
-    assert any(isinstance(m, TransposedLinear) for m in fast.modules())
+    assert any(isinstance(m, DecodeLinear) for m in fast.modules())
     idx = torch.randint(0, variant.vocab_size, (2, 30), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(fast(idx), model(idx), atol=1e-5, rtol=0)
     params = SamplingParams(temperature=0)

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -548,7 +549,9 @@ class Trainer:
                 train_config=train, training_state=state, tensors=weights,
             )  # fmt: skip
             for old in ckpt.list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                trash = old.with_name(f".tmp-{old.name}-pruned")  # renamed first: a kill mid-delete
+                os.rename(old, trash)  # never leaves a half-deleted step-* folder behind
+                shutil.rmtree(trash, ignore_errors=True)
         D.barrier()
         return path
 
