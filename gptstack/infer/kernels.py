@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+SMALL_M = 8  # up to this many rows go through gemm_f32 instead of BLAS
 ENABLED = True  # set False to run the PyTorch definitions (tests compare the two)
 _lib: ctypes.CDLL | bool | None = None  # None: not built yet; False: unavailable
 
@@ -76,13 +77,14 @@ def _build() -> ctypes.CDLL:
     cdll = ctypes.CDLL(str(lib))
     P, I = ctypes.c_void_p, ctypes.c_int
     cdll.gemv_f32.argtypes = [P, P, P, I, I]
+    cdll.gemm_f32.argtypes = [P, P, P, I, I, I]
     cdll.gemv_int8.argtypes = [P, P, P, P, I, I]
     cdll.gemv_int4.argtypes = [P, P, P, P, P, I, I, I]
     return cdll
 
 
-def _usable(x: Tensor, *tensors: Tensor) -> ctypes.CDLL | None:
-    if not ENABLED or x.device.type != "cpu" or x.dtype != torch.float32 or x.size(0) != 1:
+def _usable(x: Tensor, *tensors: Tensor, rows: int = 1) -> ctypes.CDLL | None:
+    if not ENABLED or x.device.type != "cpu" or x.dtype != torch.float32 or not 1 <= x.size(0) <= rows:
         return None
     if not all(t.is_contiguous() for t in (x, *tensors)) or any(t.dtype == torch.float64 for t in tensors):
         return None
@@ -95,6 +97,18 @@ def gemv(x: Tensor, w: Tensor) -> Tensor:
         return gemv_ref(x, w)
     y = x.new_empty(1, w.size(0))
     lib.gemv_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.size(1), w.size(0))
+    return y
+
+
+def gemm(x: Tensor, w: Tensor) -> Tensor:
+    """x (M, K) with M <= SMALL_M · w (N, K)ᵀ: each weight row read once for all M rows. BLAS sgemm
+    is slowest exactly here (M = 2..16 on this CPU: 3-10× slower than one row), which is where a
+    decode batch of a few sequences and a speculative verification of k+1 tokens fall."""
+    lib = _usable(x, w, rows=SMALL_M)
+    if lib is None or w.dtype != torch.float32:
+        return x @ w.t()
+    y = x.new_empty(x.size(0), w.size(0))
+    lib.gemm_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.size(0), x.size(1), w.size(0))
     return y
 
 

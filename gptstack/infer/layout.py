@@ -3,9 +3,10 @@
 During decoding each linear layer multiplies one row by its weight, which is bound by memory
 bandwidth; the BLAS GEMV behind F.linear leaves much of it unused on CPU (see infer/kernels.py).
 `decode_layout(model)` swaps every nn.Linear for a DecodeLinear holding the same weight tensor (no
-copy; a tied output head stays tied): a single row on CPU goes through `kernels.gemv` (csrc/gemv.c), anything else
-(prefill, batched decoding, GPU) through F.linear. It is an inference transform applied from outside
-the model, like quantization: the result is frozen and is never what a checkpoint saves.
+copy; a tied output head stays tied). On CPU a single row goes through `kernels.gemv` and up to
+`kernels.SMALL_M` rows through `kernels.gemm` (csrc/gemv.c); larger inputs (prefill, big batches)
+and GPU go through F.linear. It is an inference transform applied from outside the model, like
+quantization: the result is frozen and is never what a checkpoint saves.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class DecodeLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if x2.size(0) == 1 and x2.device.type == "cpu" and not torch.is_grad_enabled():
-            y = kernels.gemv(x2, self.weight)
+        M = x2.size(0)
+        if M <= kernels.SMALL_M and x2.device.type == "cpu" and not torch.is_grad_enabled():
+            y = kernels.gemv(x2, self.weight) if M == 1 else kernels.gemm(x2.contiguous(), self.weight)
             y = y if self.bias is None else y + self.bias
         else:
             y = F.linear(x2, self.weight, self.bias)
