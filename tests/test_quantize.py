@@ -83,12 +83,15 @@ def test_quantized_perplexity_stays_within_bounds(trained):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("method", ["fp32", "fp32-rows", "int8", "int4"])
 def test_c_kernels_equal_their_definitions(method):
     lin = torch.nn.Linear(256, 384)
     x = torch.randn(1, 256)
     if method == "fp32":
         got, ref = kernels.gemv(x, lin.weight), kernels.gemv_ref(x, lin.weight)
+    elif method == "fp32-rows":
+        x = torch.randn(kernels.SMALL_M, 256)
+        got, ref = kernels.gemm(x, lin.weight), x @ lin.weight.t()
     else:
         q = QuantizedLinear.from_linear(lin, method, 64)
         args = (q.qweight, q.scales) if method == "int8" else (q.qweight, q.scales, q.mins)
