@@ -712,5 +712,16 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
                                "key": key.fingerprint if key else None, **record})  # fmt: skip
         return {"id": body.response_id, "object": "feedback", "rating": body.rating, "stored": True}
 
+    def openapi():  # the schema names the served models
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for name in ("CompletionRequest", "ChatRequest"):
+                schema["components"]["schemas"][name]["properties"]["model"]["enum"] = server.model_names()
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.add_middleware(BodyLimit, limit=config.max_body_bytes, metrics=server.metrics)
     return app
