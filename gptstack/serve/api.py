@@ -391,14 +391,14 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
         checked = [0] * len(jobs)
         flagged_out: list[str] = []
 
-        def moderate_output(i: int, final: bool) -> bool:
-            """True when choice i's output must stop (blocked)."""
+        async def moderate_output(i: int, final: bool) -> bool:
+            """True when choice i's output must stop (blocked). The embedding runs off the event loop."""
             if server.moderator is None or (not final and len(texts[i]) - checked[i] < config.moderation_every):
                 return False
             checked[i] = len(texts[i])
             if not texts[i].strip():
                 return False
-            v = server.moderate([texts[i]], "output")[0]
+            v = (await asyncio.to_thread(server.moderate, [texts[i]], "output"))[0]
             flagged_out.extend(v.hits())
             return v.action == "block"
 
@@ -468,7 +468,7 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
                 await merged.aclose()
             choices = []
             for i, (prompt, params, echo_text) in enumerate(jobs):
-                if moderate_output(i, final=True):
+                if await moderate_output(i, final=True):
                     texts[i], finish[i] = "", "content_filter"
                 text = texts[i] if not discard else ""
                 lp = None
@@ -496,7 +496,7 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
             payload = {"id": rid, "object": obj, "created": created, "model": name, "choices": choices,
                        "usage": usage, "system_fingerprint": "gptstack"}  # fmt: skip
             if cache_ctx is not None:
-                cache_ctx(payload)
+                await cache_ctx(payload)
             return JSONResponse(payload, headers=headers)
 
         async def events() -> AsyncIterator[str]:
@@ -528,7 +528,7 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
                     texts[i] += out.text
                     n_out[i] += len(out.token_ids)
                     reason = out.finish_reason if out.finished else None
-                    if moderate_output(i, final=out.finished):
+                    if await moderate_output(i, final=out.finished):
                         streams[i].close()
                         reason, out.text = "content_filter", ""
                     lp = None
@@ -549,7 +549,7 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
                 if body.stream_options and body.stream_options.include_usage:
                     yield chunk([], usage)
                 if cache_ctx is not None:
-                    cache_ctx({"id": rid, "object": obj, "created": created, "model": name, "usage": usage,
+                    await cache_ctx({"id": rid, "object": obj, "created": created, "model": name, "usage": usage,
                                "choices": _cached_choices(kind, texts, finish)})  # fmt: skip
                 yield "data: [DONE]\n\n"
             finally:
@@ -593,7 +593,7 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    def caching(name: str, body, kind: str, semantic: tuple[str, str] | None):
+    async def caching(name: str, body, kind: str, semantic: tuple[str, str] | None):
         """(cached response or None, function storing a fresh one or None)."""
         raw = body.model_dump(exclude_none=True)
         if not gw.deterministic(raw) or (server.exact is None and server.semantic is None):
@@ -602,11 +602,11 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
         if server.exact is not None and (hit := server.exact.get(key)) is not None:
             return from_cache(hit, body, kind, "exact", {}), None
         if semantic is not None and server.semantic is not None and body.n == 1:
-            found = server.semantic.get(*semantic)
+            found = await asyncio.to_thread(server.semantic.get, *semantic)
             if found is not None:
                 return from_cache(found[0], body, kind, "semantic", {"x-gptstack-similarity": f"{found[1]:.4f}"}), None
 
-        def store(payload: dict):
+        async def store(payload: dict):
             if any(c["finish_reason"] in ("abort", "content_filter", "error") for c in payload["choices"]):
                 return
             value = {k: payload[k] for k in ("model", "object", "usage")} | {"choices": [
@@ -614,7 +614,7 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
             if server.exact is not None:
                 server.exact.put(key, value)
             if semantic is not None and server.semantic is not None and body.n == 1:
-                server.semantic.put(*semantic, value)
+                await asyncio.to_thread(server.semantic.put, *semantic, value)
 
         return None, store
 
@@ -641,7 +641,7 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
                     raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
                 ids_list.append(list(q))
         texts_in = [q if isinstance(q, str) else tok.decode(q) for q in prompts]
-        flags = server.check_input(texts_in)
+        flags = await asyncio.to_thread(server.check_input, texts_in)
         echo = body.echo
         want = 1 if body.max_tokens == 0 else body.max_tokens
         if body.max_tokens == 0 and not echo:
@@ -655,7 +655,7 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
                     body, mt, seed, body.logprobs, body.logprobs if echo and body.logprobs is not None else None
                 )
                 jobs.append((ids, params, text if echo else None))
-        cached, store = caching(name, body, "completion", None)
+        cached, store = await caching(name, body, "completion", None)
         if cached is not None:
             return cached
         record = {"endpoint": "completions", "prompt": texts_in, "input_flags": flags}
@@ -675,14 +675,15 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
         )
         runner = server.runners[name]
         ids, _ = runner.engine.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        flags = server.check_input([last_user])
+        flags = await asyncio.to_thread(server.check_input, [last_user])
         mt = _check_room(runner, len(ids), body.max_completion_tokens or body.max_tokens)
         top = body.top_logprobs or 0
         lp = top if body.logprobs else None
         jobs = [(ids, _params(body, mt, None if body.seed is None else body.seed + j, lp), None)
                 for j in range(body.n)]  # fmt: skip
         context = gw.request_key(name, {**body.model_dump(exclude_none=True), "messages": messages[:-1]})
-        cached, store = caching(name, body, "chat", (context, last_user) if messages[-1]["role"] == "user" else None)
+        semantic = (context, last_user) if messages[-1]["role"] == "user" else None
+        cached, store = await caching(name, body, "chat", semantic)
         if cached is not None:
             return cached
         record = {"endpoint": "chat", "messages": messages, "input_flags": flags}
@@ -696,7 +697,7 @@ def create_app(engines: dict[str, Engine], config: ServeConfig | None = None) ->
             raise APIError(400, "moderation is not configured: start the server with --moderation DIR "
                                 "(train one with `gptstack moderation train`)", param="model")  # fmt: skip
         texts = [body.input] if isinstance(body.input, str) else body.input
-        verdicts = server.moderator(texts)
+        verdicts = await asyncio.to_thread(server.moderator, texts)
         return {"id": "modr-" + uuid.uuid4().hex[:24], "model": "gptstack-moderation",
                 "results": [{"flagged": v.flagged, "categories": v.categories, "category_scores": v.scores,
                              "action": v.action} for v in verdicts]}  # fmt: skip
