@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import statistics
@@ -52,7 +53,8 @@ async def one(h: httpx.AsyncClient, model: str, prompt: list[int], out_len: int,
                 stamps.append(time.perf_counter())
     end = time.perf_counter()
     ttft = stamps[0] - start
-    return {"ttft": ttft, "latency": end - start, "tokens": tokens, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+    itl = [b - a for a, b in itertools.pairwise(stamps)]
+    return {"ttft": ttft, "latency": end - start, "tokens": tokens, "itl": itl,
             "tpot": (end - start - ttft) / max(1, tokens - 1)}  # fmt: skip
 
 
@@ -101,7 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="serve this checkpoint (default: a random 6x512 model, cl100k vocab)")
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--rates", default="inf,1", help="request rates (req/s, Poisson), comma-separated; inf = all at once")
+    ap.add_argument("--rates", default="inf,1", help="request rates (req/s, Poisson), comma-separated; inf: at once")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--max-seqs", type=int, default=32)
@@ -132,14 +134,17 @@ def main() -> None:
                 print(f"{label} @ {rate} req/s: {r['out_tok_per_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.2f} s",
                       file=sys.stderr)  # fmt: skip
     print(f"\n{args.requests} requests, prompt {args.prompt_len} tokens, output {args.output_len} tokens\n")
-    print("| server | rate (req/s) | req/s | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) "
-          "| ITL p50 / p99 (ms) | × baseline tok/s |")
+    print(
+        "| server | rate (req/s) | req/s | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) "
+        "| ITL p50 / p99 (ms) | × baseline tok/s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for i, r in enumerate(rows):
         base = rows[i - i % 2 + 1]
         print(f"| {r['server']} | {r['rate']:g} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
               f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | {r['tpot_p50'] * 1e3:.0f} / {r['tpot_p99'] * 1e3:.0f} | "
-              f"{r['itl_p50'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} | {r['out_tok_per_s'] / base['out_tok_per_s']:.2f} |")  # fmt: skip
+              f"{r['itl_p50'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} | "
+              f"{r['out_tok_per_s'] / base['out_tok_per_s']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -37,11 +37,11 @@ function addMessage(role, text) {
   return div;
 }
 
-function addFeedback(div, responseId) {
+function addFeedback(div, responseId, model) {
   const meta = document.createElement("div");
   meta.className = "meta";
-  meta.append("rate this answer:");
-  for (const [rating, label] of [["up", "👍"], ["down", "👎"]]) {
+  meta.append((model ? model + " · " : "") + "rate this answer:");
+  for (const [rating, label] of [["up", "▲ good"], ["down", "▼ bad"]]) {
     const b = document.createElement("button");
     b.type = "button"; b.textContent = label; b.dataset.rating = rating; b.title = "thumbs " + rating;
     b.onclick = async () => {
@@ -67,7 +67,7 @@ async function send(text) {
   controller = new AbortController();
   $("send").disabled = true; $("stop").disabled = false;
   status("generating…");
-  let responseId = null, finish = null;
+  let responseId = null, finish = null, model = null;
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
@@ -93,6 +93,7 @@ async function send(text) {
         if (data === "[DONE]") continue;
         const chunk = JSON.parse(data);
         responseId = chunk.id;
+        model = chunk.model;
         for (const c of chunk.choices) {
           if (c.delta && c.delta.content) { out.textContent += c.delta.content; div.scrollIntoView({ block: "end" }); }
           if (c.finish_reason) finish = c.finish_reason;
@@ -109,7 +110,7 @@ async function send(text) {
   }
   div.dataset.finish = finish || "";
   if (out.textContent && !div.classList.contains("error")) history.push({ role: "assistant", content: out.textContent });
-  if (responseId) { div.dataset.responseId = responseId; addFeedback(div, responseId); }
+  if (responseId) { div.dataset.responseId = responseId; addFeedback(div, responseId, model); }
 }
 
 $("form").addEventListener("submit", (ev) => {
