@@ -233,6 +233,23 @@ def cmd_data(args: argparse.Namespace) -> None:
             Path(args.out).write_text(json.dumps(report, indent=1))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from gptstack.eval.harness import eval_checkpoint, markdown
+
+    results = eval_checkpoint(
+        args.checkpoint, tasks=[t for spec in args.tasks for t in spec.split(",") if t], shots=args.shots,
+        limit=args.limit, out=args.out, tokenizer=args.tokenizer, texts=args.perplexity, stride=args.stride,
+        contamination=args.contamination, calibration_plot=args.calibration_plot, samples=args.log_samples,
+        report=args.report, seed=args.seed, batch_tokens=args.batch_tokens, max_gen_tokens=args.max_gen_tokens,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(markdown(results))
+    for key in ("out", "report"):
+        where = getattr(args, key) if key == "out" else results.get("report")
+        if where:
+            print(f"wrote {where}", file=sys.stderr)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from gptstack.serve.api import ServeConfig
     from gptstack.serve.launch import load_engines, serve
@@ -313,6 +330,41 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--speculative", help="'ngram' (prompt lookup) or a draft model's checkpoint")
         s.add_argument("--num-speculative", type=int, default=4, help="tokens drafted per round")
         s.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
+
+    s = sub.add_parser(
+        "eval", help="perplexity and zero/few-shot tasks (acc, acc_norm, CORE, calibration, contamination)"
+    )
+    s.add_argument("checkpoint", help="checkpoint folder, run folder, or …/latest")
+    s.add_argument(
+        "--tasks",
+        action="append",
+        default=[],
+        metavar="FILE_OR_NAME[,…]",
+        help="task files or names (looked up in $GPTSTACK_TASKS, data/eval, ../shared/data/eval)",
+    )
+    s.add_argument("--shots", type=int, default=0, help="in-context examples per item (drawn from the same task)")
+    s.add_argument("--limit", type=int, help="score only the first N items of each task")
+    s.add_argument("--out", type=Path, help="write the results as JSON")
+    s.add_argument("--tokenizer", help="override the checkpoint's tokenizer: cl100k_base | o200k_base | bytes | DIR")
+    s.add_argument(
+        "--perplexity",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="text file, folder of text files, or shard folder (its val split) to score",
+    )
+    s.add_argument("--stride", type=int, help="perplexity: tokens predicted per window (default: the context)")
+    s.add_argument(
+        "--contamination", metavar="SHARDS", help="also score the items clean of this shard folder's 13-grams"
+    )
+    s.add_argument("--calibration-plot", type=Path, metavar="PNG", help="write the reliability diagram")
+    s.add_argument("--log-samples", type=Path, metavar="JSONL", help="write every item's scores and outcome")
+    s.add_argument("--report", type=Path, help="report.md to append to (default: the checkpoint's run report)")
+    s.add_argument("--seed", type=int, default=1234, help="few-shot example sampling")
+    s.add_argument("--batch-tokens", type=int, default=8192, help="tokens per scoring batch")
+    s.add_argument("--max-gen-tokens", type=int, default=256, help="bound on generated tokens (GSM8K, HumanEval)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("serve", help="OpenAI-compatible server + gateway + web chat over one or more checkpoints")
     s.add_argument("checkpoints", nargs="+", help="checkpoint folders (each served under its folder's name)")

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, in-context tasks, contamination, calibration, predictable scaling."""
