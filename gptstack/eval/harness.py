@@ -13,7 +13,7 @@ left of its context; `truncated` counts them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -154,13 +154,11 @@ class Scorer:
 
     # ---- generation --------------------------------------------------------------------------------
 
-    def generate_until(
-        self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_tokens: int = 256,
-        postprocess: Callable[[str], str] | None = None,
-    ) -> list[str]:  # fmt: skip
+    def generate(self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_tokens: int = 256) -> list:
         """Greedy continuations through the inference engine (continuous batching), cut at the first
         stop string, at most `max_tokens` tokens each, so a generation that never stops is bounded.
-        Prompts longer than the context minus `max_tokens` lose tokens on the left (counted)."""
+        Prompts longer than the context minus `max_tokens` lose tokens on the left (counted).
+        Returns engine Completions (text, token_ids, finish_reason "stop" | "length")."""
         from gptstack.infer.engine import Engine, EngineConfig
         from gptstack.infer.sampling import SamplingParams
 
@@ -174,9 +172,11 @@ class Scorer:
                 p = p[-room:]
             fitted.append(list(p))
         engine = Engine(self.model, EngineConfig(max_seqs=min(32, max(1, len(fitted)))), tokenizer=self.tokenizer)
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=tuple(stop))
-        texts = [c.text for c in engine.generate(fitted, params)]
-        return [postprocess(t) if postprocess else t for t in texts]
+        return engine.generate(fitted, SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=tuple(stop)))
+
+    def generate_until(self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_tokens: int = 256) -> list:
+        """The texts of generate()."""
+        return [c.text for c in self.generate(prompts, stop, max_tokens)]
 
 
 # ---- a whole evaluation --------------------------------------------------------------------------

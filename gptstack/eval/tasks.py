@@ -252,7 +252,7 @@ def run_task(
     scorer, task: Task, shots: int = 0, limit: int | None = None, seed: int = 1234,
     max_gen_tokens: int = 256, exec_timeout: float = 10.0,
 ) -> TaskResult:  # fmt: skip
-    """Score one task with `scorer` (harness.Scorer or anything with its three methods)."""
+    """Score one task with a harness.Scorer."""
     from gptstack.eval.harness import encode_pair
 
     tok = scorer.tokenizer
@@ -277,19 +277,20 @@ def run_task(
                           "correct": pred == rec["gold"], "correct_norm": pred_norm == rec["gold"]})  # fmt: skip
     elif task.kind == "math":
         prompts = [tok.encode(p + math_prompt(task.records[i])) for i, p in zip(indices, prefixes, strict=True)]
-        texts = scorer.generate_until(prompts, stop=MATH_STOP, max_tokens=max_gen_tokens)
-        for i, text in zip(indices, texts, strict=True):
-            got, want = extract_answer(text), normalize_number(task.records[i]["answer"])
-            items.append({"index": i, "generation": text, "extracted": got, "correct": got == want})
+        gens = scorer.generate(prompts, stop=MATH_STOP, max_tokens=max_gen_tokens)
+        for i, g in zip(indices, gens, strict=True):
+            got, want = extract_answer(g.text), normalize_number(task.records[i]["answer"])
+            items.append({"index": i, "generation": g.text, "tokens": len(g.token_ids), "finish": g.finish_reason,
+                          "extracted": got, "correct": got == want})  # fmt: skip
     else:
         from gptstack.eval.execution import run_programs
 
         prompts = [tok.encode(p + task.records[i]["prompt"]) for i, p in zip(indices, prefixes, strict=True)]
-        texts = scorer.generate_until(prompts, stop=CODE_STOP, max_tokens=max_gen_tokens)
-        outcomes = run_programs([code_program(task.records[i], t) for i, t in zip(indices, texts, strict=True)],
-                                timeout=exec_timeout)  # fmt: skip
-        for i, text, o in zip(indices, texts, outcomes, strict=True):
-            items.append({"index": i, "generation": text, "status": o.status, "detail": o.detail, "correct": o.passed})
+        gens = scorer.generate(prompts, stop=CODE_STOP, max_tokens=max_gen_tokens)
+        programs = [code_program(task.records[i], g.text) for i, g in zip(indices, gens, strict=True)]
+        for i, g, o in zip(indices, gens, run_programs(programs, timeout=exec_timeout), strict=True):
+            items.append({"index": i, "generation": g.text, "tokens": len(g.token_ids), "finish": g.finish_reason,
+                          "status": o.status, "detail": o.detail, "correct": o.passed})  # fmt: skip
     return TaskResult(task.name, task.kind, shots, task_metrics(task, items), items)
 
 
