@@ -250,6 +250,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"wrote {where}", file=sys.stderr)
 
 
+def cmd_scaling(args: argparse.Namespace) -> None:
+    from gptstack.eval.scaling import ScalingConfig, run_sweep, scaling_markdown
+
+    fields = dict(data=str(args.data), out=str(args.out), widths=args.widths, n_layer=args.n_layer,
+                  context=args.context, tokens_per_param=args.tokens_per_param, extra_ratios=args.extra_ratios,
+                  heldout_compute=args.heldout_compute, batch_size=args.batch_size, lr=args.lr)  # fmt: skip
+    cfg = ScalingConfig(**{k: v for k, v in fields.items() if v is not None})
+    results = run_sweep(cfg, progress=not args.no_progress)
+    print(scaling_markdown(results))
+    print(f"wrote {Path(cfg.out) / 'scaling.json'}, scaling.png and report.md", file=sys.stderr)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from gptstack.serve.api import ServeConfig
     from gptstack.serve.launch import load_engines, serve
@@ -365,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-gen-tokens", type=int, default=256, help="bound on generated tokens (GSM8K, HumanEval)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("scaling", help="train a sweep, fit L(C) and L(N, D), predict a held-out larger run")
+    s.add_argument("--data", type=Path, required=True, help="shard folder")
+    s.add_argument("--out", type=Path, required=True, help="sweep folder (a rerun reuses finished runs)")
+    s.add_argument("--widths", type=int, nargs="+", help="n_embd of the ladder (default 16 24 32 48 64)")
+    s.add_argument("--n-layer", type=int)
+    s.add_argument("--context", type=int)
+    s.add_argument("--tokens-per-param", type=float, help="D/N of the ladder and the held-out run (default 10)")
+    s.add_argument("--extra-ratios", type=float, nargs="+", help="other D/N at the middle widths (default 2.5 40)")
+    s.add_argument("--heldout-compute", type=float, help="held-out compute / largest fitted compute (default 4)")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_scaling)
 
     s = sub.add_parser("serve", help="OpenAI-compatible server + gateway + web chat over one or more checkpoints")
     s.add_argument("checkpoints", nargs="+", help="checkpoint folders (each served under its folder's name)")

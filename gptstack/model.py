@@ -236,8 +236,9 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache=None, logits_at: Tensor | None = None):
         """idx: (B, T) token ids. Returns logits (B, T, V), or (logits, loss) when targets (B, T) are
         given (targets of -1 are ignored; MoE auxiliary losses are added with their coefficients).
-        `logits_at` (n,): compute the logits only at these positions of T, giving (B, n, V); an
-        engine that needs one next-token distribution per sequence skips the rest of the head."""
+        `logits_at` (n,) or (B, n): compute the logits only at these positions of T (the same for every
+        row, or per row), giving (B, n, V); an engine that needs one next-token distribution per
+        sequence, or a scorer that needs only the continuation's, skips the rest of the head."""
         if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
             raise ValueError(f"idx must be a (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}")
         T = idx.size(1)
@@ -264,7 +265,11 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         if logits_at is not None:
-            x = x[:, logits_at]  # (B, n, D)
+            x = (
+                x[:, logits_at]
+                if logits_at.dim() == 1
+                else x.gather(1, logits_at[..., None].expand(-1, -1, x.size(-1)))
+            )
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits

@@ -327,3 +327,46 @@ def test_cli_bad_input_gives_one_line_errors(tmp_path, capsys, monkeypatch, extr
 def test_reliability_plot_is_written(tmp_path):
     calib = reliability(np.array([0.9, 0.8, 0.3, 0.6]), np.array([1, 1, 0, 0]))
     assert plot_reliability(calib, tmp_path / "r.png").stat().st_size > 5000
+
+
+def test_scaling_fits_recover_known_laws_and_extrapolate():
+    from gptstack.eval.scaling import chinchilla, fit_chinchilla, fit_power_law, power_law
+
+    C = np.geomspace(1e10, 1e12, 6)
+    truth = {"a": 40.0, "alpha": 0.12, "L_inf": 1.1}
+    L = power_law(truth, C) * (1 + np.array([0.002, -0.003, 0.001, 0.0, -0.002, 0.002]))  # measurement noise
+    fit = fit_power_law(C, L)
+    assert fit["rmse_rel"] < 0.005
+    held = 4 * C[-1]
+    assert power_law(fit, held) == pytest.approx(power_law(truth, held), rel=0.01)
+    law = {"E": 1.2, "A": 30.0, "alpha": 0.35, "B": 60.0, "beta": 0.3}
+    N = np.array([1e4, 2e4, 4e4, 8e4, 1.6e5, 2e4, 2e4, 4e4, 4e4])
+    D = np.array([1e5, 2e5, 4e5, 8e5, 1.6e6, 5e4, 8e5, 1e5, 1.6e6])
+    got = fit_chinchilla(N, D, chinchilla(law, N, D))
+    assert chinchilla(got, 3.2e5, 3.2e6) == pytest.approx(chinchilla(law, 3.2e5, 3.2e6), rel=0.005)
+
+
+@pytest.mark.slow
+def test_scaling_cli_trains_a_sweep_predicts_and_resumes(tmp_path, capsys):
+    from gptstack.data.shards import write_texts
+
+    text = (SHARED_DATA / "text" / "tinyshakespeare.txt").read_text()
+    write_texts(tmp_path / "shards", byte_tokenizer(), [text[i : i + 2000] for i in range(0, 400_000, 2000)])
+    args = ["scaling", "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "sweep"), "--widths", "8", "16",
+            "24", "--n-layer", "1", "--context", "32", "--tokens-per-param", "4", "--extra-ratios", "1", "8",
+            "--heldout-compute", "4", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads((tmp_path / "sweep" / "scaling.json").read_text())
+    roles = [x["role"] for x in r["runs"]]
+    assert roles.count("ladder") == 3 and roles.count("extra") == 4 and roles[-1] == "heldout"
+    assert r["prediction"]["compute_ratio"] >= 4
+    held = r["runs"][-1]
+    assert r["prediction"]["actual"] == held["loss"] and held["loss"] < min(x["loss"] for x in r["runs"][:3])
+    assert r["prediction"]["error_L(C)"] == pytest.approx(abs(r["prediction"]["L(C)"] - held["loss"]) / held["loss"])
+    assert (tmp_path / "sweep" / "scaling.png").stat().st_size > 10_000
+    assert "Held-out run at" in (tmp_path / "sweep" / "report.md").read_text()
+    first = capsys.readouterr().out
+    before = {p.name: p.stat().st_mtime for p in (tmp_path / "sweep").iterdir() if p.is_dir()}
+    assert main(args) == 0  # a rerun reuses every finished run
+    assert {p.name: p.stat().st_mtime for p in (tmp_path / "sweep").iterdir() if p.is_dir()} == before
+    assert capsys.readouterr().out == first

@@ -118,3 +118,18 @@ def write_token_arrays(out: str | Path, tokenizer, splits: dict[str, np.ndarray]
                 "splits": info}  # fmt: skip
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+def write_texts(out: str | Path, tokenizer, texts: list[str], val_fraction: float = 0.05) -> dict:
+    """A shard folder from in-memory documents (each followed by end-of-text); the last `val_fraction`
+    of the documents is the val split."""
+    n_val = max(1, round(len(texts) * val_fraction)) if len(texts) > 1 else 0
+    ids = tokenizer.encode_batch(texts)
+
+    def stream(docs: list[list[int]]) -> np.ndarray:
+        return np.fromiter((t for d in docs for t in (*d, tokenizer.eot_id)), dtype=np.int64)
+
+    splits = {"train": stream(ids[: len(ids) - n_val])}
+    if n_val:
+        splits["val"] = stream(ids[len(ids) - n_val :])
+    return write_token_arrays(out, tokenizer, splits)

@@ -6,8 +6,8 @@
     scorer.generate_until(prompts, stop=["\\n\\n"], max_tokens=256) # → greedy texts (inference engine)
 
 Log-likelihood requests are sorted by length and batched by a token budget, right-padded (padding sits
-after every real token, so causal attention never sees it), and the head is computed only over the
-span of positions that hold a continuation. A request longer than the context loses tokens from the
+after every real token, so causal attention never sees it), and the head is computed only at the positions
+that predict a continuation token. A request longer than the context loses tokens from the
 left of its context; `truncated` counts them.
 """
 
@@ -92,13 +92,15 @@ class Scorer:
         ids = torch.zeros(B, T, dtype=torch.long)
         for i, x in enumerate(inputs):
             ids[i, : len(x)] = torch.tensor(x)
-        starts = [len(x) - len(t) for x, t in zip(inputs, targets, strict=True)]
-        lo, hi = min(starts), T
-        logits = self.model(ids.to(self.device), logits_at=torch.arange(lo, hi, device=self.device))  # (B, hi-lo, V)
+        n = max(len(t) for t in targets)
+        at = torch.zeros(B, n, dtype=torch.long)  # (B, n): the positions whose next token is a target
+        for i, (x, t) in enumerate(zip(inputs, targets, strict=True)):
+            at[i] = torch.arange(len(x) - len(t), len(x) - len(t) + n).clamp(max=len(x) - 1)
+        logits = self.model(ids.to(self.device), logits_at=at.to(self.device))  # (B, n, V): the head runs on these only
         logp = F.log_softmax(logits.float(), dim=-1)
         out = []
-        for i, (x, t) in enumerate(zip(inputs, targets, strict=True)):
-            rows = logp[i, starts[i] - lo : len(x) - lo]  # (len(t), V)
+        for i, t in enumerate(targets):
+            rows = logp[i, : len(t)]  # (len(t), V)
             tgt = torch.tensor(t, device=self.device)
             lp = rows.gather(1, tgt[:, None])[:, 0]
             out.append((lp.sum().item(), bool((rows.argmax(-1) == tgt).all()), lp.tolist()))
