@@ -41,7 +41,8 @@ def draw_rule(family: str, rng: random.Random) -> dict:
 
 
 def examples(rule: dict, rng: random.Random, n: int) -> list[tuple[str, str]]:
-    """n (context, answer) pairs of a rule (distinct, except lookups, which repeat their 6 keys)."""
+    """n (context, answer) pairs of a rule: distinct while the rule has that many inputs (lookups repeat
+    their 6 keys by design: that is what can be looked up)."""
     family, out, seen = rule["family"], [], set()
     while len(out) < n:
         if family == "lookup":
@@ -53,7 +54,8 @@ def examples(rule: dict, rng: random.Random, n: int) -> list[tuple[str, str]]:
         else:
             word = "".join(rng.sample(string.ascii_lowercase, 4))
             pair = (f"mix {word} =", "".join(word[i] for i in rule["perm"]))
-        if family == "lookup" or pair not in seen:  # lookups repeat keys: that is what can be looked up
+        capacity = len(rule["map"]) ** 3 if family == "cipher" else 1 << 30
+        if family == "lookup" or pair not in seen or len(seen) >= capacity:  # lookups repeat keys by design
             seen.add(pair)
             out.append(pair)
     return out
