@@ -2,17 +2,18 @@
 (gptstack/eval/synthetic.py) on the CPU, then score the unseen-rule task files at 0/1/2/4/8 shots with
 the task runner. Prints the accuracy table and writes icl.png.
 
-    python benchmarks/bench_icl.py --out runs/bench-icl --tokens 10000000
+    python benchmarks/bench_icl.py --out runs/bench-icl --tokens 8000000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
-from gptstack.checkpoint import load_model
+from gptstack.checkpoint import list_checkpoints, load_model
 from gptstack.data.shards import write_texts
 from gptstack.eval.harness import Scorer
 from gptstack.eval.synthetic import FAMILIES, training_text, write_tasks
@@ -48,7 +49,7 @@ def plot(table: dict[str, list[float]], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=Path("runs/bench-icl"))
-    p.add_argument("--tokens", type=int, default=10_000_000)
+    p.add_argument("--tokens", type=int, default=8_000_000)
     p.add_argument("--episodes", type=int, default=40_000)
     p.add_argument("--items", type=int, default=200, help="items per task file")
     args = p.parse_args()
@@ -58,12 +59,14 @@ def main() -> None:
     tasks = [load_task(t) for t in write_tasks(args.out / "tasks", items=args.items)]
     cfg = TrainConfig(
         data=str(args.out / "data"), out=str(args.out / "run"),
-        model=dict(vocab_size=320, block_size=256, n_layer=2, n_head=4, n_embd=128), batch_size=8,
+        model=dict(vocab_size=320, block_size=256, n_layer=3, n_head=4, n_embd=128, pos="rope"), batch_size=8,
         max_tokens=args.tokens, lr=3e-3, warmup_tokens=args.tokens // 20, checkpoint_every=0, eval_every=0,
-        sample_prompts=[], tensorboard=False,
+        sample_prompts=[], tensorboard=False, progress=False,
     )  # fmt: skip
     start = time.perf_counter()
-    if not (args.out / "run" / "checkpoints").is_dir():
+    ckpts = args.out / "run" / "checkpoints"
+    if not ckpts.is_dir() or not list_checkpoints(ckpts):
+        shutil.rmtree(args.out / "run", ignore_errors=True)
         pretrain(cfg)
     train_s = time.perf_counter() - start
     model = load_model(args.out / "run" / "checkpoints" / "latest")
@@ -71,7 +74,7 @@ def main() -> None:
     table = {t.name: [run_task(scorer, t, shots=k).metrics["acc"] for k in SHOTS] for t in tasks}
     table["mean"] = [sum(table[t.name][i] for t in tasks) / len(tasks) for i in range(len(SHOTS))]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: 2 layers x 128, {n_params:,} parameters, {args.tokens:,} training tokens "
+    print(f"model: 3 layers x 128 (RoPE), {n_params:,} parameters, {args.tokens:,} training tokens "
           f"({train_s:.0f} s); task families: {', '.join(FAMILIES)}; {args.items} items each\n")  # fmt: skip
     print("| task | " + " | ".join(f"{k}-shot" for k in SHOTS) + " |")
     print("|---|" + "---:|" * len(SHOTS))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -17,6 +18,17 @@ from gptstack.eval.scaling import ScalingConfig, run_sweep, scaling_markdown
 from gptstack.tokenizer import byte_tokenizer
 
 
+def chunks(text: str, size: int = 4000) -> list[str]:
+    """Pieces of about `size` characters, cut at line ends."""
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=Path("runs/bench-scaling"))
@@ -24,7 +36,10 @@ def main() -> None:
     args = p.parse_args()
     shards = args.out / "shards"
     if not (shards / "manifest.json").is_file():
-        texts = corpus_texts(None, "train", max_bytes=int(args.corpus_mb * 1e6))
+        texts = [c for t in corpus_texts(None, "train", max_bytes=int(args.corpus_mb * 1e6)) for c in chunks(t)]
+        # The loader reads in order: shuffled ~4 kB pieces make every run's first D tokens (and the val
+        # split) a uniform sample of the whole corpus, not of the few files that come first.
+        random.Random(0).shuffle(texts)
         write_texts(shards, byte_tokenizer(), texts, val_fraction=0.02)
     manifest = json.loads((shards / "manifest.json").read_text())
     print(

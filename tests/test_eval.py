@@ -370,3 +370,26 @@ def test_scaling_cli_trains_a_sweep_predicts_and_resumes(tmp_path, capsys):
     assert main(args) == 0  # a rerun reuses every finished run
     assert {p.name: p.stat().st_mtime for p in (tmp_path / "sweep").iterdir() if p.is_dir()} == before
     assert capsys.readouterr().out == first
+
+
+def test_synthetic_icl_tasks_have_one_consistent_rule_unseen_in_training(tmp_path):
+    import random
+
+    from gptstack.eval.synthetic import FAMILIES, draw_rule, episode, training_text, write_tasks
+
+    paths = write_tasks(tmp_path, items=150)
+    assert [p.name for p in paths] == [f"icl_{f}.jsonl" for f in FAMILIES]
+    train = "\n".join(training_text(300))
+    for path in paths:
+        task = load_task(path)
+        assert task.kind == "lm" and len(task.records) == 150
+        answer: dict[str, str] = {}
+        for r in task.records:
+            assert answer.setdefault(r["context"], r["continuation"]) == r["continuation"]  # a function
+        if path.name != "icl_lookup.jsonl":
+            assert len(answer) == 150 or path.name == "icl_cipher.jsonl" and len(answer) == 125
+        lines = [f"{c} {a}" for c, a in answer.items()]
+        assert sum(line in train for line in lines) < len(lines) // 2  # a new rule, not a memorised one
+    assert episode(random.Random(3)) == episode(random.Random(3))
+    with pytest.raises(ValueError, match="unknown family"):
+        draw_rule("sort", random.Random(0))

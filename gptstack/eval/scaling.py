@@ -39,18 +39,19 @@ class ScalingConfig:
     widths: list[int] = field(default_factory=lambda: [16, 24, 32, 48, 64])  # n_embd of the ladder
     n_layer: int = 2
     head_dim: int = 8
+    pos: str = "rope"  # learned positions make copying (induction) appear late and at one size only: a kink
     context: int = 128
     tokens_per_param: float = 10.0  # r of the ladder
     extra_ratios: list[float] = field(default_factory=lambda: [2.5, 40.0])  # other r, at the middle widths
     heldout_compute: float = 4.0  # × the largest fitted run's compute
     batch_size: int = 8
     lr: float = 3e-3
-    eval_batches: int = 40
+    eval_batches: int = 300  # × batch_size × context tokens of the val split: ~300k, so the loss is not a few files
     seed: int = 1337
 
     def model(self, width: int, vocab: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab, block_size=self.context, n_layer=self.n_layer, n_embd=width,
-                           n_head=max(1, width // self.head_dim), dropout=0.0)  # fmt: skip
+                           n_head=max(1, width // self.head_dim), dropout=0.0, pos=self.pos)  # fmt: skip
 
 
 def sweep_plan(cfg: ScalingConfig, vocab: int) -> list[dict]:
