@@ -387,7 +387,7 @@ def test_synthetic_icl_tasks_have_one_consistent_rule_unseen_in_training(tmp_pat
         for r in task.records:
             assert answer.setdefault(r["context"], r["continuation"]) == r["continuation"]  # a function
         if path.name != "icl_lookup.jsonl":
-            assert len(answer) == 150 or path.name == "icl_cipher.jsonl" and len(answer) == 125
+            assert len(answer) == 150 or (path.name == "icl_cipher.jsonl" and len(answer) == 125)
         lines = [f"{c} {a}" for c, a in answer.items()]
         assert sum(line in train for line in lines) < len(lines) // 2  # a new rule, not a memorised one
     assert episode(random.Random(3)) == episode(random.Random(3))
