@@ -57,11 +57,14 @@ def save_checkpoint(
     train_config: dict | None = None,
     training_state: dict | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
+    heads: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` (and optional training state) to the folder `path`, atomically.
     `tokenizer`: None, a stock name ('cl100k_base', 'o200k_base', 'bytes'), or a Tokenizer, whose
     files are then copied into the checkpoint (stock tokenizers are stored by name only).
-    `tensors`: the weights to write instead of `model.state_dict()` (an unsharded FSDP state dict)."""
+    `tensors`: the weights to write instead of `model.state_dict()` (an unsharded FSDP state dict).
+    `heads`: extra tensors outside the language model (a reward, value or task head), written to
+    heads.safetensors; the checkpoint still loads as a plain model, and load_heads() reads them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
@@ -71,6 +74,8 @@ def save_checkpoint(
     if model.config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # the same tensor as transformer.wte.weight
     save_file(tensors, tmp / "model.safetensors", metadata={"format": FORMAT})
+    if heads:
+        save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, tmp / "heads.safetensors")
     if training_state is not None:
         torch.save(training_state, tmp / "optimizer.pt")
     tokenizer_ref = _save_tokenizer(tokenizer, tmp)
@@ -250,6 +255,21 @@ def load_model(
     load_weights(model, folder, verify=verify)
     model.tokenizer = load_tokenizer(folder) if tokenizer is None else tokenizer
     return model.eval()
+
+
+def load_heads(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The head tensors a post-training stage saved with the model ({} when there are none)."""
+    folder, meta = read_meta(path)
+    if verify:
+        verify_files(folder, meta)
+    file = folder / "heads.safetensors"
+    if not file.is_file():
+        return {}
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
 
 
 def load_tokenizer(path: str | Path):

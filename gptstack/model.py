@@ -87,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv_cache) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv_cache, docs: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
@@ -100,7 +100,10 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # the cache stores k, v and attends over everything cached
             y = kv_cache.attend(self.layer_idx, q, k, v, self.window)  # (B, h, T, hd)
         else:
-            y = attend(q, k, v, attention_mask(T, T, 0, self.window, x.device), self.dropout if self.training else 0.0)
+            mask = attention_mask(T, T, 0, self.window, x.device)  # (T, T) or None
+            if docs is not None:  # packed documents: (B, 1, T, T), causal and within one document
+                mask = docs & (mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=x.device).tril())
+            y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
 
 
@@ -172,12 +175,12 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.n_expert else MLP(cfg)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rope, kv_cache) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, rope, kv_cache, docs: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         if self.prenorm:  # GPT-2 onwards: x + f(norm(x))
-            x = x + self.resid_drop(self.attn(self.ln_1(x), rope, kv_cache))
+            x = x + self.resid_drop(self.attn(self.ln_1(x), rope, kv_cache, docs))
             h, aux = self.mlp(self.ln_2(x))
             return x + h, aux
-        x = self.ln_1(x + self.resid_drop(self.attn(x, rope, kv_cache)))  # GPT-1: norm(x + f(x))
+        x = self.ln_1(x + self.resid_drop(self.attn(x, rope, kv_cache, docs)))  # GPT-1: norm(x + f(x))
         h, aux = self.mlp(x)
         return self.ln_2(x + h), aux
 
@@ -233,12 +236,9 @@ class GPT(nn.Module):
         if self.config.pos == "rope":
             self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.transformer.wte.weight.device)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache=None, logits_at: Tensor | None = None):
-        """idx: (B, T) token ids. Returns logits (B, T, V), or (logits, loss) when targets (B, T) are
-        given (targets of -1 are ignored; MoE auxiliary losses are added with their coefficients).
-        `logits_at` (n,) or (B, n): compute the logits only at these positions of T (the same for every
-        row, or per row), giving (B, n, V); an engine that needs one next-token distribution per
-        sequence, or a scorer that needs only the continuation's, skips the rest of the head."""
+    def features(self, idx: Tensor, kv_cache=None, segments: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """The final normalised hidden states (B, T, D) that the LM head reads (and a reward, value or
+        task head), plus the MoE auxiliary losses. Arguments as in forward()."""
         if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
             raise ValueError(f"idx must be a (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}")
         T = idx.size(1)
@@ -248,6 +248,16 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.block_size}")
         else:
             positions = torch.arange(T, device=idx.device)  # (T,)
+        docs = None
+        if segments is not None:
+            if segments.shape != idx.shape or kv_cache is not None:
+                raise ValueError(f"segments must be (B, T) like idx {tuple(idx.shape)} and used without a KV cache")
+            docs = segments[:, None, :, None] == segments[:, None, None, :]  # (B, 1, T, T)
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            idx_t = torch.arange(T, device=idx.device).expand_as(segments)
+            first = torch.cummax(torch.where(starts, idx_t, 0), dim=1).values  # (B, T) start of each doc
+            positions = idx_t - first  # (B, T)
         x = self.transformer.wte(idx)  # (B, T, D)
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(positions)
@@ -257,20 +267,38 @@ class GPT(nn.Module):
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
             if recompute:
-                x, a = torch.utils.checkpoint.checkpoint(block, x, rope, kv_cache, use_reentrant=False)
+                x, a = torch.utils.checkpoint.checkpoint(block, x, rope, kv_cache, docs, use_reentrant=False)
             else:
-                x, a = block(x, rope, kv_cache)
+                x, a = block(x, rope, kv_cache, docs)
             if a is not None:
                 aux.append(a)
         if kv_cache is not None:
             kv_cache.advance(T)
+        return self.transformer.ln_f(x), aux  # (B, T, D)
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        kv_cache=None,
+        logits_at: Tensor | None = None,
+        segments: Tensor | None = None,
+    ):
+        """idx: (B, T) token ids. Returns logits (B, T, V), or (logits, loss) when targets (B, T) are
+        given (targets of -1 are ignored; MoE auxiliary losses are added with their coefficients).
+        `logits_at` (n,) or (B, n): compute the logits only at these positions of T (the same for every
+        row, or per row), giving (B, n, V); an engine that needs one next-token distribution per
+        sequence, or a scorer that needs only the continuation's, skips the rest of the head.
+        `segments` (B, T): document index of each token when several documents are packed in a row;
+        a token attends only within its document and positions restart at each document's start."""
+        x, aux = self.features(idx, kv_cache, segments)
         if logits_at is not None:
             x = (
                 x[:, logits_at]
                 if logits_at.dim() == 1
                 else x.gather(1, logits_at[..., None].expand(-1, -1, x.size(-1)))
             )
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -1,0 +1,1 @@
+"""Post-training: GPT-1 task fine-tuning, SFT, LoRA, reward models, PPO (RLHF) and DPO."""
