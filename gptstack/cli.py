@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import traceback
@@ -163,6 +164,49 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         f"at {summary['tokens_per_s']:,.0f} tokens/s (MFU {summary['mfu']:.1%}){val}\n"
         f"report:     {summary['report']}\nloss plot:  {Path(summary['run']) / 'loss.png'}\n"
         f"metrics:    {Path(summary['run']) / 'metrics.jsonl'}\ncheckpoint: {summary['checkpoint']}"
+    )
+
+
+POSTTRAIN = {  # command → (module, config class, entry point)
+    "finetune": ("finetune", "FinetuneConfig", "finetune"),
+    "sft": ("sft", "SFTConfig", "sft"),
+    "reward": ("reward", "RewardConfig", "train_reward"),
+    "dpo": ("dpo", "DPOConfig", "dpo"),
+    "ppo": ("ppo", "PPOConfig", "ppo"),
+}
+POSTTRAIN_OPTIONS = (
+    "init", "data", "out", "lr", "batch_size", "micro_batch_size", "epochs", "max_steps", "lora_rank", "lora_alpha",
+    "lora_dropout", "device", "seed", "task", "transform", "lm_coef", "beta", "loss", "label_smoothing", "reward",
+    "track", "kl_coef", "kl_target", "ptx_coef", "ptx_data", "max_new_tokens", "missing_eos_penalty", "minibatch_size",
+    "ppo_epochs",
+)  # fmt: skip
+
+
+def cmd_posttrain(args: argparse.Namespace) -> None:
+    import importlib
+
+    from gptstack.config import parse_overrides
+
+    module, cls_name, fn = POSTTRAIN[args.command]
+    mod = importlib.import_module(f"gptstack.posttrain.{module}")
+    cls = getattr(mod, cls_name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: getattr(args, k) for k in POSTTRAIN_OPTIONS if k in fields and getattr(args, k, None) is not None}
+    if args.lora_targets:
+        kwargs["lora_targets"] = tuple(t for t in args.lora_targets.split(",") if t)
+    if getattr(args, "adaptive_kl", False):
+        kwargs["adaptive_kl"] = True
+    if getattr(args, "no_pack", False):
+        kwargs["pack"] = False
+    kwargs["progress"] = not args.no_progress
+    kwargs.update(parse_overrides(args.set, cls))
+    summary = getattr(mod, fn)(cls(**kwargs))
+    width = max(map(len, summary))
+    for k, v in summary.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    print(
+        f"checkpoint: {Path(kwargs.get('out', 'runs/posttrain')) / args.command}\nreport:     "
+        f"{Path(kwargs.get('out', 'runs/posttrain')) / 'report.md'}"
     )
 
 
@@ -391,6 +435,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_scaling)
+
+    posttrain_help = {
+        "finetune": "GPT-1 task fine-tuning: start/delim/extract tokens, a head on the extract token, L_task + λ·L_LM",
+        "sft": "supervised fine-tuning on chat JSONL: assistant-only loss, packing without cross-document attention",
+        "reward": "reward model: scalar head at the last token, Bradley-Terry loss on preference pairs",
+        "dpo": "direct preference optimisation (sigmoid = DPO / cDPO with label smoothing, ipo)",
+        "ppo": "PPO against a reward (model, rule or weighted sum) with a KL penalty to the starting model",
+    }
+    for name, text in posttrain_help.items():
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--init", required=True, help="checkpoint to start from")
+        s.add_argument("--data", required=name != "finetune", help="JSONL (see docs/posttrain.md for the rows)")
+        s.add_argument("--out", default="runs/posttrain", help=f"run folder: <out>/{name}/step-*/, <out>/report.md")
+        s.add_argument("--lr", type=float)
+        s.add_argument("--batch-size", type=int, help="sequences, pairs or prompts per optimizer step")
+        s.add_argument("--micro-batch-size", type=int, help="gradient accumulation: items per forward/backward")
+        s.add_argument("--epochs", type=float)
+        s.add_argument("--max-steps", type=int)
+        s.add_argument("--seed", type=int)
+        s.add_argument("--device", help="cpu | cuda")
+        s.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of all weights")
+        s.add_argument("--lora-alpha", type=float)
+        s.add_argument("--lora-dropout", type=float)
+        s.add_argument("--lora-targets", help="comma-separated module names (default c_attn,c_proj,c_fc)")
+        s.add_argument("--no-progress", action="store_true")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
+        if name == "finetune":
+            s.add_argument("--task", help="an eval task name (boolq, copa, …) or file")
+            s.add_argument(
+                "--transform", choices=["auto", "classification", "entailment", "similarity", "multiple_choice"]
+            )
+            s.add_argument("--lm-coef", type=float, help="λ of the auxiliary LM loss (default 0.5)")
+        if name == "sft":
+            s.add_argument("--no-pack", action="store_true", help="one conversation per row")
+        if name == "dpo":
+            s.add_argument("--beta", type=float, help="default 0.1")
+            s.add_argument("--loss", choices=["sigmoid", "ipo"])
+            s.add_argument("--label-smoothing", type=float, help="conservative DPO's ε")
+        if name == "ppo":
+            s.add_argument("--reward", required=True, help="rm:PATH | rule:module:function | 0.8*rm:P+0.2*rule:m:f")
+            s.add_argument("--track", help="a reward spec logged but not optimised (a ground truth)")
+            s.add_argument("--kl-coef", type=float, help="β of the per-token KL penalty (default 0.05)")
+            s.add_argument("--adaptive-kl", action="store_true", help="adapt β toward --kl-target")
+            s.add_argument("--kl-target", type=float)
+            s.add_argument("--ptx-coef", type=float, help="PPO-ptx: weight of the pretraining loss")
+            s.add_argument("--ptx-data", help="PPO-ptx: a shard folder")
+            s.add_argument("--max-new-tokens", type=int)
+            s.add_argument("--minibatch-size", type=int)
+            s.add_argument("--ppo-epochs", type=int)
+            s.add_argument("--missing-eos-penalty", type=float)
+        s.set_defaults(func=cmd_posttrain)
 
     s = sub.add_parser("serve", help="OpenAI-compatible server + gateway + web chat over one or more checkpoints")
     s.add_argument("checkpoints", nargs="+", help="checkpoint folders (each served under its folder's name)")
