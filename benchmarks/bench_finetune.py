@@ -38,11 +38,19 @@ def main() -> None:
         write_texts(args.out / "data", byte_tokenizer(), docs, val_fraction=0.02)
         pretrain(
             TrainConfig(
-                data=str(args.out / "data"), out=str(args.out / "base"),
+                data=str(args.out / "data"),
+                out=str(args.out / "base"),
                 model=dict(vocab_size=320, block_size=256, n_layer=4, n_head=4, n_embd=192, pos="rope"),
-                batch_size=16, max_tokens=args.tokens, lr=2e-3, warmup_tokens=args.tokens // 20,
-                checkpoint_every=0, eval_every=0, sample_prompts=[], tensorboard=False, progress=False,
-            )  # fmt: skip
+                batch_size=16,
+                max_tokens=args.tokens,
+                lr=2e-3,
+                warmup_tokens=args.tokens // 20,
+                checkpoint_every=0,
+                eval_every=0,
+                sample_prompts=[],
+                tensorboard=False,
+                progress=False,
+            )
         )
     pretrain_s = time.perf_counter() - start
     rows = {}
@@ -50,14 +58,22 @@ def main() -> None:
         t = time.perf_counter()
         rows[lm_coef] = finetune(
             FinetuneConfig(
-                init=str(base), task=args.task, out=str(args.out / f"lm{lm_coef}"), lm_coef=lm_coef, lr=1e-4,
-                batch_size=16, epochs=args.epochs, limit=args.limit, progress=False,
-            )  # fmt: skip
+                init=str(base),
+                task=args.task,
+                out=str(args.out / f"lm{lm_coef}"),
+                lm_coef=lm_coef,
+                lr=1e-4,
+                batch_size=16,
+                epochs=args.epochs,
+                limit=args.limit,
+                progress=False,
+            )
         )
         rows[lm_coef]["seconds"] = round(time.perf_counter() - t, 1)
     s = rows[0.5]
     print(f"pretraining: {args.tokens:,} byte tokens of Shakespeare, {pretrain_s:.0f} s")
-    print(f"task {args.task} ({s['transform']}), {s['train_examples']} train / {s['heldout_examples']} held-out items\n")
+    n_train, n_held = s["train_examples"], s["heldout_examples"]
+    print(f"task {args.task} ({s['transform']}), {n_train} train / {n_held} held-out items\n")
     print("| model | held-out accuracy |")
     print("| --- | --- |")
     print(f"| pretrained, zero-shot (gptstack eval scoring) | {s['zero_shot_acc']:.3f} |")

@@ -16,7 +16,7 @@ from gptstack.model import build_model
 from gptstack.posttrain import demo
 from gptstack.posttrain.common import DataError, StageConfig, optimize, split
 from gptstack.posttrain.dpo import DPOConfig, attach_reference, dpo, dpo_losses, pair_logprobs
-from gptstack.posttrain.finetune import FinetuneConfig, GPT1Classifier, Example, finetune, load_classifier, special_ids
+from gptstack.posttrain.finetune import Example, FinetuneConfig, GPT1Classifier, finetune, load_classifier, special_ids
 from gptstack.posttrain.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
 from gptstack.posttrain.ppo import KLController, PPOConfig, PPOTrainer, gae, ppo
 from gptstack.posttrain.reward import RewardConfig, build_reward, load_reward_model, parse_pair, train_reward
@@ -85,7 +85,7 @@ def test_packing_matches_unpacked_loss():
         loss_u, n_u, _ = sft_loss(model, pack(examples, 96, pack=False))
     assert n_p == n_u
     assert loss_p.item() == pytest.approx(loss_u.item(), rel=1e-5)
-    idx, tgt, seg = collate(packed, "cpu")
+    _idx, _tgt, seg = collate(packed, "cpu")
     assert seg[0].unique().numel() >= 2
 
 
@@ -111,11 +111,12 @@ def test_sft_learns_to_stop_and_checkpoint_loads_everywhere(sft_run):
 
 def test_sft_bad_rows_are_skipped_and_counted(tmp_path):
     save_checkpoint(tiny(block=64), tmp_path / "init", tokenizer=TOK)
-    rows = demo.sft_rows(40, seed=1) + [
+    bad_rows = [
         {"messages": [{"role": "user", "content": "only a question"}]},
         {"prompt": "p", "response": "x" * 200},
         {"foo": 1},
     ]
+    rows = [*demo.sft_rows(40, seed=1), *bad_rows]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     s = sft(SFTConfig(init=str(tmp_path / "init"), data=str(data), out=str(tmp_path), max_steps=1, progress=False))
     assert s["skipped: no assistant turn"] == 1
@@ -170,7 +171,7 @@ def test_lora_merge_unmerge_and_adapter_alone(tmp_path):
     fresh = tiny().eval()
     load_adapter(fresh, folder)
     torch.testing.assert_close(fresh(x), unmerged, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="match no nn.Linear"):
+    with pytest.raises(ValueError, match=r"match no nn\.Linear"):
         apply_lora(tiny(), LoRAConfig(targets=("nope",)))
 
 
@@ -203,7 +204,8 @@ def test_reward_model_separates_separable_pairs(tmp_path):
     assert s["eval_acc"] >= 0.98
     assert s["skipped: equal responses"] == 1 and s["skipped: missing response"] == 1
     rm = load_reward_model(tmp_path / "reward")
-    good, bad = rm.score_texts(["say w1", "say w2"], ["w1 good", "w2 good"]), rm.score_texts(["say w1"] * 2, ["w1 bad"] * 2)
+    good = rm.score_texts(["say w1", "say w2"], ["w1 good", "w2 good"])
+    bad = rm.score_texts(["say w1", "say w2"], ["w1 bad", "w2 bad"])
     assert (good > bad).all()
     rule = "rule:gptstack.posttrain.demo:judge"
     r = build_reward(f"0.5*rm:{tmp_path / 'reward'}+2*{rule}")
@@ -283,7 +285,7 @@ def test_dpo_grad_accumulation_equals_full_batch(sft_run):
         optimize(model, pairs, lambda b, m=model, c=cfg: dpo_loss(m, b, c), cfg, lambda r: None)
         results.append(params_digest(model))
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(*results, strict=True))
-    c, r = pair_logprobs(policy, pairs[:2])
+    c, _r = pair_logprobs(policy, pairs[:2])
     assert c.shape == (2,) and (c < 0).all()
 
 
@@ -324,7 +326,7 @@ def test_ppo_raises_rule_reward_and_keeps_reference_and_reward_frozen(sft_run, t
     rows = demo.preference_rows(load_model(root / "sft"), [r["prompt"] for r in demo.prompt_rows(120, seed=4)], seed=3)
     train_reward(RewardConfig(init=str(root / "sft"), data=str(write_jsonl(tmp_path / "p.jsonl", rows)),
                               out=str(rm_dir), max_steps=2, progress=False))  # fmt: skip
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", demo.prompt_rows(64, seed=6) + [{"nothing": 1}])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [*demo.prompt_rows(64, seed=6), {"nothing": 1}])
     cfg = PPOConfig(init=str(root / "sft"), data=str(prompts), out=str(tmp_path),
                     reward=f"0.1*rm:{rm_dir / 'reward'}+rule:gptstack.posttrain.demo:judge",
                     track="rule:gptstack.posttrain.demo:judge", batch_size=32, minibatch_size=8, max_steps=2,
