@@ -1,10 +1,11 @@
 """RLHF and DPO against a programmatic ground truth (gptstack/posttrain/demo.py), end to end on the CPU.
 
-1. SFT a small byte-level model on correct answers to "Write a Python expression equal to N.";
+1. SFT a small byte-level model on answers to "Write a Python expression equal to N." (40% of them
+   malformed: noisy instruction data);
 2. sample two answers per prompt from the SFT model, label each pair with the ground-truth judge
-   (the answer parses as an integer + − × expression, scored 1 / (1 + |value − N|));
+   (0 unless the answer parses as an integer + − × expression, then 0.5 + 0.5 / (1 + |value − N|));
 3. train a reward model on those pairs, report its held-out pair accuracy;
-4. PPO against the reward model with the KL penalty (β = 0.05), and the same run with β = 0;
+4. PPO against the reward model with the KL penalty (β = 0.1), and the same run with β = 0;
    the judge's score of every rollout is logged ("tracked"), never optimised;
 5. DPO on the same pairs; the judge's preference rate of DPO samples over SFT samples.
 Prints the tables, writes rlhf.png (reward, KL and ground truth against step) and results.json.
@@ -40,6 +41,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def mean(records: list[dict], key: str) -> float:
+    return sum(r[key] for r in records) / len(records)
+
+
 def plot(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -70,7 +75,7 @@ def main() -> None:
     ap.add_argument("--sft-rows", type=int, default=12000)
     ap.add_argument("--pair-prompts", type=int, default=4000)
     ap.add_argument("--ppo-steps", type=int, default=60)
-    ap.add_argument("--beta", type=float, default=0.05)
+    ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -93,7 +98,7 @@ def main() -> None:
     pair_prompts = [r["prompt"] for r in demo.prompt_rows(args.pair_prompts, seed=20_000 + args.seed)]
     pairs = demo.preference_rows(sft_model, pair_prompts, seed=2)
     pref = write_jsonl(out / "preferences.jsonl", pairs)
-    rm = train_reward(RewardConfig(init=str(out / "sft"), data=str(pref), out=str(out), lr=3e-4, batch_size=32,
+    rm = train_reward(RewardConfig(init=str(out / "sft"), data=str(pref), out=str(out), lr=5e-4, batch_size=32,
                                    epochs=2, eval_fraction=0.1, progress=False))  # fmt: skip
     times["reward"] = time.perf_counter() - t
 
@@ -103,7 +108,7 @@ def main() -> None:
         t = time.perf_counter()
         run_out = out if beta else out / "beta0"
         ppo(PPOConfig(init=str(out / "sft"), data=str(prompts), out=str(run_out), reward=f"rm:{out / 'reward'}",
-                      track=JUDGE, kl_coef=beta, batch_size=64, minibatch_size=16, ppo_epochs=4, lr=3e-5,
+                      track=JUDGE, kl_coef=beta, batch_size=64, minibatch_size=16, ppo_epochs=4, lr=5e-5,
                       max_new_tokens=16, max_steps=args.ppo_steps, seed=args.seed, progress=False))  # fmt: skip
         runs[name] = [json.loads(line) for line in (run_out / "ppo" / "log.jsonl").read_text().splitlines()]
         gt[name] = demo.ground_truth(load_model(run_out / "ppo"), eval_prompts, seed=1)
@@ -131,13 +136,17 @@ def main() -> None:
     lines += [f"| {k} | {v['score']:.3f} | {v['exact']:.3f} | {v['parses']:.3f} |" for k, v in gt.items()]
     lines += [
         "",
-        "| PPO run | RM reward first → last | KL last (nats) | ground truth first → last |",
+        "| PPO run | RM reward, steps 1-5 → last 10 | KL, last 10 (nats) "
+        "| ground truth, steps 1-5 → best 10 → last 10 |",
         "| --- | --- | --- | --- |",
     ]
     for name, recs in runs.items():
-        f, last = recs[0], recs[-1]
-        lines.append(f"| {name} | {f['reward']:.3f} → {last['reward']:.3f} | {last['kl']:.2f} | "
-                     f"{f['tracked']:.3f} → {last['tracked']:.3f} |")  # fmt: skip
+        first, last = recs[:5], recs[-10:]
+        best = max(mean(recs[i : i + 10], "tracked") for i in range(len(recs) - 9))
+        lines.append(
+            f"| {name} | {mean(first, 'reward'):.3f} → {mean(last, 'reward'):.3f} | {mean(last, 'kl'):.2f} | "
+            f"{mean(first, 'tracked'):.3f} → {best:.3f} → {mean(last, 'tracked'):.3f} |"
+        )
     lines += ["", "| ground-truth preference rate (ties half) | rate |", "| --- | --- |"]
     lines += [f"| {k} | {v:.3f} |" for k, v in win.items()]
     lines += ["", "| stage | seconds |", "| --- | --- |"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]

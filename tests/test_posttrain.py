@@ -355,6 +355,26 @@ def test_ppo_raises_rule_reward_and_keeps_reference_and_reward_frozen(sft_run, t
     assert "## ppo" in (tmp_path / "report.md").read_text()
 
 
+def test_ppo_ptx_mixes_pretraining_loss(sft_run, tmp_path):
+    from gptstack.data.shards import write_texts
+
+    root, _ = sft_run
+    write_texts(tmp_path / "shards", TOK, ["def f(x):\n    return x + 1\n" * 20] * 8, val_fraction=0.2)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", demo.prompt_rows(16, seed=6))
+    judge = "rule:gptstack.posttrain.demo:judge"
+    cfg = PPOConfig(init=str(root / "sft"), data=str(prompts), out=str(tmp_path), reward=judge, batch_size=16,
+                    minibatch_size=8, ppo_epochs=1, max_steps=1, max_new_tokens=8, ptx_coef=1.0,
+                    ptx_data=str(tmp_path / "shards"), missing_eos_penalty=-1.0, progress=False)  # fmt: skip
+    trainer = PPOTrainer(cfg)
+    from gptstack.posttrain.ppo import read_prompts
+
+    ps, _ = read_prompts(str(prompts), TOK, 80)
+    stats = trainer.step(ps)
+    assert math.isfinite(stats["ptx_loss"]) and stats["ptx_loss"] > 0
+    # every response was cut at 8 tokens or ended: a cut one gets the penalty as its reward
+    assert stats["reward"] >= -1.0
+
+
 def test_ppo_config_errors():
     with pytest.raises(ValueError, match="--reward is required"):
         PPOConfig(init="x", data="y")

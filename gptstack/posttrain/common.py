@@ -287,7 +287,8 @@ def finish(
         model, step_dir(root, steps), step=steps, tokenizer=model.tokenizer, train_config=train_config,
         tensors=tensors, heads=heads,
     )  # fmt: skip
-    lines = [f"## {stage}", "", f"From `{cfg.init}` on `{cfg.data}`; checkpoint `{ckpt}`.", ""]
+    source = cfg.data or getattr(cfg, "task", "")
+    lines = [f"## {stage}", "", f"From `{cfg.init}` on `{source}`; checkpoint `{ckpt}`.", ""]
     lines += ["| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in summary.items()]
     for name, keys in plots:

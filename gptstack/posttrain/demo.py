@@ -2,8 +2,10 @@
 
 The prompt asks for a Python expression equal to a number ("Write a Python expression equal to 37.");
 the judge parses the response as Python and evaluates it safely (integer literals, + − ×, unary
-minus only: anything else scores 0). Its score is 1 / (1 + |value − target|): 1 when exactly
-right, falling with the distance, 0 when the response is not such an expression. Every claim of the
+minus only; nothing is executed). Its score is 0 when the response is not such an expression, and
+0.5 + 0.5 / (1 + |value − target|) when it is: 1 when exactly right, falling toward 0.5 with the
+distance. The SFT data is deliberately noisy (`broken` of the answers are malformed: a dangling
+operator, an unbalanced parenthesis, words), so the SFT model makes both kinds of mistakes. Every claim of the
 RLHF and DPO demonstrations (reward model accuracy, PPO's gain, reward hacking at β = 0, DPO's
 preference rate) is measured against this judge, which no stage ever trains on.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ast
 import random
 import re
+import warnings
 
 import torch
 
@@ -34,7 +37,9 @@ def target_of(prompt: str) -> int | None:
 def safe_value(expr: str) -> int | None:
     """The value of an integer + − × expression, or None if it is anything else (never executed)."""
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
+        with warnings.catch_warnings():  # "3x" is a SyntaxWarning before it is a SyntaxError
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expr.strip(), mode="eval")
     except (SyntaxError, ValueError):
         return None
 
@@ -64,7 +69,7 @@ def judge(prompt: str, response: str) -> float:
     n, v = target_of(prompt), safe_value(response)
     if n is None or v is None:
         return 0.0
-    return 1.0 / (1.0 + abs(v - n))
+    return 0.5 + 0.5 / (1.0 + abs(v - n))
 
 
 def correct_expression(n: int, rng: random.Random) -> str:
@@ -82,12 +87,23 @@ def correct_expression(n: int, rng: random.Random) -> str:
     return f"{n + b}-{b}"
 
 
-def sft_rows(count: int, seed: int = 0) -> list[dict]:
+def broken_expression(n: int, rng: random.Random) -> str:
+    """A malformed answer: what noisy instruction data looks like."""
+    good = correct_expression(n, rng)
+    a, b = re.split(r"[-+*]", good, maxsplit=1)
+    op = good[len(a)]
+    word = {"+": "plus", "-": "minus", "*": "times"}[op]
+    return rng.choice([f"{a}{op}", f"({good}", f"{good})", f"{a} {word} {b}"])
+
+
+def sft_rows(count: int, seed: int = 0, broken: float = 0.4) -> list[dict]:
+    """(prompt, response) rows: correct expressions, and a `broken` fraction of malformed ones."""
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
         n = rng.choice(TARGETS)
-        rows.append({"prompt": PROMPT.format(n=n), "response": correct_expression(n, rng)})
+        response = broken_expression(n, rng) if rng.random() < broken else correct_expression(n, rng)
+        rows.append({"prompt": PROMPT.format(n=n), "response": response})
     return rows
 
 
