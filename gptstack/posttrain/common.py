@@ -186,15 +186,7 @@ def optimize(
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        total, sums = 0.0, Counter()
-        for mb in chunks(batch, micro):  # backward of each summed loss, then divide by the step's count
-            loss, n, metrics = loss_fn(mb)
-            loss.backward()
-            total += n
-            sums.update(metrics)
-        for p in params:
-            if p.grad is not None:
-                p.grad.div_(max(total, 1e-9))
+        total, sums = accumulate(params, batch, micro, loss_fn)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -211,6 +203,21 @@ def optimize(
     bar.close()
     model.eval()
     return steps
+
+
+def accumulate(params: list[Tensor], batch: list, micro: int, loss_fn: LossFn) -> tuple[float, Counter]:
+    """Gradients of the batch's mean loss, in micro-batches: each summed loss is backpropagated, then
+    every gradient is divided by the batch's total count. Returns the count and the summed metrics."""
+    total, sums = 0.0, Counter()
+    for mb in chunks(batch, micro):
+        loss, n, metrics = loss_fn(mb)
+        loss.backward()
+        total += n
+        sums.update(metrics)
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(max(total, 1e-9))
+    return total, sums
 
 
 def _bar(total: int, enabled: bool):
