@@ -264,7 +264,7 @@ def test_dpo_starts_at_ln2_and_chance_then_learns(sft_run, tmp_path):
                       eval_fraction=0.2, progress=False))  # fmt: skip
     assert s["initial_eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert s["initial_eval_reward_acc"] == pytest.approx(0.5, abs=0.1)
-    assert s["train_reward_acc"] > 0.6
+    assert s["eval_reward_acc"] > 0.65 and s["eval_loss"] < s["initial_eval_loss"]  # held out
     assert same(before, params_digest(load_model(root / "sft")))  # the reference checkpoint is untouched
 
 

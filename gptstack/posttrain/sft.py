@@ -10,6 +10,7 @@ conversation and packing changes nothing but speed.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,17 +69,29 @@ def encode_example(tokenizer, row: dict, max_len: int) -> tuple[list[int], list[
 
 
 def pack(examples: list[tuple[list[int], list[int]]], max_len: int, pack: bool = True) -> list[tuple]:
-    """Rows (inputs, targets, segments) of at most max_len tokens; greedy in order. Without
-    packing, one example per row."""
-    rows, cur = [], ([], [], [])
-    for inp, tgt in examples:
-        if cur[0] and (not pack or len(cur[0]) + len(inp) > max_len):
-            rows.append(cur)
-            cur = ([], [], [])
-        seg = len(set(cur[2]))
-        cur = (cur[0] + inp, cur[1] + tgt, cur[2] + [seg] * len(inp))
-    if cur[0]:
-        rows.append(cur)
+    """Rows (inputs, targets, segments) of at most max_len tokens, filled best-fit decreasing (each
+    example, longest first, goes to the fullest row it still fits). Without packing, one example per
+    row, in order."""
+    if not pack:
+        return [(inp, tgt, [0] * len(inp)) for inp, tgt in examples]
+    bins: list[list[int]] = []  # example indices per row
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in sorted(range(len(examples)), key=lambda j: -len(examples[j][0])):
+        n = len(examples[i][0])
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, row = free.pop(at)
+            bins[row].append(i)
+            bisect.insort(free, (room - n, row))
+        else:
+            bins.append([i])
+            bisect.insort(free, (max_len - n, len(bins) - 1))
+    rows = []
+    for members in bins:
+        inp, tgt, seg = [], [], []
+        for k, i in enumerate(members):
+            inp, tgt, seg = inp + examples[i][0], tgt + examples[i][1], seg + [k] * len(examples[i][0])
+        rows.append((inp, tgt, seg))
     return rows
 
 
