@@ -13,7 +13,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class StageConfig:
     lora_targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
     device: str = "cpu"
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.micro_batch_size < 0:
@@ -176,7 +175,7 @@ def optimize(
     micro = cfg.micro_batch_size or cfg.batch_size
     g = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
-    bar = _bar(steps, cfg.progress)
+    bar = progress_bar(steps, cfg.progress)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         while len(order) < cfg.batch_size:  # epochs of seeded permutations
@@ -220,7 +219,7 @@ def accumulate(params: list[Tensor], batch: list, micro: int, loss_fn: LossFn) -
     return total, sums
 
 
-def _bar(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=True)
@@ -340,9 +339,3 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
-
-
-def last_token_features(model: GPT, idx: Tensor, lengths: Tensor) -> Tensor:
-    """Hidden state (B, D) at each row's last real token (rows right-padded to T)."""
-    h, _ = model.features(idx)  # (B, T, D)
-    return h[torch.arange(idx.size(0), device=idx.device), lengths - 1]

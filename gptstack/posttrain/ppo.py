@@ -32,13 +32,13 @@ from gptstack.posttrain.common import (
     RunLog,
     SkipRow,
     StageConfig,
-    _bar,
     entropy,
     finish,
     freeze,
     load_start,
     maybe_lora,
     pad,
+    progress_bar,
     read_jsonl,
     token_logprobs,
 )
@@ -328,7 +328,7 @@ def ppo(cfg: PPOConfig) -> dict:
     log = RunLog(Path(cfg.out) / "ppo")
     g = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
-    bar = _bar(cfg.max_steps, cfg.progress)
+    bar = progress_bar(cfg.max_steps, cfg.progress)
     t0 = time.perf_counter()
     for step in range(1, cfg.max_steps + 1):
         while len(order) < cfg.batch_size:
