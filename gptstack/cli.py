@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scaling", help="train a sweep, fit L(C) and L(N, D), predict a held-out larger run")
     s.add_argument("--data", type=Path, required=True, help="shard folder")
     s.add_argument("--out", type=Path, required=True, help="sweep folder (a rerun reuses finished runs)")
-    s.add_argument("--widths", type=int, nargs="+", help="n_embd of the ladder (default 16 24 32 48 64)")
+    s.add_argument("--widths", type=int, nargs="+", help="n_embd of the ladder (default 24 32 48 64 96)")
     s.add_argument("--n-layer", type=int)
     s.add_argument("--context", type=int)
     s.add_argument("--tokens-per-param", type=float, help="D/N of the ladder and the held-out run (default 10)")

@@ -24,6 +24,7 @@ from gptstack.eval.tasks import (
     TaskError,
     _item_requests,
     code_program,
+    demonstration,
     extract_answer,
     load_task,
     resolve_task,
@@ -375,21 +376,26 @@ def test_scaling_cli_trains_a_sweep_predicts_and_resumes(tmp_path, capsys):
 def test_synthetic_icl_tasks_have_one_consistent_rule_unseen_in_training(tmp_path):
     import random
 
-    from gptstack.eval.synthetic import FAMILIES, draw_rule, episode, training_text, write_tasks
+    from gptstack.eval.synthetic import FAMILIES, SEP, draw_rule, episode, train_tokenizer, training_text, write_tasks
 
     paths = write_tasks(tmp_path, items=150)
     assert [p.name for p in paths] == [f"icl_{f}.jsonl" for f in FAMILIES]
-    train = "\n".join(training_text(300))
+    train = training_text(2000)
+    episodes = [set(e.split(SEP)) for e in train]
+    tok = train_tokenizer(train)
     for path in paths:
         task = load_task(path)
         assert task.kind == "lm" and len(task.records) == 150
         answer: dict[str, str] = {}
         for r in task.records:
             assert answer.setdefault(r["context"], r["continuation"]) == r["continuation"]  # a function
-        if path.name != "icl_lookup.jsonl":
-            assert len(answer) == 150 or (path.name == "icl_cipher.jsonl" and len(answer) == 125)
-        lines = [f"{c} {a}" for c, a in answer.items()]
-        assert sum(line in train for line in lines) < len(lines) // 2  # a new rule, not a memorised one
+        assert len(answer) == {"lookup": 6, "mapping": 5, "copy": 1}[path.stem.removeprefix("icl_")]
+        lines = {f"{c} {a}" for c, a in answer.items()}
+        assert not any(lines <= e for e in episodes)  # a new rule, never a training one
+        for c, a in answer.items():  # every input and every answer number or word is one token
+            assert len(tok.encode(c)) == 1 and len(tok.encode(" " + a)) == len(a.split())
+        shot = tok.encode(demonstration(task, task.records[0]) + "\n\n")
+        assert len(shot) == 2 + len(task.records[0]["continuation"].split())
     assert episode(random.Random(3)) == episode(random.Random(3))
     with pytest.raises(ValueError, match="unknown family"):
         draw_rule("sort", random.Random(0))

@@ -36,7 +36,7 @@ from gptstack.model import count_params
 class ScalingConfig:
     data: str = ""  # shard folder
     out: str = "runs/scaling"
-    widths: list[int] = field(default_factory=lambda: [16, 24, 32, 48, 64])  # n_embd of the ladder
+    widths: list[int] = field(default_factory=lambda: [24, 32, 48, 64, 96])  # n_embd of the ladder
     n_layer: int = 2
     head_dim: int = 8
     pos: str = "rope"  # learned positions make copying (induction) appear late and at one size only: a kink
@@ -44,7 +44,7 @@ class ScalingConfig:
     tokens_per_param: float = 10.0  # r of the ladder
     extra_ratios: list[float] = field(default_factory=lambda: [2.5, 40.0])  # other r, at the middle widths
     heldout_compute: float = 4.0  # × the largest fitted run's compute
-    batch_size: int = 8
+    batch_size: int = 4  # × context tokens per step: the smallest runs still take hundreds of steps
     lr: float = 3e-3
     eval_batches: int = 300  # × batch_size × context tokens of the val split: ~300k, so the loss is not a few files
     seed: int = 1337

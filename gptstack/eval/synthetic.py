@@ -1,16 +1,23 @@
 """A synthetic task mixture for measuring in-context learning (GPT-3 §3, figure 1.2) on a CPU.
 
-Each task family has a hidden rule, written as "input = output" lines:
+Each task family has a hidden rule, written as "input output" lines:
 
-    lookup    a table of six 2-letter keys → 2-digit values:      "get qe = 47"
-    cipher    a letter substitution over 5 letters, 3-letter words: "enc bad = hgf"
-    shuffle   one fixed permutation of 4 letter positions:         "mix wxyz = zxwy"
+    lookup    a table of six 2-letter codes → 2-digit numbers:    "qe 47"
+    mapping   five colours → animals, a fresh pairing per rule:   "red fox"
+    copy      one fixed 3-number phrase to repeat after "say":    "say 47 19 83"
 
-Training text is made of episodes: one freshly drawn rule, shown by 12-24 examples separated by blank
-lines, so the only way to predict an output is to infer the rule from the examples before it. The
-evaluation tasks are written as `lm` task files, one fixed rule per file drawn from a different seed
-(never a training rule): `gptstack eval --shots k` then shows k examples of that rule, and the accuracy
-at k = 0 is chance while it rises with k as the model learns the rule in context.
+Training text is made of episodes: one freshly drawn rule, shown by 8-16 examples separated by blank
+lines, so the only way to predict an output is to find it in the examples before it. The evaluation
+tasks are written as `lm` task files, one fixed rule per file drawn from a different seed (never a
+training rule): `gptstack eval --shots k` then shows k examples of that rule, and the accuracy at k = 0
+is chance while it rises with k as the model reads the rule from its context. A lookup's answer is in
+the prompt only when one of the k shots showed its code, which happens with probability 1 - (5/6)^k.
+
+The solving circuit is the induction head (Olsson et al., 2022): find the earlier occurrence of the
+current token and copy the token after it. It forms only when every key and value is one token, so the
+mixture comes with its own BPE tokenizer (`train_tokenizer`), and when the training context is short:
+the plateau before it forms grows with the context length, so `benchmarks/bench_icl.py` trains on
+32-token windows.
 """
 
 from __future__ import annotations
@@ -20,8 +27,12 @@ import random
 import string
 from pathlib import Path
 
-FAMILIES = ("lookup", "cipher", "shuffle")
+FAMILIES = ("lookup", "mapping", "copy")
 SEP = "\n\n"  # between examples: the same separator the task runner puts between shots
+COLOURS = ("red", "blue", "green", "pink", "gold", "grey", "black", "white", "brown", "cyan", "lime", "navy")
+ANIMALS = ("fox", "cat", "dog", "owl", "bee", "cow", "pig", "rat", "eel", "yak", "ant", "elk")
+# one pre-token per code, number run or word, and "\n\n" whole, so BPE can make each a single token
+PATTERN = r"\n+| ?[a-z]+| ?[0-9]+| +"
 
 
 def draw_rule(family: str, rng: random.Random) -> dict:
@@ -29,39 +40,21 @@ def draw_rule(family: str, rng: random.Random) -> dict:
     if family == "lookup":
         keys = rng.sample([a + b for a in letters for b in letters], 6)
         return {"family": family, "table": {k: f"{rng.randrange(100):02d}" for k in keys}}
-    if family == "cipher":
-        src = rng.sample(letters, 5)
-        return {"family": family, "map": dict(zip(src, rng.sample(letters, 5), strict=True))}
-    if family == "shuffle":
-        perm = list(range(4))
-        while perm == sorted(perm):
-            rng.shuffle(perm)
-        return {"family": family, "perm": perm}
+    if family == "mapping":
+        return {"family": family, "table": dict(zip(rng.sample(COLOURS, 5), rng.sample(ANIMALS, 5), strict=True))}
+    if family == "copy":
+        return {"family": family, "table": {"say": " ".join(f"{rng.randrange(100):02d}" for _ in range(3))}}
     raise ValueError(f"unknown family {family!r}: {', '.join(FAMILIES)}")
 
 
 def examples(rule: dict, rng: random.Random, n: int) -> list[tuple[str, str]]:
-    """n (context, answer) pairs of a rule: distinct while the rule has that many inputs (lookups repeat
-    their 6 keys by design: that is what can be looked up)."""
-    family, out, seen = rule["family"], [], set()
-    while len(out) < n:
-        if family == "lookup":
-            key = rng.choice(sorted(rule["table"]))
-            pair = (f"get {key} =", rule["table"][key])
-        elif family == "cipher":
-            word = "".join(rng.choice(sorted(rule["map"])) for _ in range(3))
-            pair = (f"enc {word} =", "".join(rule["map"][c] for c in word))
-        else:
-            word = "".join(rng.sample(string.ascii_lowercase, 4))
-            pair = (f"mix {word} =", "".join(word[i] for i in rule["perm"]))
-        capacity = len(rule["map"]) ** 3 if family == "cipher" else 1 << 30
-        if family == "lookup" or pair not in seen or len(seen) >= capacity:  # lookups repeat keys by design
-            seen.add(pair)
-            out.append(pair)
-    return out
+    """n (context, answer) pairs of a rule, inputs drawn with replacement: a repeated input is what can be
+    answered from the context."""
+    table = rule["table"]
+    return [(key, table[key]) for key in (rng.choice(sorted(table)) for _ in range(n))]
 
 
-def episode(rng: random.Random, n_min: int = 12, n_max: int = 24) -> str:
+def episode(rng: random.Random, n_min: int = 8, n_max: int = 16) -> str:
     rule = draw_rule(rng.choice(FAMILIES), rng)
     return SEP.join(f"{c} {a}" for c, a in examples(rule, rng, rng.randint(n_min, n_max)))
 
@@ -71,6 +64,25 @@ def training_text(n_episodes: int, seed: int = 0) -> list[str]:
     return [episode(rng) for _ in range(n_episodes)]
 
 
+def vocabulary() -> list[str]:
+    """Every code, number and word of the mixture, as it appears in text: what must be one token each."""
+    letters = string.ascii_lowercase
+    return [a + b for a in letters for b in letters] + [f" {i:02d}" for i in range(100)] + list(COLOURS) + [
+        f" {a}" for a in ANIMALS
+    ] + ["say", SEP]  # fmt: skip
+
+
+def train_tokenizer(texts: list[str]):
+    """A BPE tokenizer on which every code, number and word of the mixture is one token."""
+    from gptstack.tokenizer import train_bpe
+
+    tok = train_bpe(texts + vocabulary(), vocab_size=1280, pattern=PATTERN, name="icl-bpe")
+    split = [w for w in vocabulary() if len(tok.encode(w)) != 1]
+    if split:
+        raise ValueError(f"the ICL tokenizer splits {len(split)} units, e.g. {split[:5]}: train it on more episodes")
+    return tok
+
+
 def write_tasks(out: str | Path, items: int = 200, seed: int = 1) -> list[Path]:
     """One `lm` task file per family, each with one fixed rule (seeded apart from training)."""
     out = Path(out)
@@ -78,8 +90,7 @@ def write_tasks(out: str | Path, items: int = 200, seed: int = 1) -> list[Path]:
     paths = []
     for family in FAMILIES:
         rng = random.Random(f"eval:{seed}:{family}")
-        rule = draw_rule(family, rng)
-        pairs = examples(rule, rng, items)  # a lookup's k shots show its key with chance ~1 - (5/6)^k
+        pairs = examples(draw_rule(family, rng), rng, items)
         path = out / f"icl_{family}.jsonl"
         path.write_text("".join(json.dumps({"context": c, "continuation": a}) + "\n" for c, a in pairs))
         paths.append(path)
