@@ -27,10 +27,10 @@ import torch
 
 from gptstack.config import get_preset
 from gptstack.infer.engine import Engine, EngineConfig
-from gptstack.infer.layout import decode_layout
-from gptstack.infer.quantize import quantize
 from gptstack.infer.sampling import SamplingParams
 from gptstack.model import GPT, build_model, kv_cache_bytes_per_token
+from gptstack.transforms.decode import decode_layout
+from gptstack.transforms.quantize import quantize
 
 
 def read_bandwidth(gib: float = 1.0, reps: int = 7) -> float:

@@ -4,7 +4,7 @@
    gptstack GPT vs transformers.GPT2LMHeadModel holding the same weights (exported by interop/hf.py);
 2. decode-step latency at a 512-token context: one new token with the KV cache vs re-running the
    whole sequence without it, for both implementations, and for ours with the CPU decode layout
-   (infer/layout.py: linear weights stored (in, out), what `gptstack generate` uses on CPU).
+   (transforms/decode.py: linear weights stored (in, out), what `gptstack generate` uses on CPU).
 
     python benchmarks/bench_model.py [--reps 7] [--batch 4] [--seq 256] [--context 512]
 """
@@ -21,9 +21,9 @@ from transformers import DynamicCache
 
 from gptstack.config import get_preset
 from gptstack.infer.kvcache import KVCache
-from gptstack.infer.layout import decode_layout
 from gptstack.interop.hf import to_hf_model
 from gptstack.model import build_model
+from gptstack.transforms.decode import decode_layout
 
 
 def timed(fn) -> float:

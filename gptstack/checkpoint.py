@@ -8,7 +8,7 @@
                           loaded with torch.load(weights_only=True)
       tokenizer/          optional tokenizer folder when the model uses a trained tokenizer
 
-A quantized model (infer/quantize.py) stores its codes, scales and minimums in model.safetensors and
+A quantized model (transforms/quantize.py) stores its codes, scales and minimums in model.safetensors and
 says how in config.json's "quantization" entry; `load_model` rebuilds that structure before loading.
 
 A folder is written under a temporary name beside its destination and renamed into place, so a
@@ -34,6 +34,8 @@ from safetensors.torch import save_file
 
 from gptstack.config import ConfigError, ModelConfig
 from gptstack.model import GPT
+from gptstack.tokenizer import get_tokenizer
+from gptstack.transforms.quantize import quantized_structure
 
 FORMAT = "gptstack-checkpoint"
 VERSION = 1
@@ -89,7 +91,7 @@ def save_checkpoint(
         "step": step,
         "files": files,
     }
-    if getattr(model, "quantization", None):  # infer/quantize.py: how the linear layers are stored
+    if getattr(model, "quantization", None):  # transforms/quantize.py: how the linear layers are stored
         meta["quantization"] = model.quantization
     _write_synced(tmp / "config.json", json.dumps(meta, indent=2))
     _replace_dir(tmp, path)
@@ -243,8 +245,6 @@ def load_model(
     with torch.device("meta"):
         model = GPT(cfg)
         if meta.get("quantization"):
-            from gptstack.infer.quantize import quantized_structure
-
             try:
                 quantized_structure(model, meta["quantization"])
             except (ValueError, KeyError, TypeError) as e:
@@ -274,8 +274,6 @@ def load_heads(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]
 
 def load_tokenizer(path: str | Path):
     """The tokenizer a checkpoint names, or None."""
-    from gptstack.tokenizer import get_tokenizer
-
     folder, meta = read_meta(path)
     ref = meta.get("tokenizer")
     if ref is None:

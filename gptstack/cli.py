@@ -89,7 +89,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from gptstack.checkpoint import load_model, read_meta, save_checkpoint
-    from gptstack.infer.quantize import quantize
+    from gptstack.transforms.quantize import quantize
 
     model = load_model(args.checkpoint)
     _, meta = read_meta(args.checkpoint)

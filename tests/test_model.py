@@ -171,7 +171,7 @@ def test_generation_never_samples_ids_the_tokenizer_cannot_decode():
 
 @torch.no_grad()
 def test_decode_layout_gives_the_same_logits_and_tokens(variant):
-    from gptstack.infer.layout import DecodeLinear, decode_layout
+    from gptstack.transforms.decode import DecodeLinear, decode_layout
 
     model = make(variant, seed=4)
     fast = decode_layout(make(variant, seed=4))

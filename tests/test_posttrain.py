@@ -17,11 +17,11 @@ from gptstack.posttrain import demo
 from gptstack.posttrain.common import DataError, StageConfig, accumulate, optimize, split
 from gptstack.posttrain.dpo import DPOConfig, attach_reference, dpo, dpo_losses, pair_logprobs
 from gptstack.posttrain.finetune import Example, FinetuneConfig, GPT1Classifier, finetune, load_classifier, special_ids
-from gptstack.posttrain.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
 from gptstack.posttrain.ppo import KLController, PPOConfig, PPOTrainer, gae, ppo
 from gptstack.posttrain.reward import RewardConfig, build_reward, load_reward_model, parse_pair, train_reward
 from gptstack.posttrain.sft import SFTConfig, collate, encode_example, pack, sft, sft_loss
 from gptstack.tokenizer import byte_tokenizer
+from gptstack.transforms.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
 
 TOK = byte_tokenizer()
 

@@ -15,13 +15,13 @@ from conftest import SHARED_DATA
 
 from gptstack import checkpoint
 from gptstack.config import ModelConfig
-from gptstack.infer import kernels
 from gptstack.infer.engine import Engine
-from gptstack.infer.layout import decode_layout
-from gptstack.infer.quantize import QuantizedLinear, quantize
 from gptstack.infer.sampling import SamplingParams
 from gptstack.model import build_model
 from gptstack.tokenizer import get_tokenizer
+from gptstack.transforms import kernels
+from gptstack.transforms.decode import decode_layout
+from gptstack.transforms.quantize import QuantizedLinear, quantize
 
 TEXT = (SHARED_DATA / "text" / "tinyshakespeare.txt").read_text()
 

@@ -1,1 +1,1 @@
-"""Inference: the KV cache, sampling and generation loops."""
+"""Inference: the KV cache, sampling, speculative decoding and the engine."""

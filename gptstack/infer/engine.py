@@ -40,10 +40,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from gptstack.checkpoint import load_model
 from gptstack.infer.sampling import SamplingParams, distribution, draw, penalise, top_logprobs
 from gptstack.infer.speculative import accept, ngram_propose
 from gptstack.model import GPT, attend, attention_mask
-from gptstack.tokenizer import CHAT_TOKENS
+from gptstack.tokenizer import CHAT_TOKENS, get_tokenizer
+from gptstack.transforms.decode import decode_layout
+from gptstack.transforms.quantize import quantize as quantize_model
 
 
 @dataclass
@@ -678,12 +681,7 @@ def load_engine(
     """An engine over a checkpoint: `tokenizer` overrides the checkpoint's (a spec or a Tokenizer);
     `quantize` int8|int4 quantizes on load (a quantized checkpoint loads as it was saved);
     `speculative`: None, "ngram", or the path of a draft checkpoint. On CPU the linear layers take
-    the decode layout (infer/layout.py)."""
-    from gptstack.checkpoint import load_model
-    from gptstack.infer.layout import decode_layout
-    from gptstack.infer.quantize import quantize as quantize_model
-    from gptstack.tokenizer import get_tokenizer
-
+    the decode layout (transforms/decode.py)."""
     tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     model = load_model(checkpoint, device=device, tokenizer=tok)
     tok = model.tokenizer

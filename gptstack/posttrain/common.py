@@ -24,6 +24,7 @@ from gptstack.checkpoint import load_model, save_checkpoint, step_dir
 from gptstack.model import GPT
 from gptstack.report import write_section
 from gptstack.train.optim import build_adamw, lr_at, param_groups
+from gptstack.transforms.lora import LoRAConfig, apply_lora, has_lora, merged_state_dict, save_adapter
 
 
 class DataError(ValueError):
@@ -242,8 +243,6 @@ def load_start(cfg: StageConfig) -> GPT:
 def maybe_lora(model: nn.Module, cfg: StageConfig) -> None:
     """Apply LoRA adapters when cfg.lora_rank > 0 (then only they train)."""
     if cfg.lora_rank:
-        from gptstack.posttrain.lora import LoRAConfig, apply_lora
-
         apply_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
 
 
@@ -279,8 +278,6 @@ def finish(
 ) -> Path:
     """Write the stage's checkpoint (LoRA adapters merged in, and also saved alone), then its
     report section with the summary table and plots. Returns the checkpoint folder."""
-    from gptstack.posttrain.lora import has_lora, merged_state_dict, save_adapter
-
     root = Path(cfg.out) / stage
     tensors = None
     if has_lora(model):

@@ -1,7 +1,7 @@
 """Decode layout: linear layers that run batch-1 decoding through the C GEMV kernel.
 
 During decoding each linear layer multiplies one row by its weight, which is bound by memory
-bandwidth; the BLAS GEMV behind F.linear leaves much of it unused on CPU (see infer/kernels.py).
+bandwidth; the BLAS GEMV behind F.linear leaves much of it unused on CPU (see transforms/kernels.py).
 `decode_layout(model)` swaps every nn.Linear for a DecodeLinear holding the same weight tensor (no
 copy; a tied output head stays tied). On CPU a single row goes through `kernels.gemv` and up to
 `kernels.SMALL_M` rows through `kernels.gemm` (csrc/gemv.c); larger inputs (prefill, big batches)
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptstack.infer import kernels
 from gptstack.model import GPT
+from gptstack.transforms import kernels
 
 
 class DecodeLinear(nn.Module):

@@ -12,7 +12,7 @@ embedding (which stays in floating point for lookups); under int4 it takes int8,
 4-bit mixes keep their output tensor at higher precision: the head holds a third of a small
 model's weights and its errors reach every logit directly. Then `save_checkpoint` then writes the codes, scales and
 minimums, and `load_model` rebuilds the quantized structure from config.json's "quantization"
-entry. A single row on CPU runs through the C kernels of infer/kernels.py, which dequantize in
+entry. A single row on CPU runs through the C kernels of transforms/kernels.py, which dequantize in
 registers; prefill and batches dequantize the weight and use F.linear.
 """
 
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptstack.infer import kernels
-from gptstack.infer.layout import replace_linears
 from gptstack.model import GPT
+from gptstack.transforms import kernels
+from gptstack.transforms.decode import replace_linears
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
