@@ -237,11 +237,20 @@ def load_model(
     device: str | torch.device = "cpu",
     tokenizer: Any = None,
     verify: bool = True,
+    require_tokenizer: bool = False,
 ) -> GPT:
-    """The checkpoint's model in eval mode, with `.tokenizer` set (None when it names none)."""
+    """The checkpoint's model in eval mode, with `.tokenizer` set (None when it names none).
+    `tokenizer` (a spec such as "cl100k_base" or a Tokenizer) overrides the one the checkpoint names;
+    `require_tokenizer` (the engine and the scorer): refuse a checkpoint that ends up with none, or with
+    one that has more ids than the model's vocabulary."""
     folder = resolve(path)
     cfg = load_config(folder)
     _, meta = read_meta(folder)
+    tok = load_tokenizer(folder) if tokenizer is None else get_tokenizer(tokenizer)
+    if require_tokenizer and tok is None:
+        raise CheckpointError(f"{path} names no tokenizer: pass --tokenizer cl100k_base|o200k_base|bytes|DIR")
+    if require_tokenizer and tok.n_vocab > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer {tok.name} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}")
     with torch.device("meta"):
         model = GPT(cfg)
         if meta.get("quantization"):
@@ -253,7 +262,7 @@ def load_model(
     model.tie_weights()
     model.init_buffers()
     load_weights(model, folder, verify=verify)
-    model.tokenizer = load_tokenizer(folder) if tokenizer is None else tokenizer
+    model.tokenizer = tok
     return model.eval()
 
 

@@ -79,6 +79,16 @@ class Tokenizer:
     def eot_id(self) -> int:
         return self.special_tokens[EOT]
 
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that closes a chat turn in this tokenizer's template (what a reply ends with)."""
+        return self.special_tokens[CHAT_TOKENS["end"]]
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Ids that end a generated reply: end of turn and end of text. The engine, SFT and PPO use these."""
+        return frozenset((self.end_of_turn_id, self.eot_id))
+
     def decodable_mask(self, vocab_size: int) -> torch.Tensor:
         """Boolean (vocab_size,): the ids this tokenizer can decode. A model's vocabulary may be
         larger (padding) and stock encodings have unassigned ids; generation never samples those."""
@@ -116,7 +126,7 @@ class Tokenizer:
         True on the tokens an assistant wrote (its content and its closing <|end|>), which SFT trains on."""
         ids: list[int] = []
         mask: list[bool] = []
-        end = self.special_tokens[CHAT_TOKENS["end"]]
+        end = self.end_of_turn_id
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
             if role not in ("system", "user", "assistant") or not isinstance(content, str):
@@ -219,8 +229,10 @@ def byte_tokenizer() -> Tokenizer:
     return Tokenizer("bytes", {bytes([i]): i for i in range(256)}, GPT2_PATTERN, {EOT: 256})
 
 
-def get_tokenizer(spec: str | Path) -> Tokenizer:
-    """'cl100k_base' | 'o200k_base' | 'bytes' | a tokenizer folder."""
+def get_tokenizer(spec: str | Path | Tokenizer) -> Tokenizer:
+    """'cl100k_base' | 'o200k_base' | 'bytes' | a tokenizer folder (a Tokenizer is returned as it is)."""
+    if isinstance(spec, Tokenizer):
+        return spec
     spec = str(spec)
     if spec in STOCK:
         return stock_tokenizer(spec)

@@ -267,15 +267,8 @@ def markdown(results: dict, title: str = "") -> str:
 def load_scorer(checkpoint: str | Path, tokenizer=None, device: str = "cpu", **kwargs) -> Scorer:
     """A Scorer over a checkpoint; `tokenizer` (a spec or Tokenizer) overrides the one it names."""
     from gptstack.checkpoint import load_model
-    from gptstack.tokenizer import get_tokenizer
 
-    tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    model = load_model(checkpoint, device=device, tokenizer=tok)
-    if model.tokenizer is None:
-        raise ValueError(f"{checkpoint} names no tokenizer: pass --tokenizer cl100k_base|o200k_base|bytes|DIR")
-    if model.tokenizer.n_vocab > model.config.vocab_size:
-        raise ValueError(f"tokenizer {model.tokenizer.name} has {model.tokenizer.n_vocab} tokens, "
-                         f"the model only {model.config.vocab_size}")  # fmt: skip
+    model = load_model(checkpoint, device=device, tokenizer=tokenizer, require_tokenizer=True)
     return Scorer(model, model.tokenizer, **kwargs)
 
 

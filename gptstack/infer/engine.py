@@ -44,7 +44,7 @@ from gptstack.checkpoint import load_model
 from gptstack.infer.sampling import SamplingParams, distribution, draw, penalise, top_logprobs
 from gptstack.infer.speculative import accept, ngram_propose
 from gptstack.model import GPT, attend, attention_mask
-from gptstack.tokenizer import CHAT_TOKENS, get_tokenizer
+from gptstack.tokenizer import CHAT_TOKENS
 from gptstack.transforms.decode import decode_layout
 from gptstack.transforms.quantize import quantize as quantize_model
 
@@ -682,13 +682,8 @@ def load_engine(
     `quantize` int8|int4 quantizes on load (a quantized checkpoint loads as it was saved);
     `speculative`: None, "ngram", or the path of a draft checkpoint. On CPU the linear layers take
     the decode layout (transforms/decode.py)."""
-    tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    model = load_model(checkpoint, device=device, tokenizer=tok)
+    model = load_model(checkpoint, device=device, tokenizer=tokenizer, require_tokenizer=True)
     tok = model.tokenizer
-    if tok is None:
-        raise ValueError(f"{checkpoint} names no tokenizer: pass --tokenizer cl100k_base|o200k_base|bytes|DIR")
-    if tok.n_vocab > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tok.name} has {tok.n_vocab} tokens, the model only {model.config.vocab_size}")
 
     def prepare(m: GPT) -> GPT:
         if quantize and not getattr(m, "quantization", None):

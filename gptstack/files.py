@@ -1,0 +1,45 @@
+"""Reading the project's JSON and JSONL files with errors that name the file and the line.
+
+Every reader of a user's JSON config or JSONL rows goes through these two functions, so a broken
+file always fails the same way: one line saying `path:line: not valid JSON (reason)`, raised as the
+caller's own error class (ConfigError, DataError, TaskError, … all ValueError subclasses).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def read_json(path: str | Path, error: type[Exception] = ValueError, what: str = "file") -> Any:
+    """The parsed contents of a JSON file; a missing or malformed file raises `error`."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+
+
+def iter_jsonl(
+    path: str | Path, error: type[Exception] = ValueError, objects: bool = True
+) -> Iterator[tuple[str, Any]]:
+    """(`path:line`, row) for each non-blank line. A line that is not JSON (or, with `objects`, not a
+    JSON object) raises `error` naming `path:line`: nothing is used from a half-readable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if objects and not isinstance(row, dict):
+                raise error(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield f"{path}:{n}", row
