@@ -60,7 +60,9 @@ def test_init_then_generate_streams_reproducibly(tmp_path):
     greedy = run(*args, "--temperature", "0").stdout
     tok = model.tokenizer
     allowed = tok.decodable_mask(model.config.vocab_size)
-    expected = list(generate(model, tok.encode("def main():"), 12, SamplingParams(temperature=0), allowed=allowed))
+    expected = list(
+        generate(model, tok.encode("def main():"), SamplingParams(temperature=0, max_tokens=12), allowed=allowed)
+    )
     assert greedy == "def main():" + tok.decode(expected) + "\n"
 
     too_long = run("generate", str(ckpt), "--prompt", "x " * 300, "--max-new-tokens", "10", ok=False)

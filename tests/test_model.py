@@ -35,9 +35,9 @@ def test_cached_logits_equal_uncached(variant):
 def test_cached_greedy_decoding_equals_the_uncached_loop(variant):
     model = make(variant, seed=3)
     prompt = [5, 17, 42, 8]
-    params = SamplingParams(temperature=0)
-    cached = list(generate(model, prompt, 50, params))
-    uncached = list(generate(model, prompt, 50, params, use_cache=False))
+    params = SamplingParams(temperature=0, max_tokens=50)
+    cached = list(generate(model, prompt, params))
+    uncached = list(generate(model, prompt, params, use_cache=False))
     assert cached == uncached
     assert len(set(cached)) > 3, f"degenerate test model: greedy output {cached}"
 
@@ -140,9 +140,9 @@ def test_bad_input_fails_clearly():
     with pytest.raises(ValueError, match=r"sequence of 9 tokens exceeds|KV cache full"):
         model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match="exceed the context of 64 tokens"):
-        list(generate(model, [1] * 60, 10))
+        list(generate(model, [1] * 60, SamplingParams(max_tokens=10)))
     with pytest.raises(ValueError, match="prompt is empty"):
-        list(generate(model, [], 10))
+        list(generate(model, [], SamplingParams(max_tokens=10)))
     for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
@@ -150,10 +150,10 @@ def test_bad_input_fails_clearly():
 
 def test_seeded_sampling_is_reproducible_and_top_k_one_is_greedy():
     model = make(VARIANTS["llama-gqa"])
-    a = list(generate(model, [1, 2, 3], 20, SamplingParams(temperature=1.0, top_p=0.9, seed=7)))
-    b = list(generate(model, [1, 2, 3], 20, SamplingParams(temperature=1.0, top_p=0.9, seed=7)))
-    greedy = list(generate(model, [1, 2, 3], 20, SamplingParams(temperature=0)))
-    top1 = list(generate(model, [1, 2, 3], 20, SamplingParams(temperature=1.3, top_k=1, seed=1)))
+    a = list(generate(model, [1, 2, 3], SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=20)))
+    b = list(generate(model, [1, 2, 3], SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=20)))
+    greedy = list(generate(model, [1, 2, 3], SamplingParams(temperature=0, max_tokens=20)))
+    top1 = list(generate(model, [1, 2, 3], SamplingParams(temperature=1.3, top_k=1, seed=1, max_tokens=20)))
     assert a == b and top1 == greedy
 
 
@@ -163,7 +163,7 @@ def test_generation_never_samples_ids_the_tokenizer_cannot_decode():
     model = make(VARIANTS["gpt2"])  # 97 ids, of which the tokenizer below can decode only 0..49
     allowed = torch.arange(97) < 50
     for seed in range(5):
-        out = list(generate(model, [1, 2], 40, SamplingParams(temperature=2.0, seed=seed), allowed=allowed))
+        out = list(generate(model, [1, 2], SamplingParams(temperature=2.0, seed=seed, max_tokens=40), allowed=allowed))
         assert max(out) < 50
     mask = byte_tokenizer().decodable_mask(300)  # the model may be larger than the tokenizer
     assert mask[:261].all() and not mask[261:].any()  # 256 bytes, <|endoftext|>, 4 chat role tokens
@@ -179,5 +179,5 @@ def test_decode_layout_gives_the_same_logits_and_tokens(variant):
     assert any(isinstance(m, DecodeLinear) for m in fast.modules())
     idx = torch.randint(0, variant.vocab_size, (2, 30), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(fast(idx), model(idx), atol=1e-5, rtol=0)
-    params = SamplingParams(temperature=0)
-    assert list(generate(fast, [3, 1, 4], 30, params)) == list(generate(model, [3, 1, 4], 30, params))
+    params = SamplingParams(temperature=0, max_tokens=30)
+    assert list(generate(fast, [3, 1, 4], params)) == list(generate(model, [3, 1, 4], params))

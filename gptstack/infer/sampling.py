@@ -13,6 +13,7 @@ other requests share its batch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -116,17 +117,52 @@ def draw(probs: Tensor, generator: torch.Generator | None) -> int:
     return int((probs / race).argmax())
 
 
-def sample(
-    logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None, allowed: Tensor | None = None
-) -> Tensor:
-    """logits (B, V) → next token ids (B,), without penalties (the plain `generate` loop);
-    `allowed` (V,) bool excludes ids that may never be produced."""
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+class Sampler:
+    """One sequence's sampling state: its params, its own generator, and the token counts the
+    penalties need. The engine keeps one per request and `generate()` one per call, so both sample
+    through the same `penalise → distribution → draw` path. `allowed` (V,) bool: ids that may be
+    produced (Tokenizer.decodable_mask); the others are masked before anything else."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab: int, device, allowed: Tensor | None = None):
+        self.params, self.allowed = params, allowed
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7)))
+        self.counts = torch.zeros(vocab, dtype=torch.int32, device=device) if params.penalised else None  # (V,)
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device) if params.repetition_penalty != 1 else None
+        if self.seen is not None and prompt:
+            self.seen[torch.tensor(prompt, device=device)] = True
+
+    def probs(self, logits: Tensor, history: list[int] = ()) -> Tensor:
+        """The sampling distribution (V,) fp32 for logits (V,), after `history` more tokens than were
+        observed (speculative drafts score positions past the sequence's end)."""
+        p = self.params
+        if self.allowed is not None:
+            logits = logits.masked_fill(~self.allowed, float("-inf"))
+        if p.penalised:
+            counts, seen = self.counts, self.seen
+            if history:
+                extra = torch.tensor(history, device=logits.device)
+                if counts is not None:
+                    counts = counts.clone().index_add_(0, extra, torch.ones_like(extra, dtype=counts.dtype))
+                if seen is not None:
+                    seen = seen.clone().index_fill_(0, extra, True)
+            logits = penalise(logits, p, counts, seen)
+        return distribution(logits, p)
+
+    def sample(self, logits: Tensor) -> int:
+        """The next token for logits (V,); greedy without penalties is a plain argmax."""
+        if self.params.greedy and not self.params.penalised:
+            if self.allowed is not None:
+                logits = logits.masked_fill(~self.allowed, float("-inf"))
+            return int(logits.argmax())
+        return draw(self.probs(logits), self.generator)
+
+    def observe(self, token: int) -> None:
+        """Record a token that joined the output (for the penalties)."""
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
 
 
 def top_logprobs(logprobs: Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
