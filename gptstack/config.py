@@ -241,11 +241,11 @@ def parse_overrides(items: list[str], cls: type = ModelConfig) -> dict[str, Any]
         if not sep:
             raise ConfigError(f"override {item!r} is not key=value")
         check_fields(cls, {key: None})
-        out[key] = _coerce(key, types[key], raw)
+        out[key] = coerce(key, types[key], raw)
     return out
 
 
-def _coerce(key: str, typ: str, raw: str) -> Any:
+def coerce(key: str, typ: str, raw: str) -> Any:
     if raw.lower() == "none" and "None" in typ:
         return None
     try:
@@ -264,4 +264,4 @@ def _coerce(key: str, typ: str, raw: str) -> Any:
     return raw
 
 
-__all__ = ["PRESETS", "ConfigError", "ModelConfig", "check_fields", "get_preset", "load_config", "parse_overrides"]
+__all__ = ["PRESETS", "ConfigError", "ModelConfig", "check_fields", "coerce", "get_preset", "load_config", "parse_overrides"]
