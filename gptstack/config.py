@@ -264,4 +264,13 @@ def coerce(key: str, typ: str, raw: str) -> Any:
     return raw
 
 
-__all__ = ["PRESETS", "ConfigError", "ModelConfig", "check_fields", "coerce", "get_preset", "load_config", "parse_overrides"]
+__all__ = [
+    "PRESETS",
+    "ConfigError",
+    "ModelConfig",
+    "check_fields",
+    "coerce",
+    "get_preset",
+    "load_config",
+    "parse_overrides",
+]
