@@ -11,7 +11,7 @@ import torch
 from conftest import VARIANTS, scramble
 from scipy.stats import chisquare
 
-from gptstack.infer.engine import BlockPool, Engine, EngineConfig
+from gptstack.infer.engine import BlockPool, ContextLengthExceeded, Engine, EngineConfig
 from gptstack.infer.generate import generate
 from gptstack.infer.sampling import SamplingParams, distribution, draw, penalise
 from gptstack.infer.speculative import accept, ngram_propose
@@ -35,7 +35,7 @@ def prompts(n: int, vocab: int, seed: int = 0, longest: int = 30) -> list[list[i
 
 
 def reference(model, prompt: list[int], n: int) -> list[int]:
-    return list(generate(model, prompt, n, SamplingParams(temperature=0)))
+    return list(generate(model, prompt, SamplingParams(temperature=0, max_tokens=n)))
 
 
 def drain(engine: Engine, arrivals: list[tuple[str, list[int], SamplingParams]], every: int = 1) -> dict:
@@ -58,11 +58,11 @@ def test_greedy_equals_the_forward_loop_under_batching_and_preemption(name):
     ps = prompts(16, model.config.vocab_size)
     expected = [reference(model, p, 20) for p in ps]
     # batch 1
-    single = Engine(model, EngineConfig(block_size=4))
+    single = Engine(model, EngineConfig(kv_block_size=4))
     assert single.generate([ps[0]], GREEDY)[0].token_ids == expected[0]
     # 16 mixed-length requests arriving every other step; a 24-block pool forces preemption and
     # a 16-token step budget forces chunked prefill
-    engine = Engine(model, EngineConfig(block_size=4, num_blocks=24, max_seqs=8, max_step_tokens=16))
+    engine = Engine(model, EngineConfig(kv_block_size=4, num_blocks=24, max_seqs=8, max_step_tokens=16))
     got = drain(engine, [(str(i), p, GREEDY) for i, p in enumerate(ps)], every=2)
     assert [got[str(i)] for i in range(16)] == expected
     assert engine.stats["preemptions"] > 0
@@ -73,7 +73,7 @@ def test_chunked_prefill_of_a_long_prompt_between_decodes():
     model = make("llama-gqa")
     long_prompt = list(range(50)) * 1  # 50 tokens, prefilled 6 at a time
     short = [[1, 2, 3], [4, 5]]
-    engine = Engine(model, EngineConfig(block_size=4, max_step_tokens=6))
+    engine = Engine(model, EngineConfig(kv_block_size=4, max_step_tokens=6))
     got = drain(engine, [("long", long_prompt, GREEDY.__class__(temperature=0, max_tokens=10))] + [
         (f"s{i}", p, GREEDY) for i, p in enumerate(short)
     ])  # fmt: skip
@@ -84,7 +84,7 @@ def test_chunked_prefill_of_a_long_prompt_between_decodes():
 def test_prefix_cache_reuses_a_shared_system_prompt():
     model = make("gpt2")
     system = list(range(40))
-    engine = Engine(model, EngineConfig(block_size=8))
+    engine = Engine(model, EngineConfig(kv_block_size=8))
     first = engine.generate([[*system, 50, 51]], GREEDY)[0]
     assert first.num_cached_tokens == 0
     later = engine.generate([[*system, 52], [*system, 53, 54, 55]], GREEDY)
@@ -96,7 +96,7 @@ def test_prefix_cache_reuses_a_shared_system_prompt():
     again = engine.generate([system], GREEDY)[0]
     assert again.num_cached_tokens == 32 and again.token_ids == reference(model, system, 20)
     assert engine.pool.used == 0
-    off = Engine(model, EngineConfig(block_size=8, prefix_caching=False))
+    off = Engine(model, EngineConfig(kv_block_size=8, prefix_caching=False))
     off.generate([[*system, 50]], GREEDY)
     assert off.generate([[*system, 50]], GREEDY)[0].num_cached_tokens == 0
 
@@ -121,7 +121,7 @@ def test_speculative_greedy_output_equals_plain_decoding(kind):
     draft = model if kind == "self-draft" else make("llama-gqa", seed=1, n_layer=1)
     ps = [p * 3 for p in prompts(6, 12, seed=2, longest=8)]  # repetitive prompts give n-gram matches
     engine = Engine(
-        model, EngineConfig(block_size=4, speculative="ngram" if kind == "ngram" else "draft", num_speculative=3),
+        model, EngineConfig(kv_block_size=4, speculative="ngram" if kind == "ngram" else "draft", num_speculative=3),
         draft=None if kind == "ngram" else draft,
     )  # fmt: skip
     got = [c.token_ids for c in engine.generate(ps, SamplingParams(temperature=0, max_tokens=25))]
@@ -227,7 +227,7 @@ def test_a_request_seed_gives_the_same_output_in_any_batch():
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=24)
     alone = Engine(model).generate([[1, 2, 3]], params)[0].token_ids
     others = [SamplingParams(temperature=1.2, seed=s, max_tokens=10 + s) for s in range(7)]
-    mixed = Engine(model, EngineConfig(block_size=4, max_step_tokens=8)).generate(
+    mixed = Engine(model, EngineConfig(kv_block_size=4, max_step_tokens=8)).generate(
         [*prompts(7, 97, seed=5), [1, 2, 3]], [*others, params]
     )[-1]
     assert mixed.token_ids == alone
@@ -239,7 +239,7 @@ def test_logprobs_and_prompt_logprobs_equal_the_model():
     model = make("gpt2")
     prompt = [5, 9, 14, 3, 7]
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, prompt_logprobs=2)
-    c = Engine(model, EngineConfig(block_size=4, max_step_tokens=3)).generate([prompt], params)[0]
+    c = Engine(model, EngineConfig(kv_block_size=4, max_step_tokens=3)).generate([prompt], params)[0]
     full = torch.tensor([prompt + c.token_ids])
     logprobs = model(full)[0].float().log_softmax(-1)  # (T, V)
     for j, (lp, top) in enumerate(c.logprobs):
@@ -276,7 +276,7 @@ def test_stop_strings_stop_tokens_and_eos_with_a_real_tokenizer():
 
 def test_bad_requests_fail_alone_and_the_engine_keeps_serving():
     model = make("gpt2")
-    engine = Engine(model, EngineConfig(block_size=4))
+    engine = Engine(model, EngineConfig(kv_block_size=4))
     good = engine.add_request([1, 2, 3], GREEDY)
     bad = [
         (([], GREEDY), "prompt is empty"),
@@ -288,6 +288,9 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving():
     for (prompt, params), message in bad:
         with pytest.raises(ValueError, match=message):
             engine.add_request(prompt, params)
+    with pytest.raises(ContextLengthExceeded) as e:  # typed, for the server's context_length_exceeded
+        engine.check_request([1] * 50, SamplingParams(max_tokens=20))
+    assert (e.value.prompt_tokens, e.value.max_tokens, e.value.context) == (50, 20, 64)
     invalid = [
         dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(min_p=2), dict(max_tokens=0),
         dict(repetition_penalty=0), dict(presence_penalty=3), dict(temperature=math.nan), dict(logprobs=21),
@@ -297,7 +300,7 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving():
             SamplingParams(**kwargs)
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request([1], GREEDY, request_id=good)
-    tiny = Engine(model, EngineConfig(block_size=4, num_blocks=3))
+    tiny = Engine(model, EngineConfig(kv_block_size=4, num_blocks=3))
     with pytest.raises(ValueError, match="needs 6 KV blocks and the pool has 3"):
         tiny.add_request([1] * 4, GREEDY)
     outs = list(engine.run())
@@ -307,7 +310,7 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving():
 
 def test_aborted_and_finished_requests_free_every_block():
     model = make("llama-gqa")
-    engine = Engine(model, EngineConfig(block_size=4, max_seqs=4))
+    engine = Engine(model, EngineConfig(kv_block_size=4, max_seqs=4))
     ps = prompts(10, 97)
     ids = [engine.add_request(p, SamplingParams(temperature=1.0, seed=i, max_tokens=30)) for i, p in enumerate(ps)]
     for _ in range(5):

@@ -2,11 +2,12 @@
 
     engine = Engine(model, EngineConfig(max_seqs=32), tokenizer=tok)
     rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=64))   # ValueError on bad input
+                                        # (ContextLengthExceeded when it does not fit the context)
     while engine.has_unfinished():
         for out in engine.step():       # each step: new tokens of every running request
             ...
 
-Memory: the KV cache is a pool of fixed-size blocks (`block_size` tokens × layers × kv heads ×
+Memory: the KV cache is a pool of fixed-size blocks (`kv_block_size` tokens × layers × kv heads ×
 head_dim, for K and V). Each sequence holds a block table (its blocks in order); free blocks sit in
 an LRU free list. Every token of a step is written to its slot `table[pos // bs] * bs + pos % bs`.
 
@@ -44,29 +45,48 @@ from gptstack.checkpoint import load_model
 from gptstack.infer.sampling import SamplingParams, distribution, draw, penalise, top_logprobs
 from gptstack.infer.speculative import accept, ngram_propose
 from gptstack.model import GPT, attend, attention_mask
-from gptstack.tokenizer import CHAT_TOKENS
 from gptstack.transforms.decode import decode_layout
 from gptstack.transforms.quantize import quantize as quantize_model
 
 
 @dataclass
 class EngineConfig:
-    block_size: int = 16  # tokens per KV block
-    num_blocks: int | None = None  # default: room for max_seqs full contexts (never preempts)
-    max_seqs: int = 32  # sequences running at once
-    max_step_tokens: int = 512  # tokens through the model per step (prefill chunks share it)
-    prefix_caching: bool = True
-    speculative: str | None = None  # None | "ngram" (prompt lookup) | "draft" (needs a draft model)
-    num_speculative: int = 4  # tokens proposed per round
-    ngram_max: int = 4  # prompt lookup tries the last n_max..1 tokens
+    kv_block_size: int = 16  # tokens per KV-cache block
+    num_blocks: int | None = None  # KV-cache blocks (default: room for max_seqs full contexts, never preempts)
+    max_seqs: int = 32  # requests decoded at once
+    max_step_tokens: int = 512  # tokens through the model per engine step (prefill chunks share it)
+    prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
+    speculative: str | None = None  # speculative decoding: 'ngram' (prompt lookup) or 'draft' (needs a draft model)
+    num_speculative: int = 4  # tokens proposed per speculative round
+    ngram_max: int = 4  # prompt lookup tries the last ngram_max..1 tokens
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.max_seqs < 1 or self.max_step_tokens < 1:
-            raise ValueError("block_size, max_seqs and max_step_tokens must be >= 1")
+        if self.kv_block_size < 1 or self.max_seqs < 1 or self.max_step_tokens < 1:
+            raise ValueError("kv_block_size, max_seqs and max_step_tokens must be >= 1")
         if self.speculative not in (None, "ngram", "draft"):
             raise ValueError(f"speculative must be None, 'ngram' or 'draft', got {self.speculative!r}")
         if self.num_speculative < 1:
             raise ValueError(f"num_speculative must be >= 1, got {self.num_speculative}")
+
+
+class ContextLengthExceeded(ValueError):
+    """A request that does not fit the model's context: the prompt alone (at least one token must be
+    generated), or the prompt plus max_tokens."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int):
+        self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+        if prompt_tokens >= context:
+            message = f"the prompt has {prompt_tokens} tokens; the context holds {context}, including output"
+        else:
+            message = (
+                f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} ({prompt_tokens + max_tokens} tokens) "
+                f"exceed the context of {context} tokens (at most {context - prompt_tokens} new tokens)"
+            )
+        super().__init__(message)
+
+    @property
+    def prompt_too_long(self) -> bool:
+        return self.prompt_tokens >= self.context
 
 
 @dataclass
@@ -170,21 +190,21 @@ class Sequence:
 
 
 class PagedKVCache:
-    """Block pools K, V of shape (n_layer, num_blocks, block_size, n_kv_head, head_dim), and the
+    """Block pools K, V of shape (n_layer, num_blocks, kv_block_size, n_kv_head, head_dim), and the
     layout of the current step, set by `prepare`. Implements the cache protocol of `GPT.forward`."""
 
-    def __init__(self, model: GPT, num_blocks: int, block_size: int):
+    def __init__(self, model: GPT, num_blocks: int, kv_block_size: int):
         cfg = model.config
         ref = model.transformer.wte.weight
-        shape = (cfg.n_layer, num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
+        shape = (cfg.n_layer, num_blocks, kv_block_size, cfg.n_kv_head, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
         self.v = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
-        self.block_size, self.device = block_size, ref.device
+        self.kv_block_size, self.device = kv_block_size, ref.device
 
     def prepare(self, chunks: list[tuple[int, int, list[int]]]) -> None:
         """chunks: per sequence (start position, number of new tokens, block table), in the order
         their tokens are laid out in the flattened batch."""
-        bs, dev = self.block_size, self.device
+        bs, dev = self.kv_block_size, self.device
         pos = torch.cat([torch.arange(s, s + n) for s, n, _ in chunks])  # (N,)
         tables = [torch.tensor(t, dtype=torch.long) for _, _, t in chunks]
         self.pos = pos.to(dev)
@@ -211,7 +231,7 @@ class PagedKVCache:
         """(Bd, 1, 1, S) key mask of the decode rows: key j visible when j < len (and within the band)."""
         if window not in self.masks:
             _, table, lens = self.single
-            j = torch.arange(table.size(1) * self.block_size, device=self.device)[None]
+            j = torch.arange(table.size(1) * self.kv_block_size, device=self.device)[None]
             mask = j < lens[:, None]
             if window is not None:
                 mask &= lens[:, None] - 1 - j < window
@@ -262,17 +282,18 @@ class Engine:
                 raise ValueError("speculative='draft' needs a draft model")
             if draft.config.vocab_size != mc.vocab_size or draft.config.block_size < mc.block_size:
                 raise ValueError("the draft model must share the target's vocabulary and context")
-        per_seq = -(-self.context // cfg.block_size) + 1
+        per_seq = -(-self.context // cfg.kv_block_size) + 1
         self.num_blocks = cfg.num_blocks or cfg.max_seqs * per_seq
         self.pool = BlockPool(self.num_blocks)
-        self.cache = PagedKVCache(model, self.num_blocks, cfg.block_size)
+        self.cache = PagedKVCache(model, self.num_blocks, cfg.kv_block_size)
         self.draft_cache = None
         if cfg.speculative == "draft":  # the draft's own pools, indexed by the same block tables
-            self.draft_cache = PagedKVCache(draft.eval(), self.num_blocks, cfg.block_size)
+            self.draft_cache = PagedKVCache(draft.eval(), self.num_blocks, cfg.kv_block_size)
         self.allowed = tokenizer.decodable_mask(mc.vocab_size).to(self.device) if tokenizer is not None else None
-        self.eos = frozenset(  # end of text, and the chat template's end of turn
-            [tokenizer.eot_id, tokenizer.special_tokens[CHAT_TOKENS["end"]]] if tokenizer is not None else []
-        )
+        self.eos = tokenizer.stop_ids if tokenizer is not None else frozenset()  # end of turn, end of text
+        # the ids a prompt may hold: the model's, and only those the tokenizer knows (a padded vocabulary's extra
+        # ids are never real tokens)
+        self.vocab_size = min(mc.vocab_size, tokenizer.n_vocab) if tokenizer is not None else mc.vocab_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.by_id: dict[str, Sequence] = {}
@@ -284,31 +305,31 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------------
 
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (ContextLengthExceeded for the context) if the engine cannot serve the request.
+        Reads only the engine's fixed configuration, so any thread may call it."""
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        V = self.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < V for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {V})")
+        if len(prompt) + params.max_tokens > self.context:  # max_tokens >= 1: a prompt must leave room
+            raise ContextLengthExceeded(len(prompt), params.max_tokens, self.context)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        spare = self.config.num_speculative if self.config.speculative else 0
+        need = -(-(len(prompt) + params.max_tokens + spare) // self.config.kv_block_size)
+        if need > self.num_blocks:
+            raise ValueError(f"the request needs {need} KV blocks and the pool has {self.num_blocks}")
+
     def add_request(self, prompt: list[int], params: SamplingParams | None = None, request_id: str | None = None):
         """Queue a request; raises ValueError (nothing queued) for a request that cannot be served."""
         params = params or SamplingParams()
         rid = request_id if request_id is not None else f"req-{next(self.counter)}"
         if rid in self.by_id:
             raise ValueError(f"request id {rid!r} is already in use")
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
-        V = self.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < V for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {V})")
-        if len(prompt) >= self.context:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.context}, including output")
-        if len(prompt) + params.max_tokens > self.context:
-            raise ValueError(
-                f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceed the context of "
-                f"{self.context} tokens (at most {self.context - len(prompt)} new tokens)"
-            )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need an engine with a tokenizer")
-        spare = self.config.num_speculative if self.config.speculative else 0
-        need = -(-(len(prompt) + params.max_tokens + spare) // self.config.block_size)
-        if need > self.num_blocks:
-            raise ValueError(f"the request needs {need} KV blocks and the pool has {self.num_blocks}")
-        seq = Sequence(rid, prompt, params, next(self.counter), self.device, V)
+        self.check_request(prompt, params)
+        seq = Sequence(rid, prompt, params, next(self.counter), self.device, self.model.config.vocab_size)
         if self.tokenizer is not None:
             seq.decoder = self.tokenizer.stream_decoder()
         self.by_id[rid] = seq
@@ -349,7 +370,7 @@ class Engine:
 
     def _grow(self, seq: Sequence, n_tokens: int) -> bool:
         """Give seq blocks for its first n_tokens tokens; False (holding what it got) when none are left."""
-        while len(seq.blocks) * self.config.block_size < n_tokens:
+        while len(seq.blocks) * self.config.kv_block_size < n_tokens:
             block = self.pool.allocate()
             if block is None:
                 return False
@@ -363,7 +384,7 @@ class Engine:
 
     def _name_blocks(self, seq: Sequence) -> None:
         """Prefix-cache names for the blocks whose tokens are all computed."""
-        bs = self.config.block_size
+        bs = self.config.kv_block_size
         while (len(seq.hashes) + 1) * bs <= seq.num_computed:
             i = len(seq.hashes)
             h = hash((seq.hashes[-1] if seq.hashes else None, tuple(seq.tokens[i * bs : (i + 1) * bs])))
@@ -375,7 +396,7 @@ class Engine:
         """Reuse the cached blocks that start seq's tokens (leaving at least one token to compute)."""
         if not self.config.prefix_caching or seq.prompt_logprobs is not None:
             return
-        bs = self.config.block_size
+        bs = self.config.kv_block_size
         parent = None
         for i in range((len(seq.tokens) - 1) // bs):
             h = hash((parent, tuple(seq.tokens[i * bs : (i + 1) * bs])))
