@@ -109,7 +109,7 @@ def main() -> None:
         run_out = out if beta else out / "beta0"
         ppo(PPOConfig(init=str(out / "sft"), data=str(prompts), out=str(run_out), reward=f"rm:{out / 'reward'}",
                       track=JUDGE, kl_coef=beta, batch_size=64, minibatch_size=16, ppo_epochs=4, lr=5e-5,
-                      max_new_tokens=16, max_steps=args.ppo_steps, seed=args.seed, progress=False))  # fmt: skip
+                      max_tokens=16, max_steps=args.ppo_steps, seed=args.seed, progress=False))  # fmt: skip
         runs[name] = [json.loads(line) for line in (run_out / "ppo" / "log.jsonl").read_text().splitlines()]
         gt[name] = demo.ground_truth(load_model(run_out / "ppo"), eval_prompts, seed=1)
         times[name] = time.perf_counter() - t

@@ -25,17 +25,19 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gptstack.config import ConfigError, ModelConfig
-from gptstack.model import GPT
+from gptstack.config import load_config as load_config_spec
+from gptstack.model import GPT, build_model
 from gptstack.tokenizer import get_tokenizer
-from gptstack.transforms.quantize import quantized_structure
+from gptstack.transforms.quantize import GROUP_SIZE, quantize, quantized_structure
 
 FORMAT = "gptstack-checkpoint"
 VERSION = 1
@@ -300,3 +302,43 @@ def load_training_state(path: str | Path) -> dict | None:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError/RuntimeError/EOFError on bad files
         raise CheckpointError(f"{file}: cannot be loaded safely ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+@dataclass
+class InitConfig:
+    model: str  # preset name or config JSON
+    out: str  # checkpoint folder to write
+    tokenizer: str = "cl100k_base"  # cl100k_base | o200k_base | bytes | DIR
+    seed: int = 0  # initialisation seed
+    overrides: dict = field(default_factory=dict)  # ModelConfig fields to change (the CLI's --set key=value)
+
+
+def init_checkpoint(cfg: InitConfig) -> tuple[Path, int]:
+    """Write a freshly initialised model whose vocabulary fits the tokenizer: (folder, parameters)."""
+    tok = get_tokenizer(cfg.tokenizer)
+    model_cfg = load_config_spec(cfg.model, **{"vocab_size": tok.n_vocab, **cfg.overrides})
+    if model_cfg.vocab_size < tok.n_vocab:
+        raise ConfigError(f"vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tok.n_vocab}")
+    model = build_model(model_cfg, seed=cfg.seed)
+    path = save_checkpoint(model, cfg.out, step=0, tokenizer=tok, train_config={"init_seed": cfg.seed})
+    return path, sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class QuantizeConfig:
+    checkpoint: str  # checkpoint folder, run folder, or …/latest
+    out: str  # checkpoint folder to write
+    method: Literal["int8", "int4"] = "int8"  # int8 per output channel, int4 in groups
+    group_size: int = GROUP_SIZE  # int4 group size (32, 64, 128)
+
+
+def quantize_checkpoint(cfg: QuantizeConfig) -> dict:
+    """Write the checkpoint quantized (transforms/quantize.py): {"path", "bytes_before", "bytes_after"}."""
+    model = load_model(cfg.checkpoint)
+    _, meta = read_meta(cfg.checkpoint)
+    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    quantize(model, cfg.method, cfg.group_size)
+    path = save_checkpoint(
+        model, cfg.out, step=meta.get("step"), tokenizer=model.tokenizer, train_config=meta.get("train")
+    )
+    return {"path": path, "bytes_before": before, "bytes_after": (Path(path) / "model.safetensors").stat().st_size}

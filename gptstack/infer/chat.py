@@ -1,12 +1,39 @@
-"""`gptstack chat`: an interactive conversation through the chat template, streamed token by token."""
+"""`gptstack generate` and `gptstack chat`: a completion or a conversation, streamed token by token.
+
+Both sample at temperature 0.8 by default (the library's SamplingParams default is 1.0): the
+interactive defaults are the two SamplingParams instances below, which the CLI's options show.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TextIO
 
 from gptstack.infer.engine import Engine
 from gptstack.infer.sampling import SamplingParams
+
+GENERATE_SAMPLING = SamplingParams(temperature=0.8, max_tokens=64)
+CHAT_SAMPLING = replace(GENERATE_SAMPLING, max_tokens=256)
+
+
+def complete(engine: Engine, prompt: str, params: SamplingParams, out: TextIO, err: TextIO) -> int:
+    """Stream `prompt` and its completion to `out`; token log-probabilities (when params.logprobs is
+    set) and a timing line go to `err`. Returns the number of generated tokens."""
+    out.write(prompt)
+    start, n = time.perf_counter(), 0
+    for piece in engine.stream(engine.tokenizer.encode(prompt), params):
+        out.write(piece.text)
+        out.flush()
+        n += len(piece.token_ids)
+        if params.logprobs is not None:
+            for token, (lp, _) in zip(piece.token_ids, piece.logprobs, strict=True):
+                err.write(f"\n[{token} logprob {lp:.3f}]")
+    out.write("\n")
+    spec = f", {engine.acceptance_rate:.0%} of drafts accepted" if engine.config.speculative else ""
+    err.write(f"[{n} tokens in {time.perf_counter() - start:.2f} s{spec}]\n")
+    return n
 
 
 def chat(engine: Engine, params: SamplingParams, read: Callable[[], str | None], out: TextIO, system: str = "") -> list:
@@ -29,7 +56,7 @@ def chat(engine: Engine, params: SamplingParams, read: Callable[[], str | None],
             ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
             room = engine.context - len(ids)
         reply = []
-        turn = SamplingParams(**{**params.__dict__, "max_tokens": min(params.max_tokens, max(1, room))})
+        turn = replace(params, max_tokens=min(params.max_tokens, max(1, room)))
         out.write("assistant> ")
         for piece in engine.stream(ids, turn):
             reply.append(piece.text)

@@ -40,6 +40,8 @@ LOSSES = ("sigmoid", "ipo")
 
 @dataclass
 class DPOConfig(StageConfig):
+    """direct preference optimisation (sigmoid = DPO / cDPO with label smoothing, ipo)"""
+
     beta: float = 0.1
     loss: str = "sigmoid"  # sigmoid (DPO, cDPO with label_smoothing) | ipo
     label_smoothing: float = 0.0  # cDPO's ε

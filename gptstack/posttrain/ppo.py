@@ -48,9 +48,11 @@ from gptstack.train.optim import build_adamw, param_groups
 
 @dataclass
 class PPOConfig(StageConfig):
+    """PPO against a reward (model, rule or weighted sum) with a KL penalty to the starting model"""
+
     reward: str = ""  # reward spec (see reward.build_reward)
     track: str = ""  # a reward spec logged but not optimised (e.g. a ground-truth judge)
-    max_new_tokens: int = 32
+    max_tokens: int = 32
     temperature: float = 1.0
     ppo_epochs: int = 4
     minibatch_size: int = 16
@@ -225,7 +227,7 @@ class PPOTrainer:
         params = []
         for _ in prompts:
             self.sample_seed += 1
-            params.append(SamplingParams(cfg.temperature, max_tokens=cfg.max_new_tokens, seed=self.sample_seed))
+            params.append(SamplingParams(cfg.temperature, max_tokens=cfg.max_tokens, seed=self.sample_seed))
         outs = engine.generate([ids for _, ids in prompts], params)
         responses = [o.token_ids or [self.tokenizer.special_tokens["<|end|>"]] for o in outs]
         ended = torch.tensor([r[-1] in self.end_ids for r in responses], dtype=torch.float)
@@ -319,9 +321,9 @@ class PPOTrainer:
 def ppo(cfg: PPOConfig) -> dict:
     trainer = PPOTrainer(cfg)
     policy = trainer.model.policy
-    max_prompt = policy.config.block_size - cfg.max_new_tokens
+    max_prompt = policy.config.block_size - cfg.max_tokens
     if max_prompt < 1:
-        raise ValueError(f"max_new_tokens {cfg.max_new_tokens} leaves no room in a {policy.config.block_size} context")
+        raise ValueError(f"max_tokens {cfg.max_tokens} leaves no room in a {policy.config.block_size} context")
     prompts, skipped = read_prompts(cfg.data, trainer.tokenizer, max_prompt)
     if len(prompts) < cfg.batch_size:
         raise DataError(f"{cfg.data}: {len(prompts)} usable prompts, fewer than batch_size {cfg.batch_size}")

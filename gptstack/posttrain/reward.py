@@ -40,6 +40,8 @@ from gptstack.posttrain.common import (
 
 @dataclass
 class RewardConfig(StageConfig):
+    """reward model: scalar head at the last token, Bradley-Terry loss on preference pairs"""
+
     lr: float = 5e-5
 
 

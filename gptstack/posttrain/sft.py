@@ -34,6 +34,8 @@ from gptstack.posttrain.common import (
 
 @dataclass
 class SFTConfig(StageConfig):
+    """supervised fine-tuning on chat JSONL: assistant-only loss, packing without cross-document attention"""
+
     pack: bool = True  # several conversations per row, attention kept within each
     lr: float = 5e-5
 

@@ -23,11 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptstack.model import GPT
+
 from gptstack.transforms import kernels
 from gptstack.transforms.decode import replace_linears
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
+GROUP_SIZE = 64  # int4 weights per scale and minimum: the one default of every entry point
 
 
 class QuantizedLinear(nn.Module):
@@ -35,7 +37,7 @@ class QuantizedLinear(nn.Module):
     int8: qweight (out, in) int8, scales (out,); int4: qweight (in/2, out) uint8 (two codes per
     byte, see kernels.py), scales and mins (in/group, out)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, method: str, group_size: int = 64):
+    def __init__(self, in_features: int, out_features: int, bias: bool, method: str, group_size: int = GROUP_SIZE):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown quantization {method!r}; choose from {', '.join(METHODS)}")
@@ -55,7 +57,7 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, method: str, group_size: int = 64) -> QuantizedLinear:
+    def from_linear(cls, linear: nn.Linear, method: str, group_size: int = GROUP_SIZE) -> QuantizedLinear:
         w = linear.weight.detach().float()  # (out, in)
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, method, group_size)
         q.to(w.device)
@@ -111,7 +113,7 @@ def check(method: str, group_size: int) -> dict:
 
 
 @torch.no_grad()
-def quantize(model: GPT, method: str = "int8", group_size: int = 64) -> GPT:
+def quantize(model: GPT, method: str = "int8", group_size: int = GROUP_SIZE) -> GPT:
     """In place: every nn.Linear becomes a QuantizedLinear; `model.quantization` records how."""
     spec = check(method, group_size)
     model.requires_grad_(False)
@@ -123,11 +125,11 @@ def quantize(model: GPT, method: str = "int8", group_size: int = 64) -> GPT:
 
 def quantized_structure(model: GPT, spec: dict) -> GPT:
     """In place, on a meta-device model about to be loaded: the QuantizedLinear modules `spec` implies."""
-    check(spec.get("method"), spec.get("group_size", 64))
+    check(spec.get("method"), spec.get("group_size", GROUP_SIZE))
 
     def make(lin: nn.Linear, method: str = spec["method"]) -> QuantizedLinear:
         return QuantizedLinear(
-            lin.in_features, lin.out_features, lin.bias is not None, method, spec.get("group_size", 64)
+            lin.in_features, lin.out_features, lin.bias is not None, method, spec.get("group_size", GROUP_SIZE)
         )
 
     model.lm_head = make(model.lm_head, "int8")

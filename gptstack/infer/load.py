@@ -1,0 +1,49 @@
+"""Loading a checkpoint for inference: which weights, which tokenizer, which transforms.
+
+`LoadConfig` is what `generate`, `chat`, `serve` and the library share: the checkpoint, an optional
+tokenizer override, quantization on load and speculative decoding. `load_engine` turns it into an
+Engine whose linear layers take the decode layout on CPU (transforms/decode.py) unless they are
+quantized (transforms/quantize.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from gptstack.checkpoint import load_model
+from gptstack.infer.engine import Engine, EngineConfig
+from gptstack.model import GPT
+from gptstack.transforms.decode import decode_layout
+from gptstack.transforms.quantize import GROUP_SIZE, quantize
+
+
+@dataclass
+class LoadConfig:
+    checkpoint: str  # checkpoint folder, run folder, or …/latest
+    tokenizer: str | None = None  # override the checkpoint's: cl100k_base | o200k_base | bytes | DIR
+    quantize: Literal["int8", "int4"] | None = None  # quantize the weights on load
+    group_size: int = GROUP_SIZE  # int4 group size (32, 64, 128)
+    speculative: str | None = None  # 'ngram' (prompt lookup) or a draft model's checkpoint
+    device: str = "cpu"  # cpu | cuda
+
+
+def load_engine(cfg: LoadConfig, engine: EngineConfig | None = None) -> Engine:
+    """An engine over `cfg.checkpoint` (a quantized checkpoint loads as it was saved), scheduled by
+    `engine` (its `speculative` mode follows cfg.speculative)."""
+    model = load_model(cfg.checkpoint, device=cfg.device, tokenizer=cfg.tokenizer, require_tokenizer=True)
+    tok = model.tokenizer
+
+    def prepare(m: GPT) -> GPT:
+        if getattr(m, "quantization", None):
+            return m
+        if cfg.quantize:
+            return quantize(m, cfg.quantize, cfg.group_size)
+        return decode_layout(m) if cfg.device == "cpu" else m
+
+    draft, speculative = None, cfg.speculative
+    if speculative not in (None, "ngram"):
+        draft = prepare(load_model(speculative, device=cfg.device, tokenizer=tok))
+        speculative = "draft"
+    engine = replace(engine or EngineConfig(), speculative=speculative)
+    return Engine(prepare(model), engine, tokenizer=tok, draft=draft)
