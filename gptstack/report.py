@@ -1,66 +1,11 @@
-"""Human-readable reports: model summaries, and the run report (report.md sections and PNG plots)."""
+"""The run report every stage shares: report.md, one section per stage (each replaced when its stage
+runs again, the others kept), and the training-curve plot. Stage-specific sections live with their
+stage (train/report.py, posttrain/common.py, eval/); this module imports nothing from gptstack."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gptstack.config import ModelConfig, load_config
-from gptstack.model import count_params, flops_per_token, kv_cache_bytes_per_token
-
-
-def _human(n: float, unit: str = "") -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
-
-
-def model_config_of(spec: str) -> ModelConfig:
-    """A preset, a config JSON, or a checkpoint folder's config."""
-    path = Path(spec)
-    if path.is_dir() or path.name == "latest":
-        from gptstack.checkpoint import load_config as checkpoint_config
-
-        return checkpoint_config(path)
-    return load_config(spec)
-
-
-def describe_model(spec: str, context: int | None = None) -> str:
-    cfg = model_config_of(spec)
-    params = count_params(cfg)
-    flops = flops_per_token(cfg, context)
-    kv = kv_cache_bytes_per_token(cfg, 2)
-    kinds = cfg.attn_kinds
-    attn = (
-        "dense"
-        if set(kinds) == {"dense"}
-        else f"{kinds.count('local')}/{len(kinds)} layers local (band {cfg.attn_window})"
-    )
-    heads = f"{cfg.n_head} heads × {cfg.head_dim}" + (
-        f", {cfg.n_kv_head} KV heads" if cfg.n_kv_head != cfg.n_head else ""
-    )
-    ffn = f"{cfg.mlp} d_ff={cfg.d_ff}" + (f", {cfg.n_expert} experts top-{cfg.n_expert_active}" if cfg.n_expert else "")
-    rows = [
-        ("model", spec),
-        (
-            "shape",
-            f"{cfg.n_layer} layers × {cfg.n_embd} wide, {heads}, context {cfg.block_size}, vocab {cfg.vocab_size}",
-        ),
-        ("blocks", f"{'pre' if cfg.prenorm else 'post'}-LN {cfg.norm}, {cfg.pos} positions, {ffn}, attention {attn}"),
-        ("parameters", f"{params['total']:,} ({_human(params['total'])})"),
-        ("active per token", f"{params['active']:,} ({_human(params['active'])})"),
-        (
-            "FLOPs per token",
-            f"train {_human(flops['train'])} (6N + attention at context {context or cfg.block_size}), "
-            f"forward {_human(flops['forward'])}",
-        ),
-        ("KV cache per token", f"{kv:,} bytes in bf16/fp16 ({_human(kv, 'B')}), {2 * kv:,} in fp32"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-# --- the run report ----------------------------------------------------------------------------
 SECTION_START, SECTION_END = "<!-- gptstack:{name} -->", "<!-- /gptstack:{name} -->"
 
 
@@ -109,38 +54,3 @@ def plot_training(records: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def write_pretrain_report(run_dir: str | Path, summary: dict) -> Path:
-    """loss.png and the "pretrain" section of report.md, from metrics.jsonl and the run summary."""
-    from gptstack.train.loop import read_metrics
-
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    if records:
-        plot_training(records, run_dir / "loss.png")
-    cfg = ModelConfig.from_dict(summary["model"])
-    params = summary["params"]
-    val = (
-        f"{summary['val_loss']:.4f} nats/token, {summary['val_bpb']:.4f} bits/byte" if "val_loss" in summary else "n/a"
-    )
-    rows = [
-        ("model", f"{cfg.n_layer} layers × {cfg.n_embd} wide, {cfg.n_head} heads, context {cfg.block_size}, "
-                  f"vocab {cfg.vocab_size}; {params['total']:,} parameters"),
-        ("trained", f"{summary['steps']:,} steps, {summary['tokens']:,} tokens in {summary['train_seconds']:.0f} s "
-                    f"on {summary['world']} × {summary['device']} ({summary['dtype']})"),
-        ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s (median), MFU {summary['mfu']:.1%} "
-                       f"(peak: {summary['peak_source']})"),
-        ("final train loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"),
-        ("validation", val),
-        ("skipped steps", f"{summary['skipped']} (non-finite loss or gradient)"),
-        ("checkpoint", summary["checkpoint"]),
-    ]  # fmt: skip
-    lines = ["## Pretraining", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
-    if records:
-        lines += ["![training loss and learning rate](loss.png)", ""]
-    if summary["samples"]:
-        lines += ["### Samples at the end of training", ""]
-        for s in summary["samples"]:
-            lines += [f"Prompt `{s['prompt']!r}`:", "", "```", s["prompt"] + s["completion"], "```", ""]
-    return write_section(run_dir / "report.md", "pretrain", "\n".join(lines))

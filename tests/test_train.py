@@ -24,10 +24,13 @@ from gptstack import checkpoint as ckpt
 from gptstack.config import ConfigError, get_preset
 from gptstack.data.pipeline import LocalExecutor, PrepareConfig, prepare
 from gptstack.data.shards import write_token_arrays
-from gptstack.model import build_model, count_params
+from gptstack.model import GPT, build_model, count_params
 from gptstack.tokenizer import train_bpe, train_chars
 from gptstack.train import optim
-from gptstack.train.loop import TrainConfig, Trainer, TrainingError, make_config, pretrain, read_metrics
+from gptstack.train.config import TrainConfig, make_config
+from gptstack.train.loop import Trainer, TrainingError, pretrain
+from gptstack.train.metrics import read_metrics
+from gptstack.train.plan import plan_run
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ["argparse.py", "ast.py", "base64.py", "calendar.py", "csv.py", "dataclasses.py", "difflib.py",
@@ -139,17 +142,35 @@ def test_pretrain_learns_and_writes_run(shards, tmp_path):
 def test_budget_sizing(shards, tmp_path):
     t = Trainer(micro_cfg(shards, tmp_path / "a", max_steps=None, budget="chinchilla"))
     total = count_params(t.model_cfg)["total"]
-    assert t.plan["tokens"] >= 20 * total and t.plan["tokens"] - 20 * total < t.micro_tokens
+    assert t.schedule.tokens >= 20 * total and t.schedule.tokens - 20 * total < t.plan.micro_tokens
     fresh = build_model(t.model_cfg, seed=t.cfg.seed).state_dict()
     t = Trainer(micro_cfg(shards, tmp_path / "b", max_steps=None, budget="3s"))
     after = torch.get_rng_state()
-    assert t.plan["tokens"] > 0 and t.plan["steps"] >= 1
+    assert t.schedule.tokens > 0 and t.schedule.steps >= 1
     assert t.tokens == 0 and t.loader.position == 0  # the probe consumed no data,
     assert all(torch.equal(v, t.base.state_dict()[k]) for k, v in fresh.items())  # changed no weight,
     assert not t.optimizer.state  # left no AdamW state,
     assert torch.equal(after, torch.manual_seed(t.cfg.seed).get_state())  # and drew no random numbers
     with pytest.raises(ConfigError, match="chinchilla"):
         micro_cfg(shards, tmp_path / "c", budget="10 minutes")
+
+
+def test_a_run_is_planned_without_building_a_model(shards, tmp_path, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("plan_run built a model")  # counting parameters on the meta device is free
+
+    monkeypatch.setattr(GPT, "init_weights", no_weights)
+    plan = plan_run(micro_cfg(shards, tmp_path / "run", max_steps=None, batch_tokens=8 * 32), world=2)
+    assert plan.model == get_preset("tiny", vocab_size=320, **MICRO)  # bytes: 256 + 5 specials, padded to 64
+    assert (plan.seq_len, plan.micro_tokens, plan.full_accum) == (32, 2 * 4 * 32, 1)
+    total = count_params(plan.model)["total"]
+    assert plan.schedule.tokens >= 20 * total and plan.schedule.steps == -(-plan.schedule.tokens // (8 * 32))
+    assert plan.schedule.warmup == plan.schedule.tokens // 20 and plan.schedule.decay == plan.schedule.tokens
+    assert plan.tokenizer.name == "bytes" and plan.resume_from is None
+    assert plan_run(micro_cfg(shards, tmp_path / "run", max_steps=None, budget="5m")).schedule is None  # timed
+    with pytest.raises(ConfigError, match="not a multiple"):
+        plan_run(micro_cfg(shards, tmp_path / "run", batch_tokens=8 * 32), world=3)
+    assert not (tmp_path / "run").exists()
 
 
 def test_batch_ramp_and_accumulation(shards, tmp_path):
