@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from gptstack.config import ModelConfig
-from gptstack.eval.harness import Scorer, encode_pair
+from gptstack.eval.scorer import Scorer, encode_pair
 from gptstack.eval.tasks import _item_requests, load_task
 from gptstack.interop.hf import to_hf_model
 from gptstack.model import build_model

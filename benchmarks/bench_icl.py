@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gptstack.checkpoint import list_checkpoints, load_model
 from gptstack.data.shards import read_manifest, write_texts
-from gptstack.eval.harness import Scorer
+from gptstack.eval.scorer import Scorer
 from gptstack.eval.synthetic import FAMILIES, train_tokenizer, training_text, write_tasks
 from gptstack.eval.tasks import EXAMPLE_SEP, load_task, run_task, shots_prefix
 from gptstack.tokenizer import get_tokenizer

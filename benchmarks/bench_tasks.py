@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from gptstack.eval.harness import evaluate, load_scorer
+from gptstack.eval.run import run_tasks
+from gptstack.eval.scorer import load_scorer
 from gptstack.eval.tasks import resolve_task
 
 SCORED = [
@@ -30,9 +31,9 @@ def main() -> None:
     for shots in (0, 5):
         start = time.perf_counter()
         scorer.truncated = 0
-        r = evaluate(scorer, [resolve_task(t) for t in SCORED], shots, args.limit)
-        g = evaluate(scorer, [resolve_task(t) for t in GENERATED], shots, args.gen_limit,
-                     max_gen_tokens=args.max_gen_tokens)  # fmt: skip
+        r = run_tasks(scorer, [resolve_task(t) for t in SCORED], shots, args.limit)
+        g = run_tasks(scorer, [resolve_task(t) for t in GENERATED], shots, args.gen_limit,
+                      max_gen_tokens=args.max_gen_tokens)  # fmt: skip
         r["tasks"].update(g["tasks"])
         r["core"] = sum(m["centered"] for m in r["tasks"].values()) / len(r["tasks"])
         r["seconds"], r["truncated"] = time.perf_counter() - start, g["truncated_requests"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,8 @@ from gptstack.config import ModelConfig
 from gptstack.data.shards import write_token_arrays
 from gptstack.eval.calibration import plot_reliability, reliability
 from gptstack.eval.execution import pass_at_k, run_program, run_programs
-from gptstack.eval.harness import Scorer, encode_pair, evaluate, rolling_windows
+from gptstack.eval.run import run_tasks
+from gptstack.eval.scorer import Scorer, encode_pair, rolling_windows
 from gptstack.eval.tasks import (
     TaskError,
     _item_requests,
@@ -185,13 +188,13 @@ def test_few_shot_examples_are_seeded_exclude_the_item_and_do_not_depend_on_limi
 @pytest.mark.parametrize(
     "line,message",
     [
-        ("{not json", "not JSON"),
+        ("{not json", "not valid JSON"),
         ('{"query": "q", "choices": ["a", "b"], "gold": 2}', "gold 2 is not an index"),
         ('{"query": "q", "choices": ["a"], "gold": 0}', "at least two"),
         ('{"query": 3, "choices": ["a", "b"], "gold": 0}', "string 'query'"),
         ('{"context": "c", "continuation": "  "}', "empty continuation"),
         ('{"foo": 1}', "unknown record format"),
-        ("[1, 2]", "must be a JSON object"),
+        ("[1, 2]", "expected a JSON object"),
     ],
 )
 def test_malformed_task_lines_fail_with_file_and_line(tmp_path, line, message):
@@ -211,7 +214,7 @@ def test_long_prompts_are_truncated_from_the_left_and_counted(tmp_path):
     assert scorer.truncated == 1
     ll_cut, _ = scorer.loglikelihood([(ctx[-(33 - len(cont)) :], cont)])[0]  # what it was cut to
     assert ll_long == pytest.approx(ll_cut, abs=1e-5) and scorer.truncated == 1
-    results = evaluate(scorer, [small_task(tmp_path, "boolq", 3)])  # passages of hundreds of bytes
+    results = run_tasks(scorer, [small_task(tmp_path, "boolq", 3)])  # passages of hundreds of bytes
     assert results["truncated_requests"] >= 3 and results["tasks"]["boolq"]["items"] == 3
 
 
@@ -275,7 +278,7 @@ def test_contamination_splits_clean_and_dirty_items(tmp_path):
     stream = np.concatenate([np.array([*tok.encode(d), tok.eot_id]) for d in docs])
     write_token_arrays(tmp_path / "shards", tok, {"train": stream, "val": stream[:50]})
     model = build_model(ModelConfig(vocab_size=300, block_size=256, n_layer=1, n_head=2, n_embd=16), seed=0)
-    results = evaluate(Scorer(model, tok), [task], contamination=str(tmp_path / "shards"))
+    results = run_tasks(Scorer(model, tok), [task], contamination=str(tmp_path / "shards"))
     c = results["contamination"]["arc_easy"]
     assert c["dirty"] == 3 and c["clean_items"] == 37
     correct = {it["index"]: it["correct"] for it in results["items"]["arc_easy"]}
@@ -328,6 +331,17 @@ def test_cli_bad_input_gives_one_line_errors(tmp_path, capsys, monkeypatch, extr
 def test_reliability_plot_is_written(tmp_path):
     calib = reliability(np.array([0.9, 0.8, 0.3, 0.6]), np.array([1, 1, 0, 0]))
     assert plot_reliability(calib, tmp_path / "r.png").stat().st_size > 5000
+
+
+def test_eval_imports_point_down():
+    """The scorer is the floor of eval (tasks and the runner sit on it, never the reverse), and the
+    scaling fits know nothing of training (the sweep in gptstack.train.sweep uses them)."""
+    probe = (
+        "import sys, gptstack.eval.scorer, gptstack.eval.scaling\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('gptstack.eval', 'gptstack.train'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['gptstack.eval',", "'gptstack.eval.scaling',", "'gptstack.eval.scorer']"]
 
 
 def test_scaling_fits_recover_known_laws_and_extrapolate():

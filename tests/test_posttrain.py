@@ -95,7 +95,7 @@ def test_sft_learns_to_stop_and_checkpoint_loads_everywhere(sft_run):
     assert summary["eval_loss"] < 2.5  # from ln(320) = 5.8 at init
     log = [json.loads(line) for line in (root / "sft" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
-    from gptstack.eval.harness import Scorer
+    from gptstack.eval.scorer import Scorer
     from gptstack.infer.engine import load_engine
 
     engine = load_engine(root / "sft")

@@ -8,13 +8,13 @@ all called clean by construction. Items shorter than n words
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from gptstack.data.dedup import ngram_hashes, normalize, word_hashes
+from gptstack.files import iter_jsonl
 
 
 def item_text(record) -> str:
@@ -29,15 +29,8 @@ def item_text(record) -> str:
 
 
 def read_task(path: str | Path) -> list[str]:
-    path = Path(path)
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    items.append(item_text(json.loads(line)))
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{lineno}: not JSON") from None
+    """The text of each item of a JSONL task file (any JSON value per line; see item_text)."""
+    items = [item_text(row) for _, row in iter_jsonl(path, ValueError, objects=False)]
     if not items:
         raise ValueError(f"{path} has no items")
     return items

@@ -17,7 +17,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from gptstack.eval.harness import Scorer, load_scorer
+from gptstack.eval.scorer import Scorer, load_scorer
 
 
 @register_model("gptstack")

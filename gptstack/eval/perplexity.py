@@ -1,6 +1,6 @@
 """Perplexity and bits per byte of text files or of a shard folder's held-out split (GPT-2 §3.1).
 
-Each document is scored with rolling windows (harness.rolling_windows: lm-eval's
+Each document is scored with rolling windows (scorer.rolling_windows: lm-eval's
 loglikelihood_rolling, every token predicted once, the first from end-of-text). perplexity =
 exp(Σ nll / tokens); bits per byte = Σ nll / (ln 2 · UTF-8 bytes), comparable across tokenizers.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from gptstack.eval.harness import Scorer
+from gptstack.data.contamination import shard_documents
+from gptstack.eval.scorer import Scorer
 
 
 def read_documents(source: str | Path, split: str = "val") -> list[str]:
@@ -18,8 +19,6 @@ def read_documents(source: str | Path, split: str = "val") -> list[str]:
     folder (its `split` documents, split at end-of-text)."""
     source = Path(source)
     if (source / "manifest.json").is_file():
-        from gptstack.data.contamination import shard_documents
-
         docs = [d for d in shard_documents(source, (split,)) if d]
     elif source.is_dir():
         docs = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(source.rglob("*"))

@@ -1,86 +1,25 @@
-"""Predictable scaling (GPT-4 technical report §3; Kaplan et al. 2020; Hoffmann et al. 2022).
+"""Predictable scaling, the fits (GPT-4 technical report §3; Kaplan et al. 2020; Hoffmann et al. 2022).
 
-`gptstack scaling` trains a sweep of small models on one shard folder, all with the same recipe:
+The sweep that produces the losses is trained by gptstack.train.sweep (`gptstack scaling`): a ladder of
+widths at a fixed tokens-per-parameter ratio, extra runs at other ratios, and a held-out larger run
+whose loss is predicted with these fits before it is trained. This module holds what is fitted and
+reported, as pure functions of the runs' (N, D, C, loss):
 
-- a ladder of widths at a fixed tokens-per-parameter ratio r (D = r·N), giving the compute frontier
-  that `L(C) = a·C^-α + L∞` is fitted to (C = 6·N·D training FLOPs, N the matmul parameters);
-- a few extra runs of the middle widths at other ratios, so `L(N, D) = E + A/N^α + B/D^β` (Chinchilla
-  form) is identifiable (on one ray D = r·N the N and D terms cannot be told apart).
-
-It then picks a held-out model with `heldout_compute` times the compute of the largest fitted run,
-predicts its loss with both fits *before* training it, trains it, and reports the prediction errors.
-Losses are the validation loss (nats/token) on the same held-out windows for every run.
-
-Fits: L(C) by a grid over (α, L∞) with a solved in closed form, refined by Nelder-Mead on the squared
-relative error; L(N, D) by L-BFGS from a grid of starts on the Huber loss of log-loss residuals
-(Hoffmann et al., appendix D.2).
+- `L(C) = a·C^-α + L∞` on the compute frontier (C = 6·N·D training FLOPs, N the matmul parameters):
+  a grid over (α, L∞) with a solved in closed form, refined by Nelder-Mead on the squared relative
+  error;
+- `L(N, D) = E + A/N^α + B/D^β` (Chinchilla form) over all runs: L-BFGS from a grid of starts on the
+  Huber loss of log-loss residuals (Hoffmann et al., appendix D.2);
+- `predict`, and the table and plot of the fits against the held-out run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import math
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from gptstack.config import ModelConfig
-from gptstack.model import count_params
-
-
-@dataclass
-class ScalingConfig:
-    data: str = ""  # shard folder
-    out: str = "runs/scaling"
-    widths: list[int] = field(default_factory=lambda: [24, 32, 48, 64, 96])  # n_embd of the ladder
-    n_layer: int = 2
-    head_dim: int = 8
-    pos: str = "rope"  # learned positions make copying (induction) appear late and at one size only: a kink
-    context: int = 128
-    tokens_per_param: float = 10.0  # r of the ladder
-    extra_ratios: list[float] = field(default_factory=lambda: [2.5, 40.0])  # other r, at the middle widths
-    heldout_compute: float = 4.0  # × the largest fitted run's compute
-    batch_size: int = 4  # × context tokens per step: the smallest runs still take hundreds of steps
-    lr: float = 3e-3
-    eval_batches: int = 300  # × batch_size × context tokens of the val split: ~300k, so the loss is not a few files
-    seed: int = 1337
-
-    def model(self, width: int, vocab: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab, block_size=self.context, n_layer=self.n_layer, n_embd=width,
-                           n_head=max(1, width // self.head_dim), dropout=0.0, pos=self.pos)  # fmt: skip
-
-
-def sweep_plan(cfg: ScalingConfig, vocab: int) -> list[dict]:
-    """The runs: (name, width, N, D, C, role) with role ladder | extra | heldout."""
-    runs = []
-    for w in cfg.widths:
-        n = count_params(cfg.model(w, vocab))["matmul"]
-        runs.append(dict(name=f"w{w}-r{cfg.tokens_per_param:g}", width=w, N=n, D=int(cfg.tokens_per_param * n),
-                         role="ladder"))  # fmt: skip
-    middle = cfg.widths[len(cfg.widths) // 2 - 1 : len(cfg.widths) // 2 + 1]
-    for w, r in itertools.product(middle, cfg.extra_ratios):
-        n = count_params(cfg.model(w, vocab))["matmul"]
-        runs.append(dict(name=f"w{w}-r{r:g}", width=w, N=n, D=int(r * n), role="extra"))
-    c_max = max(6 * r["N"] * r["D"] for r in runs)
-    # the held-out width: the smallest multiple of head_dim whose ladder run has ≥ heldout_compute × c_max
-    w = cfg.widths[-1]
-    while True:
-        w += cfg.head_dim
-        n = count_params(cfg.model(w, vocab))["matmul"]
-        if 6 * n * cfg.tokens_per_param * n >= cfg.heldout_compute * c_max:
-            break
-    runs.append(dict(name=f"w{w}-r{cfg.tokens_per_param:g}", width=w, N=n, D=int(cfg.tokens_per_param * n),
-                     role="heldout"))  # fmt: skip
-    for r in runs:
-        r["C"] = 6.0 * r["N"] * r["D"]
-    return runs
-
-
-# ---- fits ---------------------------------------------------------------------------------------------
 
 
 def fit_power_law(C: np.ndarray, L: np.ndarray) -> dict:
@@ -142,68 +81,28 @@ def chinchilla(fit: dict, N, D):
     return fit["E"] + fit["A"] / np.asarray(N, float) ** fit["alpha"] + fit["B"] / np.asarray(D, float) ** fit["beta"]
 
 
-# ---- the sweep ----------------------------------------------------------------------------------------
+def predict(fitted: list[dict], heldout: dict) -> dict:
+    """Both fits over the `fitted` runs (the ladder for L(C), all of them for L(N, D)) and their
+    predictions of the `heldout` run's loss; the held-out run's own loss is not used."""
+    ladder = [r for r in fitted if r["role"] == "ladder"]
+    fit_compute = fit_power_law(np.array([r["C"] for r in ladder]), np.array([r["loss"] for r in ladder]))
+    fit_nd = fit_chinchilla(*(np.array([r[k] for r in fitted]) for k in ("N", "D", "loss")))
+    prediction = {
+        "compute_ratio": heldout["C"] / max(r["C"] for r in fitted),
+        "L(C)": float(power_law(fit_compute, heldout["C"])),
+        "L(N,D)": float(chinchilla(fit_nd, heldout["N"], heldout["D"])),
+    }
+    return {"fit_compute": fit_compute, "fit_chinchilla": fit_nd, "prediction": prediction}
 
 
-def train_run(cfg: ScalingConfig, run: dict, vocab: int) -> dict:
-    from gptstack.train.loop import TrainConfig, pretrain
-
-    out = Path(cfg.out) / run["name"]
-    tc = TrainConfig(
-        data=cfg.data, out=str(out), model=cfg.model(run["width"], vocab).to_dict(), batch_size=cfg.batch_size,
-        seq_len=cfg.context, max_tokens=run["D"], lr=cfg.lr, warmup_tokens=max(1, run["D"] // 20),
-        checkpoint_every=0, checkpoint_minutes=0, keep_checkpoints=1, eval_every=0, eval_batches=cfg.eval_batches,
-        sample_prompts=[], seed=cfg.seed, progress=False, tensorboard=False,
-    )  # fmt: skip
-    start = time.perf_counter()
-    summary = pretrain(tc)
-    return {**run, "loss": summary["val_loss"], "tokens": summary["tokens"], "seconds": time.perf_counter() - start}
+def score_prediction(prediction: dict, loss: float) -> None:
+    """Add the held-out run's actual loss and both relative prediction errors to `prediction`."""
+    prediction["actual"] = loss
+    prediction["error_L(C)"] = abs(prediction["L(C)"] - loss) / loss
+    prediction["error_L(N,D)"] = abs(prediction["L(N,D)"] - loss) / loss
 
 
-def run_sweep(cfg: ScalingConfig, progress: bool = True) -> dict:
-    """Train the sweep (runs already in `out`/scaling.json are reused), fit, predict, train the held-out
-    run, and write scaling.json, scaling.png and a report section."""
-    from tqdm.auto import tqdm
-
-    from gptstack.data.shards import read_manifest
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    vocab = -(-read_manifest(cfg.data)["tokenizer"]["n_vocab"] // 64) * 64
-    plan = sweep_plan(cfg, vocab)
-    state_file = out / "scaling.json"
-    done = {r["name"]: r for r in json.loads(state_file.read_text())["runs"]} if state_file.is_file() else {}
-    results: dict = {"config": dataclasses.asdict(cfg), "runs": []}
-    bar = tqdm(total=sum(r["C"] for r in plan), unit="FLOP", unit_scale=True, desc="scaling", disable=not progress)
-    for run in plan:
-        if run["role"] == "heldout":  # predict before training it
-            fitted = [r for r in results["runs"] if r["role"] != "heldout"]
-            ladder = [r for r in fitted if r["role"] == "ladder"]
-            results["fit_compute"] = fit_power_law(
-                np.array([r["C"] for r in ladder]), np.array([r["loss"] for r in ladder])
-            )
-            results["fit_chinchilla"] = fit_chinchilla(*(np.array([r[k] for r in fitted]) for k in ("N", "D", "loss")))
-            results["prediction"] = {
-                "compute_ratio": run["C"] / max(r["C"] for r in fitted),
-                "L(C)": float(power_law(results["fit_compute"], run["C"])),
-                "L(N,D)": float(chinchilla(results["fit_chinchilla"], run["N"], run["D"])),
-            }
-        r = done.get(run["name"]) or train_run(cfg, run, vocab)
-        results["runs"].append(r)
-        state_file.write_text(json.dumps(results, indent=2) + "\n")  # a killed sweep resumes from here
-        bar.update(run["C"])
-    bar.close()
-    held = results["runs"][-1]
-    p = results["prediction"]
-    p["actual"] = held["loss"]
-    p["error_L(C)"] = abs(p["L(C)"] - held["loss"]) / held["loss"]
-    p["error_L(N,D)"] = abs(p["L(N,D)"] - held["loss"]) / held["loss"]
-    state_file.write_text(json.dumps(results, indent=2) + "\n")
-    plot_scaling(results, out / "scaling.png")
-    from gptstack.report import write_section
-
-    write_section(out / "report.md", "scaling", scaling_markdown(results) + "\n\n![scaling fit](scaling.png)")
-    return results
+# ---- report -------------------------------------------------------------------------------------------
 
 
 def scaling_markdown(results: dict) -> str:

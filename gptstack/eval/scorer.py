@@ -1,9 +1,11 @@
-"""Scoring a model: the three requests every evaluation reduces to (lm-eval's interface).
+"""The floor of evaluation: scoring a model with the three requests every evaluation reduces to
+(lm-eval's interface). Tasks, perplexity and the lm-eval adapter are built on it; it imports nothing
+else of gptstack.eval.
 
-    scorer = Scorer(model, tokenizer)
-    scorer.loglikelihood([(context_ids, continuation_ids), ...])  # → [(sum log p, is_greedy), ...]
-    scorer.loglikelihood_rolling(ids)                              # → sum log p of every token
-    scorer.generate_until(prompts, stop=["\\n\\n"], max_tokens=256) # → greedy texts (inference engine)
+    scorer = Scorer(model, tokenizer)          # or load_scorer(checkpoint)
+    scorer.loglikelihood([(context_ids, continuation_ids), ...])      # → [(sum log p, is_greedy), ...]
+    scorer.loglikelihood_rolling(ids)                                  # → sum log p of every token
+    scorer.generate_until(prompts, stop=["\\n\\n"], max_gen_tokens=256) # → greedy texts (inference engine)
 
 Log-likelihood requests are sorted by length and batched by a token budget, right-padded (padding sits
 after every real token, so causal attention never sees it), and the head is computed only at the positions
@@ -16,10 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from gptstack.checkpoint import load_model
+from gptstack.infer.engine import Engine, EngineConfig
+from gptstack.infer.sampling import SamplingParams
 from gptstack.model import GPT
 
 Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
@@ -109,8 +114,7 @@ class Scorer:
         return out
 
     def _batched(self, inputs: list[list[int]], targets: list[list[int]], desc: str) -> list:
-        from tqdm.auto import tqdm
-
+        """_score over batches of at most `batch_tokens` tokens (and `max_batch` rows), in input order."""
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))  # longest first: padding is minimal
         results: list = [None] * len(inputs)
         bar = tqdm(total=len(inputs), desc=desc, unit="req", disable=not self.progress, leave=False)
@@ -156,17 +160,16 @@ class Scorer:
 
     # ---- generation --------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_tokens: int = 256) -> list:
+    def generate(self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_gen_tokens: int = 256) -> list:
         """Greedy continuations through the inference engine (continuous batching), cut at the first
-        stop string, at most `max_tokens` tokens each, so a generation that never stops is bounded.
-        Prompts longer than the context minus `max_tokens` lose tokens on the left (counted).
+        stop string, at most `max_gen_tokens` tokens each, so a generation that never stops is bounded.
+        Prompts longer than the context minus `max_gen_tokens` lose tokens on the left (counted).
         Returns engine Completions (text, token_ids, finish_reason "stop" | "length")."""
-        from gptstack.infer.engine import Engine, EngineConfig
-        from gptstack.infer.sampling import SamplingParams
-
-        if max_tokens >= self.context:
-            raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt in a {self.context}-token context")
-        room = self.context - max_tokens
+        if max_gen_tokens >= self.context:
+            raise ValueError(
+                f"max_gen_tokens {max_gen_tokens} leaves no room for a prompt in a {self.context}-token context"
+            )
+        room = self.context - max_gen_tokens
         fitted = []
         for p in prompts:
             if len(p) > room:
@@ -174,156 +177,16 @@ class Scorer:
                 p = p[-room:]
             fitted.append(list(p))
         engine = Engine(self.model, EngineConfig(max_seqs=min(32, max(1, len(fitted)))), tokenizer=self.tokenizer)
-        return engine.generate(fitted, SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=tuple(stop)))
+        return engine.generate(fitted, SamplingParams(temperature=0.0, max_tokens=max_gen_tokens, stop=tuple(stop)))
 
-    def generate_until(self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_tokens: int = 256) -> list:
+    def generate_until(
+        self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_gen_tokens: int = 256
+    ) -> list[str]:
         """The texts of generate()."""
-        return [c.text for c in self.generate(prompts, stop, max_tokens)]
-
-
-# ---- a whole evaluation --------------------------------------------------------------------------
-
-
-def evaluate(
-    scorer: Scorer, tasks: list, shots: int = 0, limit: int | None = None, seed: int = 1234,
-    contamination: str | None = None, max_gen_tokens: int = 256, exec_timeout: float = 10.0,
-) -> dict:  # fmt: skip
-    """Run `tasks` (tasks.Task) and gather the results: per task its metrics, the CORE-style centred
-    accuracy averaged over tasks, calibration over the multiple-choice answers, and with a shard folder
-    `contamination`, accuracy on the items whose 13-grams are not in its training split (GPT-3 §4)."""
-    from tqdm.auto import tqdm
-
-    from gptstack.eval.calibration import choice_probs, reliability
-    from gptstack.eval.tasks import run_task
-
-    results, items = {}, {}
-    for task in tqdm(tasks, desc="tasks", unit="task", disable=not scorer.progress):
-        r = run_task(scorer, task, shots, limit, seed, max_gen_tokens, exec_timeout)
-        results[task.name], items[task.name] = r.metrics | {"kind": r.kind, "shots": shots}, r.items
-    out: dict = {"shots": shots, "seed": seed, "tasks": results}
-    if results:
-        out["core"] = float(np.mean([m["centered"] for m in results.values()]))
-    mc = [it for t in tasks if t.kind in ("mc", "schema") for it in items[t.name]]
-    if mc:
-        probs = [choice_probs(it["logliks"]) for it in mc]
-        out["calibration"] = reliability(np.array([p.max() for p in probs]), np.array([it["correct"] for it in mc]))
-    if contamination:
-        out["contamination"] = contamination_split(contamination, tasks, items)
-    out["truncated_requests"] = scorer.truncated
-    out["items"] = items
-    return out
-
-
-def contamination_split(shards: str, tasks: list, items: dict[str, list[dict]]) -> dict:
-    from gptstack.data.contamination import contamination_report, item_text, shard_documents
-
-    report = contamination_report(shard_documents(shards), {t.name: [item_text(r) for r in t.records] for t in tasks})
-    out = {}
-    for t in tasks:
-        dirty = set(report[t.name]["dirty_items"])
-        scored = items[t.name]
-        clean = [it["correct"] for it in scored if it["index"] not in dirty]
-        out[t.name] = {
-            "ngram": report[t.name]["ngram"], "items": len(scored), "dirty": len(scored) - len(clean),
-            "acc_all": float(np.mean([it["correct"] for it in scored])) if scored else float("nan"),
-            "acc_clean": float(np.mean(clean)) if clean else float("nan"), "clean_items": len(clean),
-        }  # fmt: skip
-    return out
-
-
-def markdown(results: dict, title: str = "") -> str:
-    """The results as a markdown table (+ contamination and calibration lines when present)."""
-    lines = [f"### {title}", ""] if title else []
-    if results.get("tasks"):
-        lines += ["| task | kind | shots | items | acc | acc_norm | random | centred |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for name, m in results.get("tasks", {}).items():
-        norm = f"{m['acc_norm']:.4f}" if "acc_norm" in m else ""
-        lines.append(f"| {name} | {m['kind']} | {m['shots']} | {m['items']} | {m['acc']:.4f} | {norm} "
-                     f"| {m['random']:.4f} | {m['centered']:+.4f} |")  # fmt: skip
-    if "core" in results:
-        lines += ["", f"CORE-style centred accuracy (mean over tasks): **{results['core']:+.4f}**"]
-    if "calibration" in results:
-        c = results["calibration"]
-        lines += [f"Calibration over {c['items']:,} multiple-choice answers: ECE {c['ece']:.4f} "
-                  f"(mean confidence {c['mean_confidence']:.3f}, accuracy {c['accuracy']:.3f})"]  # fmt: skip
-    if results.get("contamination"):
-        lines += ["", "| task | n-gram | dirty | acc (all) | acc (clean) |", "|---|---:|---:|---:|---:|"]
-        for name, c in results["contamination"].items():
-            lines.append(f"| {name} | {c['ngram']} | {c['dirty']}/{c['items']} | {c['acc_all']:.4f} "
-                         f"| {c['acc_clean']:.4f} |")  # fmt: skip
-    if results.get("perplexity"):
-        lines += ["", "| text | documents | tokens | bytes | nats/token | perplexity | bits/byte |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for name, p in results["perplexity"].items():
-            lines.append(f"| {name} | {p['documents']} | {p['tokens']:,} | {p['bytes']:,} | {p['nll']:.4f} "
-                         f"| {p['perplexity']:.3f} | {p['bpb']:.4f} |")  # fmt: skip
-    if results.get("truncated_requests"):
-        lines += ["", f"{results['truncated_requests']} requests were longer than the context and lost tokens "
-                      "on the left."]  # fmt: skip
-    return "\n".join(lines)
+        return [c.text for c in self.generate(prompts, stop, max_gen_tokens)]
 
 
 def load_scorer(checkpoint: str | Path, tokenizer=None, device: str = "cpu", **kwargs) -> Scorer:
     """A Scorer over a checkpoint; `tokenizer` (a spec or Tokenizer) overrides the one it names."""
-    from gptstack.checkpoint import load_model
-
     model = load_model(checkpoint, device=device, tokenizer=tokenizer, require_tokenizer=True)
     return Scorer(model, model.tokenizer, **kwargs)
-
-
-def run_report_of(checkpoint: str | Path) -> Path | None:
-    """RUN/report.md for a checkpoint at RUN/checkpoints/step-N (or RUN itself), else None."""
-    from gptstack.checkpoint import resolve
-
-    folder = resolve(checkpoint)
-    for run in (folder.parent.parent, folder.parent, folder):
-        if (run / "checkpoints").is_dir() or (run / "report.md").is_file():
-            return run / "report.md"
-    return None
-
-
-def eval_checkpoint(
-    checkpoint: str | Path, tasks: list[str] = (), shots: int = 0, limit: int | None = None,
-    out: str | Path | None = None, tokenizer=None, texts: list[str] = (), stride: int | None = None,
-    contamination: str | None = None, calibration_plot: str | Path | None = None,
-    samples: str | Path | None = None, report: str | Path | None = None, seed: int = 1234,
-    batch_tokens: int = 8192, max_gen_tokens: int = 256, progress: bool = True,
-) -> dict:  # fmt: skip
-    """`gptstack eval`: tasks and/or perplexity on a checkpoint, written as JSON (+ per-item JSONL,
-    reliability PNG) and as a section of the run report."""
-    import json
-
-    from gptstack.eval.calibration import plot_reliability
-    from gptstack.eval.perplexity import perplexity, read_documents
-    from gptstack.eval.tasks import resolve_task
-    from gptstack.report import write_section
-
-    if not tasks and not texts:
-        raise ValueError("nothing to evaluate: give --tasks and/or --perplexity")
-    loaded = [resolve_task(t) for t in tasks]  # every task file is checked before any scoring
-    if len({t.name for t in loaded}) < len(loaded):
-        raise ValueError("two tasks have the same name")
-    scorer = load_scorer(checkpoint, tokenizer, batch_tokens=batch_tokens, progress=progress)
-    results = evaluate(scorer, loaded, shots, limit, seed, contamination, max_gen_tokens) if loaded else {}
-    if texts:
-        results["perplexity"] = {str(t): perplexity(scorer, read_documents(t), stride) for t in texts}
-    results["checkpoint"] = str(checkpoint)
-    items = results.pop("items", {})
-    if samples:
-        with open(samples, "w", encoding="utf-8") as f:
-            for name, rows in items.items():
-                for row in rows:
-                    f.write(json.dumps({"task": name, **row}) + "\n")
-    if calibration_plot and "calibration" in results:
-        plot_reliability(results["calibration"], calibration_plot)
-    if out:
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
-    report = Path(report) if report else run_report_of(checkpoint)
-    if report is not None:
-        body = "## Evaluation\n\n" + markdown(results, f"{Path(str(checkpoint)).name}, {shots}-shot")
-        if calibration_plot and "calibration" in results and Path(calibration_plot).parent == report.parent:
-            body += f"\n\n![reliability diagram]({Path(calibration_plot).name})"
-        write_section(report, f"eval-{shots}shot", body)
-        results["report"] = str(report)
-    return results

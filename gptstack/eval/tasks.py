@@ -26,7 +26,6 @@ results do not depend on --limit or on the order of evaluation), joined by blank
 from __future__ import annotations
 
 import bz2
-import json
 import os
 import random
 import re
@@ -34,6 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from gptstack.eval.execution import run_programs
+from gptstack.eval.scorer import Scorer, encode_pair
+from gptstack.files import iter_jsonl
 
 KINDS = ("mc", "schema", "lm", "math", "code")
 CODE_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
@@ -66,8 +69,7 @@ class Task:
 
 
 def _kind(rec: dict, where: str) -> str:
-    if not isinstance(rec, dict):
-        raise TaskError(f"{where}: a task line must be a JSON object, got {type(rec).__name__}")
+    """The record's kind (see KINDS), after checking the keys and types that kind needs."""
     if "choices" in rec:
         kind, need = "mc", {"choices": list, "gold": int}
         if not isinstance(rec.get("query", rec.get("context")), str):
@@ -114,6 +116,7 @@ def _hellaswag(path: Path) -> list[dict]:
 
 
 def load_task(path: str | Path, name: str | None = None) -> Task:
+    """A task file (JSONL, or HellaSwag's text layout); every line is checked before it is used."""
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"task file {path} does not exist")
@@ -121,16 +124,9 @@ def load_task(path: str | Path, name: str | None = None) -> Task:
     if path.name.endswith((".txt", ".txt.bz2")):
         return Task(name, "mc", _hellaswag(path), str(path))
     records, kinds = [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            kinds.add(_kind(rec, f"{path}:{lineno}"))
-            records.append(rec)
+    for where, rec in iter_jsonl(path, TaskError):  # a line that is not a JSON object raises, naming path:line
+        kinds.add(_kind(rec, where))
+        records.append(rec)
     if not records:
         raise TaskError(f"{path} has no items")
     if len(kinds) > 1:
@@ -249,49 +245,68 @@ def _item_requests(task: Task, rec: dict, prefix: str) -> list[tuple[str, str]]:
 
 
 def run_task(
-    scorer, task: Task, shots: int = 0, limit: int | None = None, seed: int = 1234,
+    scorer: Scorer, task: Task, shots: int = 0, limit: int | None = None, seed: int = 1234,
     max_gen_tokens: int = 256, exec_timeout: float = 10.0,
 ) -> TaskResult:  # fmt: skip
-    """Score one task with a harness.Scorer."""
-    from gptstack.eval.harness import encode_pair
-
-    tok = scorer.tokenizer
-    indices = range(min(limit, len(task.records)) if limit else len(task.records))
+    """Score the first `limit` items of one task at `shots` shots: its metrics and per-item outcomes."""
+    indices = list(range(min(limit, len(task.records)) if limit else len(task.records)))
     prefixes = [shots_prefix(task, i, shots, seed) for i in indices]
-    items: list[dict] = []
     if task.kind in ("mc", "schema", "lm"):
-        pairs = [_item_requests(task, task.records[i], p) for i, p in zip(indices, prefixes, strict=True)]
-        flat = [encode_pair(tok, c, x) for ps in pairs for c, x in ps]
-        scores = iter(scorer.loglikelihood(flat))
-        for i, ps in zip(indices, pairs, strict=True):
-            rec = task.records[i]
-            got = [next(scores) for _ in ps]
-            lls = [ll for ll, _ in got]
-            if task.kind == "lm":
-                items.append({"index": i, "loglik": lls[0], "correct": got[0][1]})
-                continue
-            pred = int(np.argmax(lls))
-            lengths = [len(c) for c in rec["choices"]] if task.kind == "mc" else [1] * len(ps)  # as lm-eval
-            pred_norm = int(np.argmax([ll / max(1, n) for ll, n in zip(lls, lengths, strict=True)]))
-            items.append({"index": i, "logliks": lls, "gold": rec["gold"], "pred": pred, "pred_norm": pred_norm,
-                          "correct": pred == rec["gold"], "correct_norm": pred_norm == rec["gold"]})  # fmt: skip
+        items = _score_choices(scorer, task, indices, prefixes)
     elif task.kind == "math":
-        prompts = [tok.encode(p + math_prompt(task.records[i])) for i, p in zip(indices, prefixes, strict=True)]
-        gens = scorer.generate(prompts, stop=MATH_STOP, max_tokens=max_gen_tokens)
-        for i, g in zip(indices, gens, strict=True):
-            got, want = extract_answer(g.text), normalize_number(task.records[i]["answer"])
-            items.append({"index": i, "generation": g.text, "tokens": len(g.token_ids), "finish": g.finish_reason,
-                          "extracted": got, "correct": got == want})  # fmt: skip
+        items = _score_math(scorer, task, indices, prefixes, max_gen_tokens)
     else:
-        from gptstack.eval.execution import run_programs
-
-        prompts = [tok.encode(p + task.records[i]["prompt"]) for i, p in zip(indices, prefixes, strict=True)]
-        gens = scorer.generate(prompts, stop=CODE_STOP, max_tokens=max_gen_tokens)
-        programs = [code_program(task.records[i], g.text) for i, g in zip(indices, gens, strict=True)]
-        for i, g, o in zip(indices, gens, run_programs(programs, timeout=exec_timeout), strict=True):
-            items.append({"index": i, "generation": g.text, "tokens": len(g.token_ids), "finish": g.finish_reason,
-                          "status": o.status, "detail": o.detail, "correct": o.passed})  # fmt: skip
+        items = _score_code(scorer, task, indices, prefixes, max_gen_tokens, exec_timeout)
     return TaskResult(task.name, task.kind, shots, task_metrics(task, items), items)
+
+
+def _score_choices(scorer: Scorer, task: Task, indices: list[int], prefixes: list[str]) -> list[dict]:
+    """mc / schema / lm items: one log-likelihood request per choice (one for lm), all batched together."""
+    pairs = [_item_requests(task, task.records[i], p) for i, p in zip(indices, prefixes, strict=True)]
+    flat = [encode_pair(scorer.tokenizer, c, x) for ps in pairs for c, x in ps]
+    scores = iter(scorer.loglikelihood(flat))
+    items: list[dict] = []
+    for i, ps in zip(indices, pairs, strict=True):
+        rec = task.records[i]
+        got = [next(scores) for _ in ps]
+        lls = [ll for ll, _ in got]
+        if task.kind == "lm":
+            items.append({"index": i, "loglik": lls[0], "correct": got[0][1]})
+            continue
+        pred = int(np.argmax(lls))
+        lengths = [len(c) for c in rec["choices"]] if task.kind == "mc" else [1] * len(ps)  # as lm-eval
+        pred_norm = int(np.argmax([ll / max(1, n) for ll, n in zip(lls, lengths, strict=True)]))
+        items.append({"index": i, "logliks": lls, "gold": rec["gold"], "pred": pred, "pred_norm": pred_norm,
+                      "correct": pred == rec["gold"], "correct_norm": pred_norm == rec["gold"]})  # fmt: skip
+    return items
+
+
+def _score_math(scorer: Scorer, task: Task, indices: list[int], prefixes: list[str], max_gen_tokens: int) -> list[dict]:
+    """GSM8K-style items: a greedy generation, its extracted number against the answer."""
+    tok = scorer.tokenizer
+    prompts = [tok.encode(p + math_prompt(task.records[i])) for i, p in zip(indices, prefixes, strict=True)]
+    gens = scorer.generate(prompts, stop=MATH_STOP, max_gen_tokens=max_gen_tokens)
+    items = []
+    for i, g in zip(indices, gens, strict=True):
+        got, want = extract_answer(g.text), normalize_number(task.records[i]["answer"])
+        items.append({"index": i, "generation": g.text, "tokens": len(g.token_ids), "finish": g.finish_reason,
+                      "extracted": got, "correct": got == want})  # fmt: skip
+    return items
+
+
+def _score_code(
+    scorer: Scorer, task: Task, indices: list[int], prefixes: list[str], max_gen_tokens: int, exec_timeout: float
+) -> list[dict]:
+    """HumanEval-style items: a greedy completion, run against the item's tests in a sandboxed process."""
+    tok = scorer.tokenizer
+    prompts = [tok.encode(p + task.records[i]["prompt"]) for i, p in zip(indices, prefixes, strict=True)]
+    gens = scorer.generate(prompts, stop=CODE_STOP, max_gen_tokens=max_gen_tokens)
+    programs = [code_program(task.records[i], g.text) for i, g in zip(indices, gens, strict=True)]
+    items = []
+    for i, g, o in zip(indices, gens, run_programs(programs, timeout=exec_timeout), strict=True):
+        items.append({"index": i, "generation": g.text, "tokens": len(g.token_ids), "finish": g.finish_reason,
+                      "status": o.status, "detail": o.detail, "correct": o.passed})  # fmt: skip
+    return items
 
 
 def task_metrics(task: Task, items: list[dict]) -> dict:

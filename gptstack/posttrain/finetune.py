@@ -30,6 +30,8 @@ from torch import Tensor, nn
 
 from gptstack.checkpoint import CheckpointError, load_heads, load_model, read_meta
 from gptstack.config import ModelConfig
+from gptstack.eval.scorer import Scorer
+from gptstack.eval.tasks import Task, TaskError, resolve_task, run_task
 from gptstack.model import GPT, build_model
 from gptstack.posttrain.common import (
     DataError,
@@ -51,6 +53,8 @@ TRANSFORMS = ("classification", "entailment", "similarity", "multiple_choice")
 
 @dataclass
 class FinetuneConfig(StageConfig):
+    """GPT-1 task fine-tuning: start/delim/extract tokens, a head on the extract token, L_task + λ·L_LM"""
+
     task: str = ""  # an eval task name or file (also accepted as --data)
     transform: str = "auto"  # auto | classification | entailment | similarity | multiple_choice
     lm_coef: float = 0.5  # λ of the auxiliary LM loss
@@ -112,8 +116,6 @@ def load_examples(cfg: FinetuneConfig) -> tuple[str, list[Example], list[str], d
     spec = cfg.task or cfg.data
     if not spec:
         raise ValueError("--task (an eval task name or file) or --data (JSONL) is required")
-    from gptstack.eval.tasks import TaskError, resolve_task
-
     skipped: dict[str, int] = {}
     path = Path(spec)
     is_user_rows = path.is_file() and path.suffix == ".jsonl" and _looks_like_user_rows(path)
@@ -259,9 +261,6 @@ def accuracy(clf: GPT1Classifier, items: list, batch: int = 16) -> float:
 
 def zero_shot(model: GPT, records: list[dict], kind: str) -> float:
     """The same model scored as `gptstack eval` would (0-shot, lm-eval's acc) on the held-out records."""
-    from gptstack.eval.harness import Scorer
-    from gptstack.eval.tasks import Task, run_task
-
     res = run_task(Scorer(model, model.tokenizer), Task("heldout", kind, records), shots=0)
     return float(res.metrics["acc"])
 
@@ -287,8 +286,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     zs = float("nan")
     spec_task = cfg.task or cfg.data
     if held and not (Path(spec_task).suffix == ".jsonl" and _looks_like_user_rows(Path(spec_task))):
-        from gptstack.eval.tasks import resolve_task
-
         task = resolve_task(spec_task)
         zs = zero_shot(model, [task.records[: cfg.limit or None][i] for i in held_idx], task.kind)
     maybe_lora(model, cfg)
