@@ -14,9 +14,9 @@ from pathlib import Path
 
 from gptstack.data.shards import write_texts
 from gptstack.data.sources import corpus_texts
-from gptstack.eval.scaling import scaling_markdown
+from gptstack.eval.scaling import ScalingConfig, scaling_markdown
 from gptstack.tokenizer import byte_tokenizer
-from gptstack.train.sweep import ScalingConfig, run_sweep
+from gptstack.train.sweep import run_sweep
 
 
 def chunks(text: str, size: int = 4000) -> list[str]:

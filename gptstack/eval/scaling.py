@@ -1,9 +1,9 @@
-"""Predictable scaling, the fits (GPT-4 technical report §3; Kaplan et al. 2020; Hoffmann et al. 2022).
+"""Predictable scaling: the experiment and its fits (GPT-4 report §3; Kaplan et al. 2020; Hoffmann et al. 2022).
 
-The sweep that produces the losses is trained by gptstack.train.sweep (`gptstack scaling`): a ladder of
-widths at a fixed tokens-per-parameter ratio, extra runs at other ratios, and a held-out larger run
-whose loss is predicted with these fits before it is trained. This module holds what is fitted and
-reported, as pure functions of the runs' (N, D, C, loss):
+The experiment: `ScalingConfig` and `sweep_plan` lay out a ladder of widths at a fixed
+tokens-per-parameter ratio, extra runs at other ratios, and a held-out larger run whose loss is
+predicted with the fits before it is trained; gptstack.train.sweep (`gptstack scaling`) trains them.
+What is fitted and reported are pure functions of the runs' (N, D, C, loss):
 
 - `L(C) = a·C^-α + L∞` on the compute frontier (C = 6·N·D training FLOPs, N the matmul parameters):
   a grid over (α, L∞) with a solved in closed form, refined by Nelder-Mead on the squared relative
@@ -17,9 +17,67 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+
+from gptstack.config import ModelConfig
+from gptstack.model import count_params
+
+
+@dataclass
+class ScalingConfig:
+    data: str  # shard folder
+    out: str = "runs/scaling"  # sweep folder (a rerun reuses finished runs)
+    widths: list[int] = field(default_factory=lambda: [24, 32, 48, 64, 96])  # n_embd of the ladder
+    n_layer: int = 2  # layers of every model
+    head_dim: int = 8  # n_head = width // head_dim
+    # learned positions make copying (induction) appear late and at one size only: a kink in the ladder
+    pos: Literal["learned", "rope"] = "rope"  # position encoding of every model
+    context: int = 128  # training window in tokens
+    tokens_per_param: float = 10.0  # D/N of the ladder and the held-out run
+    extra_ratios: list[float] = field(default_factory=lambda: [2.5, 40.0])  # other D/N, at the middle widths
+    heldout_compute: float = 4.0  # held-out compute / the largest fitted run's compute
+    batch_size: int = 4  # × context tokens per step: the smallest runs still take hundreds of steps
+    lr: float = 3e-3  # peak learning rate
+    eval_batches: int = 300  # × batch_size × context tokens of the val split: ~300k, so the loss is not a few files
+    seed: int = 1337  # initialisation and data order of every run
+    progress: bool = True  # a progress bar over the sweep's FLOPs
+
+    def model(self, width: int, vocab: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab, block_size=self.context, n_layer=self.n_layer, n_embd=width,
+                           n_head=max(1, width // self.head_dim), dropout=0.0, pos=self.pos)  # fmt: skip
+
+
+def sweep_plan(cfg: ScalingConfig, vocab: int) -> list[dict]:
+    """The runs: (name, width, N, D, C, role) with role ladder | extra | heldout."""
+    runs = []
+    for w in cfg.widths:
+        n = count_params(cfg.model(w, vocab))["matmul"]
+        runs.append(dict(name=f"w{w}-r{cfg.tokens_per_param:g}", width=w, N=n, D=int(cfg.tokens_per_param * n),
+                         role="ladder"))  # fmt: skip
+    middle = cfg.widths[len(cfg.widths) // 2 - 1 : len(cfg.widths) // 2 + 1]
+    for w, r in itertools.product(middle, cfg.extra_ratios):
+        n = count_params(cfg.model(w, vocab))["matmul"]
+        runs.append(dict(name=f"w{w}-r{r:g}", width=w, N=n, D=int(r * n), role="extra"))
+    c_max = max(6 * r["N"] * r["D"] for r in runs)
+    # the held-out width: the smallest multiple of head_dim whose ladder run has ≥ heldout_compute × c_max
+    w = cfg.widths[-1]
+    while True:
+        w += cfg.head_dim
+        n = count_params(cfg.model(w, vocab))["matmul"]
+        if 6 * n * cfg.tokens_per_param * n >= cfg.heldout_compute * c_max:
+            break
+    runs.append(dict(name=f"w{w}-r{cfg.tokens_per_param:g}", width=w, N=n, D=int(cfg.tokens_per_param * n),
+                     role="heldout"))  # fmt: skip
+    for r in runs:
+        r["C"] = 6.0 * r["N"] * r["D"]
+    return runs
+
+
+# ---- fits ---------------------------------------------------------------------------------------------
 
 
 def fit_power_law(C: np.ndarray, L: np.ndarray) -> dict:

@@ -1,5 +1,7 @@
-"""The predictable-scaling sweep (`gptstack scaling`): many small pretraining runs on one shard folder,
-all with the same recipe, and a larger held-out run predicted before it is trained (GPT-4 §3).
+"""Training the predictable-scaling sweep (`gptstack scaling`): many small pretraining runs on one
+shard folder, all with the same recipe, and a larger held-out run predicted before it is trained
+(GPT-4 §3). The design (ScalingConfig, sweep_plan) and the fits are gptstack.eval.scaling's; this
+module trains the runs, keeps the state file, and hands the losses to the fits:
 
 - a ladder of widths at a fixed tokens-per-parameter ratio r (D = r·N), giving the compute frontier
   that `L(C) = a·C^-α + L∞` is fitted to (C = 6·N·D training FLOPs, N the matmul parameters);
@@ -16,69 +18,17 @@ rerun reuses every finished run.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gptstack.config import ModelConfig
 from gptstack.data.shards import read_manifest
-from gptstack.eval.scaling import plot_scaling, predict, scaling_markdown, score_prediction
-from gptstack.model import count_params
+from gptstack.eval.scaling import ScalingConfig, plot_scaling, predict, scaling_markdown, score_prediction, sweep_plan
 from gptstack.report import write_section
-from gptstack.train.loop import TrainConfig, pretrain
-
-
-@dataclass
-class ScalingConfig:
-    data: str = ""  # shard folder
-    out: str = "runs/scaling"  # sweep folder (a rerun reuses finished runs)
-    widths: list[int] = field(default_factory=lambda: [24, 32, 48, 64, 96])  # n_embd of the ladder
-    n_layer: int = 2  # layers of every model
-    head_dim: int = 8  # n_head = width // head_dim
-    pos: str = "rope"  # learned positions make copying (induction) appear late and at one size only: a kink
-    context: int = 128  # training window in tokens
-    tokens_per_param: float = 10.0  # D/N of the ladder and the held-out run
-    extra_ratios: list[float] = field(default_factory=lambda: [2.5, 40.0])  # other D/N, at the middle widths
-    heldout_compute: float = 4.0  # held-out compute / the largest fitted run's compute
-    batch_size: int = 4  # × context tokens per step: the smallest runs still take hundreds of steps
-    lr: float = 3e-3  # peak learning rate
-    eval_batches: int = 300  # × batch_size × context tokens of the val split: ~300k, so the loss is not a few files
-    seed: int = 1337  # initialisation and data order of every run
-    progress: bool = True  # a progress bar over the sweep's FLOPs
-
-    def model(self, width: int, vocab: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab, block_size=self.context, n_layer=self.n_layer, n_embd=width,
-                           n_head=max(1, width // self.head_dim), dropout=0.0, pos=self.pos)  # fmt: skip
-
-
-def sweep_plan(cfg: ScalingConfig, vocab: int) -> list[dict]:
-    """The runs: (name, width, N, D, C, role) with role ladder | extra | heldout."""
-    runs = []
-    for w in cfg.widths:
-        n = count_params(cfg.model(w, vocab))["matmul"]
-        runs.append(dict(name=f"w{w}-r{cfg.tokens_per_param:g}", width=w, N=n, D=int(cfg.tokens_per_param * n),
-                         role="ladder"))  # fmt: skip
-    middle = cfg.widths[len(cfg.widths) // 2 - 1 : len(cfg.widths) // 2 + 1]
-    for w, r in itertools.product(middle, cfg.extra_ratios):
-        n = count_params(cfg.model(w, vocab))["matmul"]
-        runs.append(dict(name=f"w{w}-r{r:g}", width=w, N=n, D=int(r * n), role="extra"))
-    c_max = max(6 * r["N"] * r["D"] for r in runs)
-    # the held-out width: the smallest multiple of head_dim whose ladder run has ≥ heldout_compute × c_max
-    w = cfg.widths[-1]
-    while True:
-        w += cfg.head_dim
-        n = count_params(cfg.model(w, vocab))["matmul"]
-        if 6 * n * cfg.tokens_per_param * n >= cfg.heldout_compute * c_max:
-            break
-    runs.append(dict(name=f"w{w}-r{cfg.tokens_per_param:g}", width=w, N=n, D=int(cfg.tokens_per_param * n),
-                     role="heldout"))  # fmt: skip
-    for r in runs:
-        r["C"] = 6.0 * r["N"] * r["D"]
-    return runs
+from gptstack.train.config import TrainConfig
+from gptstack.train.loop import pretrain
 
 
 def train_run(cfg: ScalingConfig, run: dict, vocab: int) -> dict:
