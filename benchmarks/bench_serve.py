@@ -83,8 +83,8 @@ async def load(url: str, model: str, n: int, rate: float, prompt_len: int, out_l
 
 
 def start_server(ckpt: Path, port: int, max_seqs: int, log_dir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "gptstack.cli", "serve", str(ckpt), "--name", "m", "--port", str(port),
-           "--max-seqs", str(max_seqs), "--no-cache", "--log-dir", str(log_dir), "--max-waiting", "100000"]  # fmt: skip
+    cmd = [sys.executable, "-m", "gptstack.cli", "serve", str(ckpt), "--name", "m", "--port", str(port)]
+    cmd += ["--max-seqs", str(max_seqs), "--no-exact-cache", "--log-dir", str(log_dir), "--max-waiting", "100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:

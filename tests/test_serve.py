@@ -14,8 +14,10 @@ import pytest
 import torch
 from serve_util import LiveServer, tiny_engine, wait_until
 
-from gptstack.serve.api import ServeConfig, create_app
+from gptstack.serve.app import create_app
+from gptstack.serve.config import ModerationTrainConfig, ServeConfig
 from gptstack.serve.gateway import Limiter, RateLimited, TokenBucket, difficulty, load_keys
+from gptstack.serve.moderation import train_moderation
 
 
 @pytest.fixture(scope="module")
@@ -317,10 +319,8 @@ def _memorizer(text: str, steps: int = 300):
 
 @pytest.fixture(scope="module")
 def moderation_dir(tmp_path_factory):
-    from gptstack.cli import main
-
     out = tmp_path_factory.mktemp("moderation")
-    assert main(["moderation", "train", "--out", str(out)]) == 0
+    train_moderation(ModerationTrainConfig(out=str(out)))  # the bundled seed set
     return out
 
 

@@ -15,7 +15,8 @@ import openai
 import pytest
 from serve_util import LiveServer, free_port, tiny_engine, wait_until
 
-from gptstack.serve.api import ServeConfig, create_app
+from gptstack.serve.app import create_app
+from gptstack.serve.config import ServeConfig
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

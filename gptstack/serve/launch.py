@@ -1,10 +1,20 @@
-"""`gptstack serve`: load the checkpoints into engines and run the app under uvicorn."""
+"""`gptstack serve`: load the checkpoints into engines and run the app under uvicorn.
+
+engines = load_engines(["runs/small", "runs/large"], load=LoadConfig(checkpoint="", quantize="int8"))
+serve(engines, ServeConfig(api_keys="keys.txt"), port=8000)
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from gptstack.serve.api import ServeConfig, create_app
+import uvicorn
+
+from gptstack.infer.engine import Engine, EngineConfig
+from gptstack.infer.load import LoadConfig, load_engine
+from gptstack.serve.app import create_app
+from gptstack.serve.config import ServeConfig
 
 
 def model_name(checkpoint: str | Path) -> str:
@@ -13,10 +23,14 @@ def model_name(checkpoint: str | Path) -> str:
     return p.parent.name if p.name == "latest" or p.name.startswith("step-") else p.name
 
 
-def load_engines(checkpoints: list[str], names: list[str] | None = None, tokenizer: str | None = None,
-                 quantize: str | None = None, **engine_config) -> dict:  # fmt: skip
-    from gptstack.infer.engine import load_engine
-
+def load_engines(
+    checkpoints: list[str],
+    names: list[str] | None = None,
+    load: LoadConfig | None = None,
+    engine: EngineConfig | None = None,
+) -> dict[str, Engine]:
+    """An engine per checkpoint, by served name: the n-th of `names`, else the folder's name. `load`
+    applies to every checkpoint (its own `checkpoint` is ignored), `engine` schedules each."""
     names = names or []
     if len(names) > len(checkpoints):
         raise ValueError(f"{len(names)} --name for {len(checkpoints)} checkpoints")
@@ -25,15 +39,12 @@ def load_engines(checkpoints: list[str], names: list[str] | None = None, tokeniz
         raise ValueError(f"two models would be served under one name ({', '.join(chosen)}): give --name")
     if "auto" in chosen:
         raise ValueError("'auto' is the routing model's name; give the checkpoint another --name")
-    return {n: load_engine(c, tokenizer=tokenizer, quantize=quantize, **engine_config)
-            for n, c in zip(chosen, checkpoints, strict=True)}  # fmt: skip
+    load = load or LoadConfig(checkpoint="")
+    return {n: load_engine(replace(load, checkpoint=str(c)), engine) for n, c in zip(chosen, checkpoints, strict=True)}
 
 
-def serve(engines: dict, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    import uvicorn
-
+def serve(engines: dict[str, Engine], config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     app = create_app(engines, config)
-    print(
-        f"serving {', '.join(app.state.server.model_names())} at http://{host}:{port}/ (web chat) and /v1", flush=True
-    )
+    names = ", ".join(app.state.server.model_names())
+    print(f"serving {names} at http://{host}:{port}/ (web chat) and /v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

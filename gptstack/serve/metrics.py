@@ -1,11 +1,17 @@
 """Prometheus metrics with vLLM's names under the `gptstack:` prefix (`GET /metrics`).
 
-Each server has its own registry, so several apps (tests) can live in one process.
+Each server has its own registry, so several apps (tests) can live in one process. The engine threads
+count tokens, latencies and finished requests as they happen; the gauges (running, waiting, KV usage,
+prefix hits, preemptions) are set at scrape time from each runner's published `EngineStats`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from gptstack.serve.runner import EngineRunner, EngineStats
 
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 _TOKEN_LATENCY = (
@@ -32,45 +38,41 @@ _TOKEN_LATENCY = (
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        m = ["model_name"]
-        self.running = Gauge("gptstack:num_requests_running", "Requests in the running batch.", m, registry=r)
-        self.waiting = Gauge("gptstack:num_requests_waiting", "Requests waiting to be scheduled.", m, registry=r)
-        self.kv = Gauge("gptstack:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", m, registry=r)
-        self.prefix = Gauge(
-            "gptstack:prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens queried.",
-            m, registry=r,
-        )  # fmt: skip
-        self.preemptions = Gauge("gptstack:num_preemptions", "Preemptions since start.", m, registry=r)
-        self.ttft_h = Histogram(
-            "gptstack:time_to_first_token_seconds", "Time to first token.", m, buckets=_LATENCY, registry=r
+        model = ("model_name",)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"gptstack:{name}", doc, model, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"gptstack:{name}", doc, model, buckets=buckets, registry=r)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = model) -> Counter:
+            return Counter(f"gptstack:{name}", doc, labels, registry=r)
+
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).")
+        self.prefix = gauge(
+            "prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens queried."
         )
-        self.tpot_h = Histogram(
-            "gptstack:time_per_output_token_seconds", "Mean time per output token after the first, per request.",
-            m, buckets=_TOKEN_LATENCY, registry=r,
-        )  # fmt: skip
-        self.itl_h = Histogram(
-            "gptstack:inter_token_latency_seconds", "Time between output tokens.", m, buckets=_TOKEN_LATENCY, registry=r
+        self.preemptions = gauge("num_preemptions", "Preemptions since start.")
+        self.ttft_h = histogram("time_to_first_token_seconds", "Time to first token.", _LATENCY)
+        self.tpot_h = histogram(
+            "time_per_output_token_seconds", "Mean time per output token after the first, per request.", _TOKEN_LATENCY
         )
-        self.prompt_tokens = Counter("gptstack:prompt_tokens", "Prompt tokens processed.", m, registry=r)
-        self.generation_tokens = Counter("gptstack:generation_tokens", "Tokens generated.", m, registry=r)
-        self.success = Counter(
-            "gptstack:request_success", "Finished requests by finish reason.", [*m, "finished_reason"], registry=r
+        self.itl_h = histogram("inter_token_latency_seconds", "Time between output tokens.", _TOKEN_LATENCY)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.success = counter("request_success", "Finished requests by finish reason.", (*model, "finished_reason"))
+        self.cache_hits = counter("response_cache_hits", "Responses served from the gateway's cache.", ("cache",))
+        self.rejected = counter("requests_rejected", "Requests refused by the gateway, by reason.", ("reason",))
+        self.http = counter("http_requests", "HTTP responses by route and status.", ("route", "status"))
+        self.moderation = counter(
+            "moderation_flags",
+            "Moderation decisions by category, action and input/output.",
+            ("category", "action", "where"),
         )
-        self.cache_hits = Counter(
-            "gptstack:response_cache_hits", "Responses served from the gateway's cache.", ["cache"], registry=r
-        )
-        self.rejected = Counter(
-            "gptstack:requests_rejected", "Requests refused by the gateway, by reason.", ["reason"], registry=r
-        )
-        self.http = Counter(
-            "gptstack:http_requests", "HTTP responses by route and status.", ["route", "status"], registry=r
-        )
-        self.moderation = Counter(
-            "gptstack:moderation_flags", "Moderation decisions by category, action and input/output.",
-            ["category", "action", "where"],
-            registry=r,
-        )  # fmt: skip
-        self.routed = Counter("gptstack:auto_routed", "Requests to 'auto' by the model chosen.", m, registry=r)
+        self.routed = counter("auto_routed", "Requests to 'auto' by the model chosen.")
 
     # called from the engine threads
     def ttft(self, model: str, seconds: float) -> None:
@@ -90,15 +92,15 @@ class Metrics:
     def finished(self, model: str, reason: str | None) -> None:
         self.success.labels(model, reason or "unknown").inc()
 
-    def engine_state(self, runner) -> None:
-        e, name = runner.engine, runner.name
-        self.running.labels(name).set(len(e.running))
-        self.waiting.labels(name).set(runner.num_waiting)
-        self.kv.labels(name).set(e.kv_usage)
-        self.prefix.labels(name).set(e.prefix_hit_rate)
-        self.preemptions.labels(name).set(e.stats["preemptions"])
+    def observe(self, model: str, stats: EngineStats) -> None:
+        self.running.labels(model).set(stats.running)
+        self.waiting.labels(model).set(stats.waiting)
+        self.kv.labels(model).set(stats.kv_usage)
+        self.prefix.labels(model).set(stats.prefix_hit_rate)
+        self.preemptions.labels(model).set(stats.preemptions)
 
-    def render(self, runners) -> bytes:
+    def render(self, runners: Iterable[EngineRunner]) -> bytes:
+        """The Prometheus text, with each engine's gauges from the snapshot its thread last published."""
         for runner in runners:
-            self.engine_state(runner)
+            self.observe(runner.name, runner.stats())
         return generate_latest(self.registry)

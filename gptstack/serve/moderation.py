@@ -22,58 +22,75 @@ from pathlib import Path
 
 import numpy as np
 
+from gptstack.files import iter_jsonl
+from gptstack.serve.config import ModerationTrainConfig
+from gptstack.serve.gateway import Embedder
+
 SEED_DATA = Path(__file__).parent / "data" / "moderation_seed.jsonl"
-_OPENAI = {"S": "sexual", "H": "hate", "V": "violence", "HR": "harassment", "SH": "self-harm",
-           "S3": "sexual/minors", "H2": "hate/threatening", "V2": "violence/graphic"}  # fmt: skip
+_OPENAI = {
+    "S": "sexual",
+    "H": "hate",
+    "V": "violence",
+    "HR": "harassment",
+    "SH": "self-harm",
+    "S3": "sexual/minors",
+    "H2": "hate/threatening",
+    "V2": "violence/graphic",
+}
 _SAFE = {"", "safe", "none", "ok"}
 
 
 def read_labelled(paths: list[str | Path]) -> list[tuple[str, frozenset[str]]]:
     rows = []
     for path in paths:
-        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            text = r.get("text", r.get("prompt")) if isinstance(r, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{n}: needs a non-empty 'text' (or 'prompt')")
-            if "categories" in r:
-                cats = r["categories"]
-                if isinstance(cats, dict):
-                    cats = [c for c, v in cats.items() if v]
-                if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
-                    raise ValueError(f"{path}:{n}: 'categories' must be a list of names")
-            elif "label" in r:
-                cats = [] if str(r["label"]).lower() in _SAFE else [str(r["label"])]
-            elif any(k in r for k in _OPENAI):
-                cats = [name for k, name in _OPENAI.items() if r.get(k)]
-            else:
-                raise ValueError(f"{path}:{n}: needs 'categories', 'label' or OpenAI's S/H/V/HR/SH/S3/H2/V2 fields")
-            rows.append((text, frozenset(cats)))
+        for where, r in iter_jsonl(path, objects=False):
+            rows.append((_text(where, r), frozenset(_categories(where, r))))
     if not rows:
         raise ValueError("no labelled rows")
     return rows
 
 
+def _text(where: str, r) -> str:
+    text = r.get("text", r.get("prompt")) if isinstance(r, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: needs a non-empty 'text' (or 'prompt')")
+    return text
+
+
+def _categories(where: str, r: dict) -> list[str]:
+    """A row's unsafe categories, from any of the three formats in the module docstring."""
+    if "categories" in r:
+        cats = r["categories"]
+        if isinstance(cats, dict):
+            cats = [c for c, v in cats.items() if v]
+        if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
+            raise ValueError(f"{where}: 'categories' must be a list of names")
+        return cats
+    if "label" in r:
+        return [] if str(r["label"]).lower() in _SAFE else [str(r["label"])]
+    if any(k in r for k in _OPENAI):
+        return [name for k, name in _OPENAI.items() if r.get(k)]
+    raise ValueError(f"{where}: needs 'categories', 'label' or OpenAI's S/H/V/HR/SH/S3/H2/V2 fields")
+
+
 def _prf(pred: np.ndarray, gold: np.ndarray) -> dict:
     tp, fp, fn = int((pred & gold).sum()), int((pred & ~gold).sum()), int((~pred & gold).sum())
     p, r = tp / max(1, tp + fp), tp / max(1, tp + fn)
-    return {"precision": round(p, 3), "recall": round(r, 3), "f1": round(2 * p * r / max(1e-9, p + r), 3),
-            "support": int(gold.sum())}  # fmt: skip
+    return {
+        "precision": round(p, 3),
+        "recall": round(r, 3),
+        "f1": round(2 * p * r / max(1e-9, p + r), 3),
+        "support": int(gold.sum()),
+    }
 
 
-def train_moderation(
-    data: list[str | Path], out: str | Path, embedder, holdout: float = 0.25, seed: int = 0, policy: dict | None = None
-) -> dict:
+def train_moderation(cfg: ModerationTrainConfig, embedder: Embedder | None = None) -> dict:
     """Fit one logistic regression per category on embeddings; report held-out precision/recall per
-    category and for 'flagged' (any category); refit on all rows and write out/moderation.json."""
-    from sklearn.linear_model import LogisticRegression
+    category and for 'flagged' (any category); refit on all rows and write cfg.out/moderation.json."""
+    from sklearn.linear_model import LogisticRegression  # heavy: only when training
 
-    rows = read_labelled(data)
+    embedder = embedder or Embedder()
+    rows = read_labelled(cfg.data or [SEED_DATA])
     cats = sorted({c for _, cs in rows for c in cs})
     if not cats:
         raise ValueError("the data has no unsafe rows: nothing to learn")
@@ -82,10 +99,10 @@ def train_moderation(
     groups: dict[str, list[int]] = {}  # stratified split: the same fraction of every label set
     for i, (_, cs) in enumerate(rows):
         groups.setdefault(",".join(sorted(cs)), []).append(i)
-    rng, test_idx = random.Random(seed), []
+    rng, test_idx = random.Random(cfg.seed), []
     for idx in groups.values():
         rng.shuffle(idx)
-        test_idx += idx[: int(len(idx) * holdout)]
+        test_idx += idx[: int(len(idx) * cfg.holdout)]
     n_test = len(test_idx)
     test = np.array(sorted(test_idx), dtype=int)
     train = np.array(sorted(set(range(len(rows))) - set(test_idx)), dtype=int)
@@ -115,11 +132,11 @@ def train_moderation(
         "weights": W.round(6).tolist(),
         "bias": b.round(6).tolist(),
         "thresholds": dict.fromkeys(cats, 0.5),
-        "policy": {c: (policy or {}).get(c, "block") for c in cats},
+        "policy": {c: cfg.policy.get(c, "block") for c in cats},
         "held_out": metrics,
         "rows": len(rows),
     }
-    out = Path(out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "moderation.json").write_text(json.dumps(spec, indent=1))
     return spec
@@ -172,13 +189,14 @@ class Moderator:
         return out
 
 
-def parse_policy(spec: str | None) -> dict[str, str]:
-    """'violence=block,harassment=flag' → dict."""
-    policy = {}
-    for part in (spec or "").split(","):
-        if part.strip():
-            c, sep, a = part.partition("=")
-            if not sep:
-                raise ValueError(f"--moderation-policy: expected CATEGORY=block|flag|off, got {part!r}")
-            policy[c.strip()] = a.strip()
-    return policy
+def format_report(spec: dict) -> str:
+    """What training found, for the terminal: the rows and categories, and the held-out table."""
+    lines = [f"trained on {spec['rows']} rows, categories: {', '.join(spec['categories'])}"]
+    m = spec["held_out"]
+    if m:
+        lines += [f"held out ({m['held_out_rows']} rows):", "| category | precision | recall | F1 | support |"]
+        lines.append("|---|---:|---:|---:|---:|")
+        for c in [*spec["categories"], "flagged"]:
+            r = m[c]
+            lines.append(f"| {c} | {r['precision']:.2f} | {r['recall']:.2f} | {r['f1']:.2f} | {r['support']} |")
+    return "\n".join(lines)

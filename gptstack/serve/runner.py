@@ -6,9 +6,17 @@ through a command inbox and their outputs go back to per-request asyncio queues.
     async for out in runner.generate(prompt_ids, SamplingParams(max_tokens=32)):   # ValueError: bad request
         ...                    # leaving the loop early (client gone) aborts the request, freeing its blocks
 
-The event loop never waits for a model step: `generate` posts ("add", …) to the inbox and awaits a
-future the engine thread resolves, so validation errors (prompt over the context, …) come back as
-ValueError before any output; `QueueFull` when `max_waiting` requests already wait.
+The runner is the only holder of its Engine. What the server may know about the model it exposes as
+plain values fixed at construction (`tokenizer`, `context`, `vocab_size`, `n_params`), plus `check`,
+the engine's own validation of a request (it reads only the engine's fixed configuration).
+
+Two threads, and what each touches:
+- the event loop posts ("add", …) and ("abort", …) to the inbox and awaits a future the engine thread
+  resolves, so validation errors (prompt over the context, …) come back as ValueError before any output;
+  `QueueFull` when `max_waiting` requests already wait. It never reads the engine's queues: the load it
+  sees is `stats()`, a frozen snapshot.
+- the engine thread drains the inbox, steps the engine, puts outputs on the requests' queues with
+  `call_soon_threadsafe`, and publishes a new `EngineStats` snapshot after the commands and after each step.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from gptstack.infer.engine import Engine, RequestOutput
 from gptstack.infer.sampling import SamplingParams
@@ -27,6 +35,17 @@ from gptstack.infer.sampling import SamplingParams
 
 class QueueFull(Exception):
     """The model's waiting queue is full (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's load as the engine thread last published it (what /metrics shows)."""
+
+    running: int = 0  # sequences in the running batch
+    waiting: int = 0  # requests waiting to be scheduled (stats(): also those not yet handed to the engine)
+    kv_usage: float = 0.0  # fraction of KV blocks held by sequences
+    prefix_hit_rate: float = 0.0  # prompt tokens served from the prefix cache / prompt tokens queried
+    preemptions: int = 0  # since start
 
 
 @dataclass
@@ -37,19 +56,25 @@ class _Pending:
     first: float | None = None
     last: float | None = None
     n_out: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class EngineRunner:
     def __init__(self, engine: Engine, name: str, metrics=None, max_waiting: int = 256):
         self.engine, self.name, self.metrics, self.max_waiting = engine, name, metrics, max_waiting
-        self.inbox: deque = deque()
+        self.tokenizer = engine.tokenizer
+        self.context = engine.context  # tokens: prompt + output
+        self.vocab_size = engine.vocab_size  # prompt token ids lie in [0, vocab_size)
+        self.n_params = sum(p.numel() for p in engine.model.parameters())
+        self.inbox: deque = deque()  # event loop → engine thread
         self.wake = threading.Event()
         self.pending: dict[str, _Pending] = {}
         self.ids = itertools.count()
         self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self.stopping = False
         self.error: BaseException | None = None
+        self._submitting = 0  # adds posted and not yet answered (owned by the event loop)
+        self._stats = EngineStats()
+        self._publish()
 
     # ---- asyncio side ----------------------------------------------------------------------------
 
@@ -62,13 +87,22 @@ class EngineRunner:
         self.wake.set()
         self.thread.join(timeout=10)
 
+    def stats(self) -> EngineStats:
+        """The last published snapshot; `waiting` also counts requests still on their way in."""
+        snapshot = self._stats
+        return replace(snapshot, waiting=snapshot.waiting + self._submitting)
+
     @property
     def num_waiting(self) -> int:
-        return len(self.engine.waiting) + sum(1 for c in list(self.inbox) if c[0] == "add")
+        return self.stats().waiting
 
     @property
     def num_running(self) -> int:
-        return len(self.engine.running)
+        return self._stats.running
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """ValueError (ContextLengthExceeded for the context) if the engine would refuse the request."""
+        self.engine.check_request(prompt, params)
 
     async def submit(self, prompt: list[int], params: SamplingParams) -> Stream:
         """Queue a request; returns once the engine accepted it (ValueError if it refuses, QueueFull
@@ -82,12 +116,15 @@ class EngineRunner:
         added = loop.create_future()
         self.pending[rid] = _Pending(loop, asyncio.Queue(), time.perf_counter())
         queue = self.pending[rid].queue
+        self._submitting += 1
         self._post(("add", rid, prompt, params, added))
         try:
             await added
         except asyncio.CancelledError:
             self._post(("abort", rid))
             raise
+        finally:
+            self._submitting -= 1
         return Stream(self, rid, queue)
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -114,10 +151,10 @@ class EngineRunner:
                     self.wake.clear()
                     continue
                 outputs = self.engine.step()
+                self._publish()
                 now = time.perf_counter()
                 for out in outputs:
                     self._deliver(out, now)
-                self._observe()
         except BaseException as e:  # a bug in a step: fail every request instead of hanging them
             self.error = e
             for p in list(self.pending.values()):
@@ -125,23 +162,40 @@ class EngineRunner:
             raise
 
     def _commands(self) -> None:
+        """Apply the inbox, then publish the new load before answering the adds: an accepted request
+        is always in `stats().waiting`, as published or as an add in flight."""
+        if not self.inbox:
+            return
+        answers = []
         while self.inbox:
             command = self.inbox.popleft()
             if command[0] == "add":
-                _, rid, prompt, params, fut = command
-                pending = self.pending[rid]
-                try:
-                    self.engine.add_request(prompt, params, request_id=rid)
-                except ValueError as e:
-                    self.pending.pop(rid, None)
-                    pending.loop.call_soon_threadsafe(_resolve, fut, e)
-                else:
-                    pending.loop.call_soon_threadsafe(_resolve, fut, None)
+                answers.append(self._add(*command[1:]))
             else:
-                rid = command[1]
-                if self.engine.abort(rid) and self.metrics is not None:
-                    self.metrics.finished(self.name, "abort")
-                self.pending.pop(rid, None)
+                self._abort(command[1])
+        self._publish()
+        for loop, fut, error in answers:
+            loop.call_soon_threadsafe(_resolve, fut, error)
+
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, fut: asyncio.Future):
+        pending = self.pending[rid]
+        try:
+            self.engine.add_request(prompt, params, request_id=rid)
+        except ValueError as e:
+            self.pending.pop(rid, None)
+            return pending.loop, fut, e
+        return pending.loop, fut, None
+
+    def _abort(self, rid: str) -> None:
+        if self.engine.abort(rid) and self.metrics is not None:
+            self.metrics.finished(self.name, "abort")
+        self.pending.pop(rid, None)
+
+    def _publish(self) -> None:
+        e = self.engine
+        self._stats = EngineStats(
+            len(e.running), len(e.waiting), e.kv_usage, e.prefix_hit_rate, e.stats["preemptions"]
+        )  # one reference assignment: readers see the old snapshot or the new one, never a mix
 
     def _deliver(self, out: RequestOutput, now: float) -> None:
         p = self.pending.get(out.request_id)
@@ -164,10 +218,6 @@ class EngineRunner:
                     self.metrics.tpot(self.name, (p.last - p.first) / (p.n_out - 1))
                 self.metrics.finished(self.name, out.finish_reason)
         p.loop.call_soon_threadsafe(p.queue.put_nowait, out)
-
-    def _observe(self) -> None:
-        if self.metrics is not None:
-            self.metrics.engine_state(self)
 
 
 class Stream:
@@ -198,6 +248,33 @@ class Stream:
     def __del__(self):
         if not self.finished:
             self.runner._post(("abort", self.request_id))
+
+
+async def merge(streams: list[Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with their index; closing it aborts the rest."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: Stream):
+        try:
+            async for out in s:
+                await queue.put((i, out))
+        except Exception as e:
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    left = len(streams)
+    try:
+        while left:
+            i, out = await queue.get()
+            if isinstance(out, Exception):
+                raise out
+            left -= out.finished
+            yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.close()
 
 
 def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:

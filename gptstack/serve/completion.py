@@ -1,0 +1,483 @@
+"""One completion request, from a validated body to its answer (vLLM's serving_completion and
+serving_chat): the request is a `Completion`, each of its samples a `Choice`, and what differs between
+the two endpoints' responses a renderer.
+
+    choices, texts = text_choices(body, prompts, runner)   # chat: chat_choices(body, prompt_ids, runner)
+    completion = Completion(server, runner, TextRenderer(runner.tokenizer), body, choices, record, key)
+    return await completion.respond(request, server.cache.key(name, body.model_dump(exclude_none=True)))
+
+A Completion's life:
+1. a cached answer, if the cache has one, served under a new id (JSON or a replayed stream);
+2. the rate-limit budget taken up front: prompt tokens + every choice's max_tokens (429 when the key
+   has none left);
+3. one engine request per Choice, that is per (prompt, sample of n) (503 when the queue is full);
+4. the outputs, gathered into one JSON answer or sent as server-sent events as they come. Each choice's
+   text is moderated every `moderation_every` characters and at the end; a blocked choice ends with
+   finish_reason "content_filter" (withheld whole from a JSON answer, cut at the check in a stream);
+5. at the end, or when the client goes away (status 499): the unused budget goes back, the usage line
+   is written, the response is kept for feedback and, when the request is deterministic, cached.
+
+Renderers: `TextRenderer` (/v1/completions: `text`, echo, log-probabilities as tokens / token_logprobs /
+top_logprobs / text_offset) and `ChatRenderer` (/v1/chat/completions: `message`, streamed `delta`s,
+log-probabilities as `content` entries with bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from gptstack.infer.engine import RequestOutput
+from gptstack.infer.sampling import SamplingParams
+from gptstack.serve.cache import CacheHit, CacheKey
+from gptstack.serve.gateway import ApiKey
+from gptstack.serve.protocol import ChatRequest, CompletionRequest
+from gptstack.serve.runner import EngineRunner, QueueFull, Stream, merge
+from gptstack.serve.server import APIError, Server, refused
+from gptstack.tokenizer import Tokenizer
+
+TokenLogprob = tuple[float, list[tuple[int, float]]]  # (log-probability, [(token, log-probability)] top alternatives)
+
+
+@dataclass
+class Choice:
+    """One sample of one prompt: what it asks the engine for, and what it has produced so far."""
+
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    echo: str | None = None  # completions with echo: the prompt's text, shown before the output
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # echo + logprobs: per prompt token (None first)
+    finish_reason: str | None = None
+    checked: int = 0  # len(text) at the last output moderation
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs
+        if out.finished:
+            self.finish_reason, self.prompt_logprobs = out.finish_reason, out.prompt_logprobs
+
+
+def token_str(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
+    """A token as OpenAI shows it: its text, or 'bytes:\\xNN…' when it is not whole UTF-8."""
+    raw = tokenizer.decode_bytes([token])
+    try:
+        return raw.decode("utf-8"), list(raw)
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+
+# ---- the two response formats ------------------------------------------------------------------------------
+
+
+class TextRenderer:
+    """/v1/completions: choices carry `text`; a streamed piece has the same shape as a choice."""
+
+    endpoint, prefix, object, chunk_object = "completion", "cmpl-", "text_completion", "text_completion"
+    prompt_param = "prompt"
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def logprobs(self, entries: list[TokenLogprob], token_ids: list[int]) -> dict:
+        tokens, lps, tops = [], [], []
+        for t, (lp, top) in zip(token_ids, entries, strict=True):
+            tokens.append(token_str(self.tokenizer, t)[0])
+            lps.append(lp)
+            tops.append({token_str(self.tokenizer, a)[0]: alp for a, alp in top})
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops}
+
+    def final_logprobs(self, c: Choice) -> dict | None:
+        """The whole answer's log-probabilities: an echoed prompt's first, then character offsets."""
+        if c.params.logprobs is None:
+            return None
+        lp = self.logprobs(c.logprobs, c.token_ids)
+        if c.echo is not None and c.prompt_logprobs is not None:
+            prompt = self.logprobs([e or (None, []) for e in c.prompt_logprobs], c.prompt)
+            tops = zip(c.prompt_logprobs, prompt["top_logprobs"], strict=True)
+            prompt["top_logprobs"] = [None if e is None else top for e, top in tops]  # the first token has none
+            lp = {k: prompt[k] + lp[k] for k in lp}
+        offsets, at = [], 0
+        for t in lp["tokens"]:
+            offsets.append(at)
+            at += 0 if t.startswith("bytes:") else len(t)
+        return {**lp, "text_offset": offsets}
+
+    def choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def final(self, c: Choice) -> dict:
+        return self.choice(c.index, (c.echo or "") + c.text, self.final_logprobs(c), c.finish_reason)
+
+    def delta(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        return self.choice(index, text, logprobs, finish_reason)
+
+    def first(self, index: int, content: str) -> dict:
+        """The opening piece of a streamed choice: an echo, or a cached answer's text."""
+        return self.delta(index, content, None, None)
+
+    def opening(self, choices: list[Choice]) -> list[list[dict]]:
+        """The chunks a live stream starts with: each echo."""
+        return [[self.first(c.index, c.echo)] for c in choices if c.echo]
+
+    def content(self, choice: dict) -> str:
+        return choice["text"]
+
+
+class ChatRenderer:
+    """/v1/chat/completions: choices carry the assistant `message`; a stream sends `delta`s."""
+
+    endpoint, prefix, object, chunk_object = "chat", "chatcmpl-", "chat.completion", "chat.completion.chunk"
+    prompt_param = "messages"
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def logprobs(self, entries: list[TokenLogprob], token_ids: list[int]) -> dict:
+        content = []
+        for t, (lp, top) in zip(token_ids, entries, strict=True):
+            entry = self._token(t, lp)
+            entry["top_logprobs"] = [self._token(a, alp) for a, alp in top]
+            content.append(entry)
+        return {"content": content, "refusal": None}
+
+    def _token(self, token: int, logprob: float) -> dict:
+        text, raw = token_str(self.tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    def choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        message = {"role": "assistant", "content": text, "refusal": None}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def final(self, c: Choice) -> dict:
+        logprobs = None if c.params.logprobs is None else self.logprobs(c.logprobs, c.token_ids)
+        return self.choice(c.index, c.text, logprobs, c.finish_reason)
+
+    def delta(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        delta = {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def first(self, index: int, content: str) -> dict:
+        """The opening piece of a streamed choice: the role (and a cached answer's text)."""
+        delta = {"role": "assistant", "content": content}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+
+    def opening(self, choices: list[Choice]) -> list[list[dict]]:
+        """The chunks a live stream starts with: one carrying every choice's role."""
+        return [[self.first(c.index, "") for c in choices]]
+
+    def content(self, choice: dict) -> str:
+        return choice["message"]["content"]
+
+
+Renderer = TextRenderer | ChatRenderer
+
+
+# ---- from a request body to choices --------------------------------------------------------------------
+
+
+def text_prompts(body: CompletionRequest) -> list[str | list[int]]:
+    """A completion request's prompts: from a string, a list of strings, token ids, or lists of ids."""
+    p = body.prompt
+    prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+    if not prompts:
+        raise APIError(400, "prompt must not be an empty list", param="prompt")
+    return prompts
+
+
+def chat_messages(body: ChatRequest) -> list[dict[str, str]]:
+    """The messages as the chat template takes them (developer → system, text parts joined)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+
+
+def sampling_params(
+    body: CompletionRequest | ChatRequest, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+) -> list[SamplingParams]:
+    """body.n SamplingParams from the body's sampling fields; sample j has seed `seed + j`."""
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    fields = dict(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        max_tokens=max_tokens,
+        stop=tuple(s for s in stop if s),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+    return [SamplingParams(seed=None if body.seed is None else body.seed + j, **fields) for j in range(body.n)]
+
+
+def checked(runner: EngineRunner, prompt: list[int], params: SamplingParams, prompt_param: str) -> None:
+    """400 (context_length_exceeded for the context) when the engine would refuse the request."""
+    try:
+        runner.check(prompt, params)
+    except ValueError as e:
+        raise refused(e, prompt_param) from None
+
+
+def text_choices(
+    body: CompletionRequest, prompts: list[str | list[int]], runner: EngineRunner
+) -> tuple[list[Choice], list[str]]:
+    """n Choices per prompt, and the prompts as text. max_tokens 0 with echo asks for the prompt's
+    log-probabilities only: the engine generates one token, which the answer drops."""
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens 0 needs echo (prompt log-probabilities only)", param="max_tokens")
+    tok = runner.tokenizer
+    choices, texts = [], []
+    for p in prompts:
+        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        max_tokens = 1 if body.max_tokens == 0 else body.max_tokens or max(1, runner.context - len(ids))
+        samples = sampling_params(body, max_tokens, body.logprobs, body.logprobs if body.echo else None)
+        checked(runner, ids, samples[0], "prompt")
+        texts.append(p if isinstance(p, str) else tok.decode(ids))
+        echo = texts[-1] if body.echo else None
+        choices += [Choice(len(choices) + j, ids, params, echo) for j, params in enumerate(samples)]
+    return choices, texts
+
+
+def chat_choices(body: ChatRequest, prompt: list[int], runner: EngineRunner) -> list[Choice]:
+    """n Choices of the templated conversation; max_tokens defaults to the rest of the context."""
+    max_tokens = body.max_completion_tokens or body.max_tokens or max(1, runner.context - len(prompt))
+    samples = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    checked(runner, prompt, samples[0], "messages")
+    return [Choice(j, prompt, params) for j, params in enumerate(samples)]
+
+
+# ---- one request ----------------------------------------------------------------------------------------
+
+
+def sse(event: dict) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+class Completion:
+    """One request's life (module docstring). `record`: what feedback stores with the answer (the
+    endpoint, the prompt or messages, the input's moderation flags)."""
+
+    def __init__(
+        self,
+        server: Server,
+        runner: EngineRunner,
+        renderer: Renderer,
+        body: CompletionRequest | ChatRequest,
+        choices: list[Choice],
+        record: dict,
+        key: ApiKey | None = None,
+        route_score: float | None = None,
+    ):
+        self.server, self.runner, self.renderer, self.body = server, runner, renderer, body
+        self.choices, self.record, self.key, self.route_score = choices, record, key, route_score
+        self.id = renderer.prefix + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.prompt_tokens = sum(len(c.prompt) for c in choices[:: body.n])  # each prompt once, not per sample
+        self.budget = self.prompt_tokens + sum(c.params.max_tokens for c in choices)
+        self.echo_only = body.max_tokens == 0  # only completions accept 0 (text_choices)
+        self.flagged: list[str] = []  # output moderation's categories
+        self.cache_key: CacheKey | None = None
+        self.start = time.perf_counter()
+        self.headers = {"x-request-id": self.id}
+        if route_score is not None:
+            self.headers["x-gptstack-routed-to"] = runner.name
+
+    async def respond(self, request: Request, cache_key: CacheKey | None) -> Response:
+        if cache_key is not None and (hit := await self.server.cache.get(cache_key)) is not None:
+            return self._replay(hit)
+        self.cache_key = cache_key
+        self.server.admit(self.key, self.budget)
+        self.start = time.perf_counter()
+        streams = await self._submit()
+        if self.body.stream:
+            return StreamingResponse(self._events(streams), media_type="text/event-stream", headers=self.headers)
+        return await self._answer(request, streams)
+
+    async def _submit(self) -> list[Stream]:
+        streams: list[Stream] = []
+        try:
+            for c in self.choices:
+                streams.append(await self.runner.submit(c.prompt, c.params))
+        except (QueueFull, ValueError) as e:
+            for s in streams:
+                s.close()
+            self.server.limiter.refund(self.key, self.budget)
+            if isinstance(e, QueueFull):
+                raise APIError(503, str(e), "server_error", code="queue_full", reason="queue_full") from None
+            raise refused(e, self.renderer.prompt_param) from None
+        return streams
+
+    def _take(self, i: int, out: RequestOutput) -> RequestOutput:
+        """Add an output to choice i; an echo-only request drops the token generated."""
+        if self.echo_only:
+            out = replace(out, text="", token_ids=[], logprobs=[], finish_reason="length" if out.finished else None)
+        self.choices[i].add(out)
+        return out
+
+    async def _blocked(self, c: Choice, final: bool) -> bool:
+        """Moderate c's text (each `moderation_every` new characters, and at the end): True when it must
+        stop. The embedding runs off the event loop."""
+        server = self.server
+        if server.moderator is None or (not final and len(c.text) - c.checked < server.config.moderation_every):
+            return False
+        c.checked = len(c.text)
+        if not c.text.strip():
+            return False
+        verdict = (await asyncio.to_thread(server.moderate, [c.text], "output"))[0]
+        self.flagged.extend(verdict.hits())
+        return verdict.action == "block"
+
+    def _finish(self, status: int) -> dict:
+        """Give back the unused budget, write the usage line, keep the answer for feedback; the usage."""
+        n_out = sum(len(c.token_ids) for c in self.choices)
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n_out}
+        usage["total_tokens"] = self.prompt_tokens + n_out
+        self.server.limiter.refund(self.key, self.budget - usage["total_tokens"])
+        self.server.usage.write(
+            {
+                "id": self.id,
+                "key": self.key.fingerprint if self.key else None,
+                "endpoint": self.renderer.endpoint,
+                "model": self.runner.name,
+                "requested_model": self.body.model,
+                "route_score": self.route_score,
+                "status": status,
+                "finish_reasons": [c.finish_reason for c in self.choices],
+                "latency_s": round(time.perf_counter() - self.start, 4),
+                **usage,
+                "moderation_flags": sorted(set(self.record.get("input_flags", []) + self.flagged)),
+                "cache": None,
+            }
+        )
+        answer = {**self.record, "model": self.runner.name, "response": [c.text for c in self.choices]}
+        self.server.remember(self.id, answer)
+        return usage
+
+    async def _store(self, response: dict) -> None:
+        if self.cache_key is not None:
+            await self.server.cache.put(self.cache_key, response)
+
+    def _response(self, choices: list[dict], usage: dict) -> dict:
+        head = {"id": self.id, "object": self.renderer.object, "created": self.created, "model": self.runner.name}
+        return {**head, "choices": choices, "usage": usage}
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        chunk = {"id": self.id, "object": self.renderer.chunk_object, "created": self.created}
+        chunk |= {"model": self.runner.name, "choices": choices, "system_fingerprint": "gptstack"}
+        return sse(chunk if usage is None else {**chunk, "usage": usage})
+
+    @property
+    def _include_usage(self) -> bool:
+        return bool(self.body.stream_options and self.body.stream_options.include_usage)
+
+    # ---- a JSON answer -------------------------------------------------------------------------------
+
+    async def _answer(self, request: Request, streams: list[Stream]) -> Response:
+        if not await self._gather(request, streams):
+            self._finish(499)
+            return Response(status_code=499)
+        for c in self.choices:
+            if await self._blocked(c, final=True):
+                c.text, c.finish_reason = "", "content_filter"
+        choices = [self.renderer.final(c) for c in self.choices]
+        response = self._response(choices, self._finish(200)) | {"system_fingerprint": "gptstack"}
+        await self._store(response)
+        return JSONResponse(response, headers=self.headers)
+
+    async def _gather(self, request: Request, streams: list[Stream]) -> bool:
+        """Every output into its Choice; False when the client went away first (checked every second)."""
+        merged = merge(streams)
+        try:
+            pending = None
+            while True:
+                pending = pending or asyncio.ensure_future(merged.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=1.0)
+                if not done:
+                    if await request.is_disconnected():
+                        pending.cancel()
+                        return False
+                    continue
+                try:
+                    i, out = pending.result()
+                except StopAsyncIteration:
+                    return True
+                pending = None
+                self._take(i, out)
+        finally:
+            await merged.aclose()
+
+    # ---- a stream -------------------------------------------------------------------------------------
+
+    async def _events(self, streams: list[Stream]) -> AsyncIterator[str]:
+        status, merged = 499, merge(streams)
+        try:
+            for pieces in self.renderer.opening(self.choices):
+                yield self._chunk(pieces)
+            async for i, out in merged:
+                if self.choices[i].finish_reason is not None:
+                    continue  # stopped by moderation; its abort is on the way
+                piece = await self._piece(self.choices[i], self._take(i, out), streams[i])
+                if piece is not None:
+                    yield self._chunk([piece])
+                if all(c.finish_reason is not None for c in self.choices):
+                    break
+            status = 200
+            usage = self._finish(200)
+            if self._include_usage:
+                yield self._chunk([], usage)
+            choices = [self.renderer.choice(c.index, c.text, None, c.finish_reason) for c in self.choices]
+            await self._store(self._response(choices, usage))
+            yield "data: [DONE]\n\n"
+        finally:
+            await merged.aclose()
+            if status != 200:
+                self._finish(status)
+
+    async def _piece(self, c: Choice, out: RequestOutput, stream: Stream) -> dict | None:
+        """The streamed piece of choice c for one output (None when there is nothing to send)."""
+        text = out.text
+        if await self._blocked(c, final=out.finished):
+            stream.close()
+            text, c.finish_reason = "", "content_filter"
+        lp = None
+        if c.params.logprobs is not None and out.token_ids:
+            lp = self.renderer.logprobs(out.logprobs, out.token_ids)
+        if text or lp or c.finish_reason:
+            return self.renderer.delta(c.index, text, lp, c.finish_reason)
+        return None
+
+    # ---- a cached answer ------------------------------------------------------------------------------
+
+    def _replay(self, hit: CacheHit) -> Response:
+        """A cached answer under this request's id, as JSON or as a stream."""
+        self.server.metrics.cache_hits.labels(hit.kind).inc()
+        response = {**hit.payload, "id": self.id, "created": self.created}
+        usage = {"endpoint": self.renderer.endpoint, "model": response["model"], "requested_model": self.body.model}
+        self.server.usage.write({"id": self.id, **usage, "status": 200, "cache": hit.kind, **response["usage"]})
+        headers = {"x-gptstack-cache": hit.kind, "x-request-id": self.id}
+        if hit.similarity is not None:
+            headers["x-gptstack-similarity"] = f"{hit.similarity:.4f}"
+        if not self.body.stream:
+            return JSONResponse(response, headers=headers)
+        return StreamingResponse(self._replayed(response), media_type="text/event-stream", headers=headers)
+
+    async def _replayed(self, response: dict) -> AsyncIterator[str]:
+        for c in response["choices"]:
+            yield self._chunk([self.renderer.first(c["index"], self.renderer.content(c))])
+            yield self._chunk([self.renderer.delta(c["index"], "", None, c["finish_reason"])])
+        if self._include_usage:
+            yield self._chunk([], response["usage"])
+        yield "data: [DONE]\n\n"
