@@ -4,20 +4,24 @@ shards and manifest, determinism across executors, the loader, contamination."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import random
 import string
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import shared_file
 
+from gptstack.data.audit import RULE_PARAMETERS, PrepareError, byte_audit, check_kept, how_to_relax
 from gptstack.data.contamination import contamination_report, read_task, shard_documents, task_ngram
 from gptstack.data.dedup import MinHasher, clusters, dedup_keep, ngram_hashes, normalize, word_hashes
 from gptstack.data.extract import extract_html, word_prf
 from gptstack.data.filters import (
+    FILTERS,
     C4Lines,
     Code,
     FineWebQuality,
@@ -34,14 +38,27 @@ from gptstack.data.shards import open_shards, read_manifest
 from gptstack.data.sources import Document, Skip, iter_documents
 from gptstack.tokenizer import get_tokenizer
 
-HTML = SHARED_DATA / "html"
-GOLD = json.loads((HTML / "ground-truth.json").read_text())
-ARTICLES = [GOLD[k]["articleBody"] for k in sorted(GOLD)]
+
+@pytest.fixture(scope="module")
+def html() -> Path:
+    """../shared/data/html: 120 real web pages (`<key>.html.gz`) and their annotated article text."""
+    return shared_file("html/ground-truth.json").parent
 
 
-def english_articles(n: int) -> list[str]:
+@pytest.fixture(scope="module")
+def gold(html) -> dict:
+    """The annotation of each page: {key: {"articleBody": text, …}}."""
+    return json.loads((html / "ground-truth.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def articles(gold) -> list[str]:
+    return [gold[k]["articleBody"] for k in sorted(gold)]
+
+
+def english_articles(articles: list[str], n: int) -> list[str]:
     lang = Language()
-    return [a for a in ARTICLES if lang(a)[0] is not None][:n]
+    return [a for a in articles if lang(a)[0] is not None][:n]
 
 
 # --- sources -----------------------------------------------------------------------------------------
@@ -89,14 +106,14 @@ def test_default_corpus_is_the_standard_library():
 
 
 # --- extraction --------------------------------------------------------------------------------------
-def test_extraction_beats_trafilatura_defaults_on_annotated_pages():
+def test_extraction_beats_trafilatura_defaults_on_annotated_pages(html, gold):
     import trafilatura
 
     ours, default = [], []
-    for key in sorted(GOLD):
-        html = gzip.decompress((HTML / f"{key}.html.gz").read_bytes())
-        ours.append(word_prf(extract_html(html), GOLD[key]["articleBody"])[2])
-        default.append(word_prf(trafilatura.extract(html) or "", GOLD[key]["articleBody"])[2])
+    for key in sorted(gold):
+        page = gzip.decompress((html / f"{key}.html.gz").read_bytes())
+        ours.append(word_prf(extract_html(page), gold[key]["articleBody"])[2])
+        default.append(word_prf(trafilatura.extract(page) or "", gold[key]["articleBody"])[2])
     assert len(ours) == 120
     assert np.mean(default) == pytest.approx(0.946, abs=0.003)  # the issue's baseline, reproduced
     assert np.mean(ours) >= np.mean(default) and np.mean(ours) > 0.96
@@ -110,10 +127,10 @@ def test_word_prf():
 
 
 # --- filters -----------------------------------------------------------------------------------------
-def test_real_articles_pass_the_web_filters():
-    articles = english_articles(20)
+def test_real_articles_pass_the_web_filters(articles):
+    english = english_articles(articles, 20)
     for f in (GopherRepetition(), GopherQuality(), FineWebQuality()):
-        kept = sum(f(a)[0] is not None for a in articles)
+        kept = sum(f(a)[0] is not None for a in english)
         assert kept >= 16, (f.name, kept)
 
 
@@ -191,20 +208,20 @@ def test_pii_is_masked_and_non_personal_numbers_are_kept():
 
 
 # --- quality classifier ------------------------------------------------------------------------------
-def _page_text(key: str) -> str:
+def _page_text(html: Path, key: str) -> str:
     """Everything a browser would show of a raw page: menus, footers, ads and the article."""
     import lxml.html
 
-    root = lxml.html.fromstring(gzip.decompress((HTML / f"{key}.html.gz").read_bytes()))
+    root = lxml.html.fromstring(gzip.decompress((html / f"{key}.html.gz").read_bytes()))
     for bad in root.xpath("//script|//style|//noscript"):
         bad.drop_tree()
     return " ".join(root.text_content().split())
 
 
-def test_quality_classifier_separates_articles_from_raw_pages(tmp_path):
-    keys = sorted(GOLD)
-    positive = [GOLD[k]["articleBody"] for k in keys[:60]]
-    negative = [_page_text(k) for k in keys[60:]]  # other pages, so no article is in both sets
+def test_quality_classifier_separates_articles_from_raw_pages(html, gold, tmp_path):
+    keys = sorted(gold)
+    positive = [gold[k]["articleBody"] for k in keys[:60]]
+    negative = [_page_text(html, k) for k in keys[60:]]  # other pages, so no article is in both sets
     model, report = QualityClassifier.train(positive, negative)
     assert report["heldout_accuracy"] >= 0.8
     path = model.save(tmp_path / "q.npz")
@@ -277,29 +294,29 @@ def test_union_find_joins_chains_to_their_smallest_member():
 
 # --- the pipeline ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
+def corpus_dir(html, gold, articles, tmp_path_factory):
     """A mixed corpus: 30 real articles as .txt, an exact and a near duplicate, two pages of HTML, some
     stdlib-like code with an e-mail in it, a JSONL source with a bad line, and junk."""
     d = tmp_path_factory.mktemp("corpus")
     (d / "web").mkdir()
     (d / "code").mkdir()
     (d / "chat").mkdir()
-    articles = english_articles(30)
-    for i, a in enumerate(articles):
+    english = english_articles(articles, 36)
+    for i, a in enumerate(english[:30]):
         (d / "web" / f"a{i:02d}.txt").write_text(a)
-    respaced = "\n".join("  ".join(line.split()) + "   " for line in articles[0].splitlines())
+    respaced = "\n".join("  ".join(line.split()) + "   " for line in english[0].splitlines())
     (d / "web" / "dup_exact.txt").write_text(respaced)  # equal after normalisation
-    words = articles[1].split()
+    words = english[1].split()
     words[len(words) // 2] = "CHANGED"
     (d / "web" / "dup_near.txt").write_text(" ".join(words))
-    for key in sorted(GOLD)[-2:]:  # pages whose articles are not among the .txt ones
-        (d / "web" / f"{key[:8]}.html.gz").write_bytes((HTML / f"{key}.html.gz").read_bytes())
+    for key in sorted(gold)[-2:]:  # pages whose articles are not among the .txt ones
+        (d / "web" / f"{key[:8]}.html.gz").write_bytes((html / f"{key}.html.gz").read_bytes())
     import inspect
     import json as json_module
 
     (d / "code" / "json_init.py").write_text(inspect.getsource(json_module) + "\n# maintainer: bob@example.com\n")
     (d / "code" / "one.py").write_text("def add(a, b):\n    return a + b\n")
-    lines = [json.dumps({"text": a}) for a in english_articles(36)[30:]] + ['{"oops": 1}']
+    lines = [json.dumps({"text": a}) for a in english[30:]] + ['{"oops": 1}']
     (d / "chat" / "x.jsonl").write_text("\n".join(lines) + "\n")
     return d
 
@@ -327,6 +344,12 @@ def test_prepare_writes_checked_shards_and_a_manifest_that_accounts_for_every_do
     open_shards(tmp_path / "out", "train", verify=True)
     table = format_stats(read_manifest(tmp_path / "out"))
     assert "| dedup | exact | 1 |" in table and "MB/s per core" in table
+    # the byte audit: what was kept is exactly the kept documents' text; every drop is attributed
+    audit = m["audit"]
+    assert audit["kept_bytes"] == sum(len(d["text"].encode()) for d in kept)
+    assert audit["dropped"]["dedup/exact"] > 0 and audit["dropped"]["dedup/fuzzy"] > 0
+    assert "c4/lines_removed" in audit["dropped"] and m["warnings"] == []  # web text loses lines, not most of it
+    assert "text:" in table and "reached the filters" in table
 
 
 def test_mixture_weights_repeat_sources_as_recorded(corpus_dir, tmp_path):
@@ -373,6 +396,57 @@ def test_token_dtype_follows_the_vocabulary(corpus_dir, tmp_path):
     assert m["dtype"] == "uint32" and m["tokenizer"]["n_vocab"] > 65536
 
 
+# --- when prepare keeps nothing, or little --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shakespeare() -> Path:
+    """Tiny Shakespeare: one 1.1 MB file of 200k words, so a single document."""
+    return shared_file("text/tinyshakespeare.txt")
+
+
+def test_prepare_that_keeps_nothing_fails_naming_the_rule_and_the_fix(shakespeare, tmp_path):
+    cfg = PrepareConfig(out=str(tmp_path / "s"), inputs=[str(shakespeare)], tokenizer="bytes")
+    with pytest.raises(PrepareError) as e:
+        prepare(cfg, LocalExecutor(1), progress=False)
+    message = str(e.value)
+    assert "kept no documents" in message and "gopher_quality/max_doc_words dropped the most text" in message
+    assert """--filters '{"gopher_quality": {"max_doc_words": 2000000}}'""" in message, message
+    assert "max_doc_words is 100000 now" in message and """'{"gopher_quality": false}'""" in message
+    assert not (tmp_path / "s" / "manifest.json").exists()  # no shard folder for pretrain to reject later
+
+
+def test_prepare_that_drops_most_bytes_says_so_loudly(shakespeare, tmp_path):
+    relaxed = {"gopher_quality": {"max_doc_words": 2_000_000}}  # the advice of the error above
+    cfg = PrepareConfig(out=str(tmp_path / "s"), inputs=[str(shakespeare)], tokenizer="bytes", filters=relaxed)
+    m = prepare(cfg, LocalExecutor(1), progress=False)
+    assert m["splits"]["train"]["documents"] == 1 and m["splits"]["train"]["tokens"] > 300_000
+    # C4 keeps only lines that end in terminal punctuation: speaker names and most verse lines go
+    audit = m["audit"]
+    assert audit["text_bytes"] == shakespeare.stat().st_size and 0.5 < audit["dropped_fraction"] < 0.9
+    assert next(iter(audit["dropped"])) == "c4/lines_removed"
+    (warning,) = m["warnings"]
+    assert warning.startswith("WARNING: data prepare dropped") and "most of it by c4/lines_removed" in warning
+    assert """--filters '{"c4": false}' turns the c4 filter off""" in warning
+    assert format_stats(read_manifest(tmp_path / "s")).endswith(warning)  # the last thing `data prepare` prints
+
+
+def test_each_relaxing_hint_names_a_real_option():
+    for (name, rule), (param, _) in RULE_PARAMETERS.items():
+        assert param in {f.name for f in dataclasses.fields(FILTERS[name])}, (name, rule, param)
+    assert """'{"gopher_quality": {"min_stop_words": 0}}'""" in how_to_relax("gopher_quality/stop_words", {}, 0)
+    raised = how_to_relax("gopher_quality/max_doc_words", {"gopher_quality": {"max_doc_words": 200_000}}, 0)
+    assert '"max_doc_words": 4000000' in raised and "is 200000 now" in raised  # from the current setting
+    assert """'{"fineweb": {"char_duplicates_ratio": 1.0}}'""" in how_to_relax("fineweb/char_dup_ratio", {}, 0)
+    assert how_to_relax("gopher_repetition/top_2gram", {}, 0) == (
+        """--filters '{"gopher_repetition": false}' turns the gopher_repetition filter off"""
+    )
+    assert "--dedup none" in how_to_relax("dedup/fuzzy", {}, 0)
+    assert "--max-doc-bytes N reads larger documents (now 8,000,000)" in how_to_relax("read/too_large", {}, 8_000_000)
+    with pytest.raises(PrepareError, match="read no documents"):
+        check_kept(0, byte_audit(0, 0, {}), {}, {}, {}, 0)
+    with pytest.raises(PrepareError, match=r"read/too_large removed the most documents.*--max-doc-bytes"):
+        check_kept(0, byte_audit(0, 0, {}), {}, {"too_large": 2}, {}, 8_000_000)
+
+
 # --- loader ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shard_dir(corpus_dir, tmp_path_factory):
@@ -383,7 +457,7 @@ def shard_dir(corpus_dir, tmp_path_factory):
 
 def test_loader_reads_the_stream_in_order_across_shards(shard_dir):
     stream = np.concatenate([np.asarray(s, dtype=np.int64) for s in open_shards(shard_dir, "train")])
-    loader = TokenLoader(shard_dir, batch_size=4, block_size=64)
+    loader = TokenLoader(shard_dir, batch_size=4, seq_len=64)
     for step in range(30):
         x, y = loader.next_batch()
         start = step * 4 * 64
@@ -393,8 +467,8 @@ def test_loader_reads_the_stream_in_order_across_shards(shard_dir):
 
 
 def test_ranks_together_read_what_one_process_reads(shard_dir):
-    single = TokenLoader(shard_dir, batch_size=6, block_size=32)
-    ranks = [TokenLoader(shard_dir, batch_size=3, block_size=32, rank=r, world_size=2) for r in range(2)]
+    single = TokenLoader(shard_dir, batch_size=6, seq_len=32)
+    ranks = [TokenLoader(shard_dir, batch_size=3, seq_len=32, rank=r, world_size=2) for r in range(2)]
     for _ in range(single.total // (6 * 32) + 5):  # long enough to wrap into a new epoch
         x, y = single.next_batch()
         parts = [loader.next_batch() for loader in ranks]
@@ -403,12 +477,12 @@ def test_ranks_together_read_what_one_process_reads(shard_dir):
 
 
 def test_loader_resumes_exactly_from_its_state(shard_dir):
-    a = TokenLoader(shard_dir, batch_size=2, block_size=48)
+    a = TokenLoader(shard_dir, batch_size=2, seq_len=48)
     for _ in range(17):
         a.next_batch()
     state = a.state_dict()
     expected = [a.next_batch() for _ in range(40)]
-    b = TokenLoader(shard_dir, batch_size=2, block_size=48)
+    b = TokenLoader(shard_dir, batch_size=2, seq_len=48)
     b.load_state_dict(json.loads(json.dumps(state)))  # the state survives JSON (it goes in checkpoints)
     for ex, got in zip(expected, (b.next_batch() for _ in range(40)), strict=True):
         assert torch.equal(ex[0], got[0]) and torch.equal(ex[1], got[1])
@@ -418,7 +492,7 @@ def test_loader_refuses_bad_requests_and_damaged_shards(shard_dir, tmp_path):
     import shutil
 
     with pytest.raises(ValueError, match="fewer than one step needs"):
-        TokenLoader(shard_dir, batch_size=1000, block_size=1000)
+        TokenLoader(shard_dir, batch_size=1000, seq_len=1000)
     with pytest.raises(ValueError, match="no 'test' split"):
         TokenLoader(shard_dir, 1, 8, split="test")
     with pytest.raises(FileNotFoundError, match="not a shard folder"):
@@ -432,14 +506,15 @@ def test_loader_refuses_bad_requests_and_damaged_shards(shard_dir, tmp_path):
 
 
 # --- contamination -----------------------------------------------------------------------------------
-def test_contamination_finds_the_planted_items(tmp_path):
-    items = [json.loads(line) for line in (SHARED_DATA / "eval" / "arc_easy.jsonl").read_text().splitlines()[:200]]
+def test_contamination_finds_the_planted_items(articles, tmp_path):
+    lines = shared_file("eval/arc_easy.jsonl").read_text().splitlines()
+    items = [json.loads(line) for line in lines[:200]]
     task = tmp_path / "arc_easy.jsonl"
     task.write_text("\n".join(json.dumps(x) for x in items) + "\n")
     texts = read_task(task)
     long_enough = [i for i, t in enumerate(texts) if len(normalize(t)) >= 13]
     planted = [long_enough[3], long_enough[50], long_enough[151]]
-    train = ARTICLES[:10] + [f"Some page quoting a test.\n{texts[i]}\nMore text after it." for i in planted]
+    train = articles[:10] + [f"Some page quoting a test.\n{texts[i]}\nMore text after it." for i in planted]
     report = contamination_report(train, {"arc_easy": texts})["arc_easy"]
     assert report["dirty_items"] == planted and report["items"] == 200 and report["ngram"] == 13
     report = contamination_report(train, {"arc_easy": texts}, ngram=None)["arc_easy"]  # appendix C's n

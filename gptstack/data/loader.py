@@ -18,11 +18,13 @@ from gptstack.data.shards import open_shards
 
 
 class TokenLoader:
+    """(x, y) batches of (batch_size, seq_len) token ids from a shard folder's split; y is x shifted by one."""
+
     def __init__(
         self,
         folder: str | Path,
         batch_size: int,
-        block_size: int,
+        seq_len: int,
         split: str = "train",
         rank: int = 0,
         world_size: int = 1,
@@ -33,13 +35,13 @@ class TokenLoader:
         self.shards = open_shards(folder, split)
         self.bounds = np.cumsum([0, *map(len, self.shards)])
         self.total = int(self.bounds[-1])
-        self.B, self.T, self.rank, self.world = batch_size, block_size, rank, world_size
+        self.B, self.T, self.rank, self.world = batch_size, seq_len, rank, world_size
         self.device = torch.device(device)
-        self.window = world_size * batch_size * block_size + 1
+        self.window = world_size * batch_size * seq_len + 1
         if self.total < self.window:
             raise ValueError(
                 f"{split} split has {self.total:,} tokens, fewer than one step needs "
-                f"({world_size}×{batch_size}×{block_size}+1 = {self.window:,}); use a smaller batch or block"
+                f"({world_size}×{batch_size}×{seq_len}+1 = {self.window:,}); use a smaller batch or seq_len"
             )
         self.position, self.epoch = 0, 0
 

@@ -5,10 +5,17 @@ process pool, or Dask distributed with the same stage functions. Results come ba
 so the output is byte-identical for a seed whatever the executor or worker count. Stage-A results
 are cached per chunk in `OUT/.work-<fingerprint>/`, so an interrupted run resumes; shards are
 written atomically and the manifest last, so a folder with a manifest is always complete.
+
+`prepare(cfg)` runs, in order: `_check_settings` (fail before any work), stage A per chunk
+(`process_chunk`: extract, filter, PII, quality, dedup features), `_dedup` (global), `_split` (val
+split and mixture), stage B (`_write_splits`: tokenize and write shards), then the manifest. A `Tally`
+counts what each stage did; data/audit.py turns its dropped bytes into a warning when most of the
+text is gone and into a PrepareError when nothing was kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,13 +26,16 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from gptstack.data.audit import byte_audit, check_kept, warnings_for
 from gptstack.data.dedup import MinHasher, dedup_keep
 from gptstack.data.extract import extract_html
 from gptstack.data.filters import DEFAULT_CHAINS, build_filter, mask_pii
+from gptstack.data.quality import QualityClassifier
 from gptstack.data.shards import (
     FORMAT,
     MANIFEST,
@@ -36,28 +46,33 @@ from gptstack.data.shards import (
     tokenizer_entry,
 )
 from gptstack.data.sources import Document, Skip, default_corpus, iter_documents, list_files
+from gptstack.tokenizer import get_tokenizer
+
+Doc = list[str]  # a kept document between stages: [text, source, id]
 
 
 @dataclass
 class PrepareConfig:
-    out: str
-    inputs: list[str] = field(default_factory=list)  # empty: the Python standard library
-    tokenizer: str = "cl100k_base"  # cl100k_base | o200k_base | bytes | tokenizer folder
-    text_field: str = "text"  # JSONL / Parquet column holding the text
-    filters: dict = field(default_factory=dict)  # {filter: {param: value}} or {filter: false} to turn off
-    pii: bool = True
+    out: str  # output folder: token shards, manifest.json and the tokenizer
+    inputs: list[str] = field(default_factory=list)  # files or folders (default: the Python standard library)
+    tokenizer: str = "cl100k_base"  # cl100k_base | o200k_base | bytes | a tokenizer folder
+    text_field: str = "text"  # JSONL/Parquet field with the text
+    filters: dict = field(
+        default_factory=dict
+    )  # filter overrides: {"gopher_quality": {"min_doc_words": 20}, "c4": false}
+    pii: bool = True  # mask e-mail addresses, IP addresses and phone numbers
     quality_model: str | None = None  # a classifier from `gptstack data train-quality`
-    dedup: str = "fuzzy"  # fuzzy | exact | none
-    bands: int = 14
-    rows: int = 8
-    ngram: int = 5
-    mixture: dict = field(default_factory=dict)  # {source: weight}, default 1 (GPT-3 style epochs)
-    val_fraction: float = 0.01
-    shard_tokens: int = 2**24
-    max_doc_bytes: int = 8_000_000
-    seed: int = 0
-    keep_text: bool = False
-    chunk_bytes: int = 1_000_000
+    dedup: Literal["fuzzy", "exact", "none"] = "fuzzy"  # fuzzy: MinHash-LSH near-duplicates and exact ones
+    bands: int = 14  # MinHash-LSH bands
+    rows: int = 8  # MinHash rows per band
+    ngram: int = 5  # word n-gram (shingle) length of MinHash
+    mixture: dict = field(default_factory=dict)  # epochs of each source: {source: weight}, default 1 (GPT-3 style)
+    val_fraction: float = 0.01  # share of documents held out as the val split
+    shard_tokens: int = 2**24  # tokens per shard file
+    max_doc_bytes: int = 8_000_000  # documents larger than this are skipped when read
+    seed: int = 0  # seed of the val split, the mixture and the quality classifier's sampling
+    keep_text: bool = False  # also write the kept documents as documents.jsonl
+    chunk_bytes: int = 1_000_000  # bytes of documents per unit of work (and of resumption)
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes the output, and of the input files (names, sizes, times)."""
@@ -73,6 +88,48 @@ class PrepareConfig:
                     if path.is_file():
                         h.update(hashlib.sha256(path.read_bytes()).digest())
         return h.hexdigest()
+
+
+@dataclass
+class Tally:
+    """What the stages did, per chunk and summed over the run: documents read and skipped per source
+    and reason, documents and bytes dropped per stage and rule, PII replaced, and per stage the bytes
+    that entered it and its CPU seconds."""
+
+    read: Counter = field(default_factory=Counter)  # source → documents read (skipped ones included)
+    skipped: Counter = field(default_factory=Counter)  # reason → documents that could not be read
+    drops: defaultdict = field(default_factory=lambda: defaultdict(Counter))  # stage → rule → documents
+    dropped_bytes: defaultdict = field(default_factory=lambda: defaultdict(Counter))  # stage → rule → bytes
+    pii: Counter = field(default_factory=Counter)  # kind → replacements
+    cpu: Counter = field(default_factory=Counter)  # stage → CPU seconds
+    nbytes: Counter = field(default_factory=Counter)  # stage → UTF-8 bytes in
+
+    def drop(self, stage: str, rule: str, nbytes: int, documents: int = 1) -> None:
+        self.drops[stage][rule] += documents
+        self.dropped_bytes[stage][rule] += nbytes
+
+    @contextlib.contextmanager
+    def timed(self, stage: str, nbytes: int = 0) -> Iterator[None]:
+        """Adds the block's CPU seconds and `nbytes` to `stage`."""
+        t0 = time.process_time()
+        self.nbytes[stage] += nbytes
+        yield
+        self.cpu[stage] += time.process_time() - t0
+
+    def to_dict(self) -> dict:
+        """A chunk's counts, as stage A caches them (JSON)."""
+        nested = {k: {s: dict(v) for s, v in getattr(self, k).items()} for k in ("drops", "dropped_bytes")}
+        return {**nested, "pii": dict(self.pii), "cpu": dict(self.cpu), "bytes": dict(self.nbytes)}
+
+    def add(self, chunk: dict) -> None:
+        """Sum a chunk's counts into this one."""
+        for name, rules in chunk["drops"].items():
+            self.drops[name].update(rules)
+        for name, rules in chunk.get("dropped_bytes", {}).items():  # older cache files lack it
+            self.dropped_bytes[name].update(rules)
+        self.pii.update(chunk["pii"])
+        self.cpu.update(chunk["cpu"])
+        self.nbytes.update(chunk["bytes"])
 
 
 # --- executors -----------------------------------------------------------------------------------------
@@ -123,7 +180,7 @@ class DaskExecutor:
 
 
 # --- stage A: per-document work ----------------------------------------------------------------------
-_CACHE: dict = {}
+_CACHE: dict = {}  # per process: filter chains, quality classifiers and tokenizers, built once
 
 
 def _chains(filters: dict) -> dict[str, list]:
@@ -136,87 +193,89 @@ def _chains(filters: dict) -> dict[str, list]:
     return _CACHE[key]
 
 
-def _quality(path: str):
+def _quality(path: str) -> QualityClassifier:
     if ("quality", path) not in _CACHE:
-        from gptstack.data.quality import QualityClassifier
-
         _CACHE[("quality", path)] = QualityClassifier.load(path)
     return _CACHE[("quality", path)]
+
+
+def _tokenizer(spec: str):
+    if ("tok", spec) not in _CACHE:
+        _CACHE[("tok", spec)] = get_tokenizer(spec)
+    return _CACHE[("tok", spec)]
 
 
 def process_chunk(task: tuple[list[Document], dict]) -> dict:
     """Extract, filter, mask PII, score quality and compute dedup features for one chunk."""
     docs, cfg = task
-    chains = _chains(cfg["filters"])
-    drops: dict[str, Counter] = defaultdict(Counter)
-    pii: Counter = Counter()
-    cpu: Counter = Counter()
-    nbytes: Counter = Counter()
-    kept: list[Document] = []
-    for doc in docs:
-        text = doc.text
-        size = len(text.encode())
-        if doc.kind == "html":
-            t0 = time.process_time()
+    chains, tally = _chains(cfg["filters"]), Tally()
+    kept = [d for d in (_clean(doc, chains, cfg["pii"], tally) for doc in docs) if d is not None]
+    if cfg["quality_model"]:
+        kept = _quality_gate(kept, cfg["quality_model"], cfg["seed"], tally)
+    with tally.timed("dedup", sum(len(d.text.encode()) for d in kept)):
+        hasher = MinHasher(cfg["bands"], cfg["rows"], cfg["ngram"], seed=1)
+        keys, sig = hasher.features([d.text for d in kept])
+    docs_out = [[d.text, d.source, d.id] for d in kept]
+    return {"docs": docs_out, "keys": [k.hex() for k in keys], "sig": sig, **tally.to_dict()}
+
+
+def _clean(doc: Document, chains: dict[str, list], pii: bool, tally: Tally) -> Document | None:
+    """One document through extraction (HTML), its filter chain and PII masking; None when dropped."""
+    text = doc.text
+    if doc.kind == "html":
+        with tally.timed("extract", len(text.encode())):
             text = extract_html(text)
-            cpu["extract"] += time.process_time() - t0
-            nbytes["extract"] += size
-            if not text.strip():
-                drops["extract"]["no_main_text"] += 1
-                continue
-        t0 = time.process_time()
-        nbytes["filter"] += len(text.encode())
-        for f in chains["code" if doc.kind == "code" else "text"]:
-            text, rule = f(text)
-            if text is None:
-                drops[f.name][rule] += 1
-                break
-        cpu["filter"] += time.process_time() - t0
-        if text is None:
-            continue
-        if cfg["pii"]:
-            t0 = time.process_time()
-            nbytes["pii"] += len(text.encode())
+        if not text.strip():
+            tally.drop("extract", "no_main_text", 0)  # markup is not text: no bytes counted
+            return None
+    size = len(text.encode())
+    with tally.timed("filter", size):
+        text = _filter(text, size, chains["code" if doc.kind == "code" else "text"], tally)
+    if text is None:
+        return None
+    if pii:
+        with tally.timed("pii", len(text.encode())):
             text, counts = mask_pii(text)
-            pii.update(counts)
-            cpu["pii"] += time.process_time() - t0
-        kept.append(dataclasses.replace(doc, text=text))
-    prose = [d for d in kept if d.kind != "code"]  # as GPT-3, the classifier judges web text, not code
-    if cfg["quality_model"] and prose:
-        t0 = time.process_time()
-        model = _quality(cfg["quality_model"])
-        nbytes["quality"] += sum(len(d.text.encode()) for d in prose)
+        tally.pii.update(counts)
+    return dataclasses.replace(doc, text=text)
+
+
+def _filter(text: str, size: int, chain: list, tally: Tally) -> str | None:
+    """The text after each filter of the chain (lines may be removed), or None at the first that drops
+    it; dropped bytes are counted under the filter's rule, removed lines under `lines_removed`."""
+    for f in chain:
+        out, rule = f(text)
+        if out is None:
+            tally.drop(f.name, rule, size)
+            return None
+        if out is not text:
+            new_size = len(out.encode())
+            if new_size < size:
+                tally.dropped_bytes[f.name]["lines_removed"] += size - new_size
+            text, size = out, new_size
+    return text
+
+
+def _quality_gate(kept: list[Document], model_path: str, seed: int, tally: Tally) -> list[Document]:
+    """GPT-3's classifier with Pareto sampling; it judges prose only, as GPT-3's judged web text, not code."""
+    prose = [d for d in kept if d.kind != "code"]
+    if not prose:
+        return kept
+    sizes = [len(d.text.encode()) for d in prose]
+    with tally.timed("quality", sum(sizes)):
+        model = _quality(model_path)
         scores = model.score([d.text for d in prose])
-        rejected = {
-            id(d) for d, s in zip(prose, scores, strict=True) if not model.keep(s, f"{d.source}/{d.id}", cfg["seed"])
-        }
-        drops["quality"]["pareto_rejected"] += len(rejected)
-        kept = [d for d in kept if id(d) not in rejected]
-        cpu["quality"] += time.process_time() - t0
-    t0 = time.process_time()
-    nbytes["dedup"] += sum(len(d.text.encode()) for d in kept)
-    hasher = MinHasher(cfg["bands"], cfg["rows"], cfg["ngram"], seed=1)
-    keys, sig = hasher.features([d.text for d in kept])
-    cpu["dedup"] += time.process_time() - t0
-    return {
-        "docs": [[d.text, d.source, d.id] for d in kept],
-        "keys": [k.hex() for k in keys],
-        "sig": sig,
-        "drops": {k: dict(v) for k, v in drops.items()},
-        "pii": dict(pii),
-        "cpu": dict(cpu),
-        "bytes": dict(nbytes),
-    }
+        keep = [model.keep(s, f"{d.source}/{d.id}", seed) for d, s in zip(prose, scores, strict=True)]
+    rejected = {id(d) for d, k in zip(prose, keep, strict=True) if not k}
+    lost = sum(n for n, k in zip(sizes, keep, strict=True) if not k)
+    tally.drop("quality", "pareto_rejected", lost, documents=len(rejected))
+    return [d for d in kept if id(d) not in rejected]
 
 
 def tokenize_chunk(task: tuple[list[str], str]) -> tuple[np.ndarray, float, int]:
     """Token ids of each text followed by <|endoftext|>, concatenated; and the CPU seconds and bytes."""
     texts, spec = task
-    if ("tok", spec) not in _CACHE:
-        from gptstack.tokenizer import get_tokenizer
-
-        _CACHE[("tok", spec)] = get_tokenizer(spec)
-    tok = _CACHE[("tok", spec)]
+    tok = _tokenizer(spec)
     t0 = time.process_time()
     ids = tok.encode_batch(texts, num_threads=1)
     dtype = token_dtype(tok.n_vocab)
@@ -226,6 +285,118 @@ def tokenize_chunk(task: tuple[list[str], str]) -> tuple[np.ndarray, float, int]
 
 
 # --- the run -------------------------------------------------------------------------------------------
+def prepare(cfg: PrepareConfig, executor=None, progress: bool = True) -> dict:
+    """Runs the pipeline into `cfg.out` and returns the manifest (see module docstring). The same
+    settings on the same inputs return the existing manifest; nothing kept raises PrepareError."""
+    tokenizer = _check_settings(cfg)
+    out, fp = Path(cfg.out), cfg.fingerprint()
+    if (out / MANIFEST).is_file():
+        return _existing(out, fp)
+    work = _work_folder(out, fp)
+    executor = executor or LocalExecutor()
+    t_start = time.time()
+    tally = Tally()
+    docs, keys, sig = _stage_a(cfg, work, executor, progress, tally)
+    docs = _dedup(cfg, docs, keys, sig, tally)
+    kept_bytes = tally.nbytes["dedup"] - sum(tally.dropped_bytes["dedup"].values())  # kept after stage A, less dups
+    audit = byte_audit(tally.nbytes["filter"], kept_bytes, tally.dropped_bytes)
+    check_kept(len(docs), audit, tally.drops, tally.skipped, cfg.filters, cfg.max_doc_bytes)
+    if cfg.keep_text:
+        lines = "".join(json.dumps({"text": t, "source": s, "id": i}, ensure_ascii=False) + "\n" for t, s, i in docs)
+        atomic_write(out / "documents.jsonl", lines.encode())
+    train, val = _split(cfg, docs, tally.read)
+    splits, train_tokens = _write_splits(cfg, out, tokenizer, {"train": train, "val": val}, executor, progress, tally)
+    if cfg.quality_model:
+        shutil.copyfile(cfg.quality_model, out / "quality.npz")
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fp,
+        "tokenizer": tokenizer_entry(tokenizer, out, cfg.tokenizer),
+        "dtype": token_dtype(tokenizer.n_vocab).name,
+        "splits": splits,
+        **_accounts(cfg, tally, Counter(d[1] for d in docs), train_tokens),
+        "audit": audit,
+        "warnings": warnings_for(audit, cfg.filters, cfg.max_doc_bytes),
+        "wall_s": round(time.time() - t_start, 2),
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
+    }
+    _commit(out, work, manifest)
+    return manifest
+
+
+def run_prepare(cfg: PrepareConfig, workers: int | None = None, dask: str | None = None, progress: bool = True) -> dict:
+    """`prepare` on `workers` local processes (default: all cores), or on Dask: a scheduler address, or
+    "local" for a local cluster; the cluster is closed afterwards."""
+    if not dask:
+        return prepare(cfg, LocalExecutor(workers), progress)
+    executor = DaskExecutor(None if dask == "local" else dask)
+    try:
+        return prepare(cfg, executor, progress)
+    finally:
+        executor.close()
+
+
+def _check_settings(cfg: PrepareConfig):
+    """Everything that can be wrong with the settings fails before any work; returns the tokenizer."""
+    tokenizer = get_tokenizer(cfg.tokenizer)  # fail fast on a bad name
+    if cfg.dedup not in ("fuzzy", "exact", "none"):
+        raise ValueError(f"dedup must be fuzzy, exact or none, not {cfg.dedup!r}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    for name, params in cfg.filters.items():  # unknown filters or parameters fail before any work
+        if params is not False:
+            build_filter(name, **params)
+    if cfg.quality_model:
+        _quality(cfg.quality_model)
+    return tokenizer
+
+
+def _existing(out: Path, fingerprint: str) -> dict:
+    """The manifest of a folder prepared with these settings and inputs; another folder is refused."""
+    manifest = read_manifest(out)
+    if manifest.get("fingerprint") != fingerprint:
+        raise ValueError(f"{out} already holds shards prepared with other inputs or settings; use another --out")
+    return manifest
+
+
+def _work_folder(out: Path, fingerprint: str) -> Path:
+    """OUT/.work-<fingerprint>/, the stage-A cache of this run (caches of other settings are removed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / f".work-{fingerprint[:16]}"
+    for stale in out.glob(".work-*"):
+        if stale != work:
+            shutil.rmtree(stale, ignore_errors=True)
+    work.mkdir(exist_ok=True)
+    return work
+
+
+def _stage_a(
+    cfg: PrepareConfig, work: Path, executor, progress: bool, tally: Tally
+) -> tuple[list[Doc], list[bytes], np.ndarray]:
+    """Read the documents in chunks and run `process_chunk` on those not cached yet; returns the kept
+    documents, their exact-dedup keys and their MinHash signatures (N, bands·rows), in input order."""
+    with tally.timed("read"):
+        chunks = list(_chunks(iter_documents(cfg.inputs, cfg.text_field, cfg.max_doc_bytes), cfg.chunk_bytes, tally))
+    tally.nbytes["read"] += sum(len(d.text.encode()) for c in chunks for d in c)
+    stage_cfg = {k: getattr(cfg, k) for k in ("filters", "pii", "quality_model", "bands", "rows", "ngram", "seed")}
+    results: list[dict | None] = [_load_chunk(work / f"a-{i:06d}.npz") for i in range(len(chunks))]
+    todo = [i for i, r in enumerate(results) if r is None]
+    bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc="filter+dedup features", unit="chunk",
+               disable=not progress)  # fmt: skip
+    for i, result in zip(todo, executor.map(process_chunk, ((chunks[i], stage_cfg) for i in todo)), strict=False):
+        _save_chunk(work / f"a-{i:06d}.npz", result)
+        results[i] = result
+        bar.update()
+    bar.close()
+    docs, keys = [], []
+    for r in results:
+        docs += r["docs"]
+        keys += [bytes.fromhex(k) for k in r["keys"]]
+        tally.add(r)
+    sig = np.concatenate([r["sig"] for r in results]) if results else np.zeros((0, cfg.bands * cfg.rows), np.uint32)
+    return docs, keys, sig
+
+
 def _save_chunk(path: Path, result: dict) -> None:
     meta = {k: v for k, v in result.items() if k != "sig"}
     tmp = path.with_name(path.name + ".tmp")
@@ -242,14 +413,14 @@ def _load_chunk(path: Path) -> dict | None:
         return None
 
 
-def _chunks(docs: Iterable[Document | Skip], size: int, skipped: Counter, read: Counter) -> Iterator[list[Document]]:
+def _chunks(docs: Iterable[Document | Skip], size: int, tally: Tally) -> Iterator[list[Document]]:
+    """Documents in chunks of about `size` characters; skips are counted in `tally`."""
     chunk, nbytes = [], 0
     for doc in docs:
+        tally.read[doc.source] += 1
         if isinstance(doc, Skip):
-            skipped[doc.reason] += 1
-            read[doc.source] += 1
+            tally.skipped[doc.reason] += 1
             continue
-        read[doc.source] += 1
         chunk.append(doc)
         nbytes += len(doc.text)
         if nbytes >= size:
@@ -259,95 +430,28 @@ def _chunks(docs: Iterable[Document | Skip], size: int, skipped: Counter, read: 
         yield chunk
 
 
+def _dedup(cfg: PrepareConfig, docs: list[Doc], keys: list[bytes], sig: np.ndarray, tally: Tally) -> list[Doc]:
+    """The documents that are neither an exact nor (fuzzy) a near duplicate of an earlier one."""
+    with tally.timed("dedup"):
+        if cfg.dedup == "none":
+            status = np.zeros(len(docs), dtype=np.int8)
+        else:  # 0 keep, 1 exact duplicate, 2 near duplicate
+            hasher = MinHasher(cfg.bands, cfg.rows, cfg.ngram, seed=1)
+            status = dedup_keep(keys, sig, hasher, fuzzy=cfg.dedup == "fuzzy")
+    for rule, code in (("exact", 1), ("fuzzy", 2)):
+        gone = [d for d, s in zip(docs, status, strict=True) if s == code]
+        tally.drop("dedup", rule, sum(len(d[0].encode()) for d in gone), documents=len(gone))
+    return [d for d, s in zip(docs, status, strict=True) if s == 0]
+
+
 def _unit_hash(seed: int, *parts: str) -> float:
     digest = hashlib.blake2b("\0".join([str(seed), *parts]).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
 
 
-def prepare(cfg: PrepareConfig, executor=None, progress: bool = True) -> dict:
-    """Runs the pipeline into `cfg.out` and returns the manifest (see module docstring)."""
-    from gptstack.tokenizer import get_tokenizer
-
-    out = Path(cfg.out)
-    tokenizer = get_tokenizer(cfg.tokenizer)  # fail fast on a bad name
-    if cfg.dedup not in ("fuzzy", "exact", "none"):
-        raise ValueError(f"dedup must be fuzzy, exact or none, not {cfg.dedup!r}")
-    if not 0 <= cfg.val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    for name, params in cfg.filters.items():  # unknown filters or parameters fail before any work
-        if params is not False:
-            build_filter(name, **params)
-    if cfg.quality_model:
-        _quality(cfg.quality_model)
-    fp = cfg.fingerprint()
-    if (out / MANIFEST).is_file():
-        manifest = read_manifest(out)
-        if manifest.get("fingerprint") == fp:
-            return manifest
-        raise ValueError(f"{out} already holds shards prepared with other inputs or settings; use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / f".work-{fp[:16]}"
-    for stale in out.glob(".work-*"):
-        if stale != work:
-            shutil.rmtree(stale, ignore_errors=True)
-    work.mkdir(exist_ok=True)
-    executor = executor or LocalExecutor()
-    t_start = time.time()
-
-    # Stage A, per chunk, cached.
-    skipped: Counter = Counter()
-    read: Counter = Counter()
-    stage_cfg = {k: getattr(cfg, k) for k in ("filters", "pii", "quality_model", "bands", "rows", "ngram", "seed")}
-    t0 = time.process_time()
-    chunks = list(
-        _chunks(iter_documents(cfg.inputs, cfg.text_field, cfg.max_doc_bytes), cfg.chunk_bytes, skipped, read)
-    )
-    read_cpu = time.process_time() - t0
-    read_bytes = sum(len(d.text.encode()) for c in chunks for d in c)
-    results: list[dict | None] = [_load_chunk(work / f"a-{i:06d}.npz") for i in range(len(chunks))]
-    todo = [i for i, r in enumerate(results) if r is None]
-    bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc="filter+dedup features", unit="chunk",
-               disable=not progress)  # fmt: skip
-    for i, result in zip(todo, executor.map(process_chunk, ((chunks[i], stage_cfg) for i in todo)), strict=False):
-        _save_chunk(work / f"a-{i:06d}.npz", result)
-        results[i] = result
-        bar.update()
-    bar.close()
-    del chunks
-
-    drops: dict[str, Counter] = defaultdict(Counter)
-    pii: Counter = Counter()
-    cpu: Counter = Counter({"read": read_cpu})
-    nbytes: Counter = Counter({"read": read_bytes})
-    docs: list[list[str]] = []
-    keys: list[bytes] = []
-    for r in results:
-        docs += r["docs"]
-        keys += [bytes.fromhex(k) for k in r["keys"]]
-        for name, rules in r["drops"].items():
-            drops[name].update(rules)
-        pii.update(r["pii"])
-        cpu.update(r["cpu"])
-        nbytes.update(r["bytes"])
-    sig = np.concatenate([r["sig"] for r in results]) if results else np.zeros((0, cfg.bands * cfg.rows), np.uint32)
-    del results
-
-    # Dedup (global).
-    t0 = time.process_time()
-    hasher = MinHasher(cfg.bands, cfg.rows, cfg.ngram, seed=1)
-    if cfg.dedup == "none":
-        status = np.zeros(len(docs), dtype=np.int8)
-    else:
-        status = dedup_keep(keys, sig, hasher, fuzzy=cfg.dedup == "fuzzy")
-    cpu["dedup"] += time.process_time() - t0
-    drops["dedup"].update({"exact": int((status == 1).sum()), "fuzzy": int((status == 2).sum())})
-    docs = [d for d, s in zip(docs, status, strict=False) if s == 0]
-    if cfg.keep_text:
-        lines = "".join(json.dumps({"text": t, "source": s, "id": i}, ensure_ascii=False) + "\n" for t, s, i in docs)
-        atomic_write(out / "documents.jsonl", lines.encode())
-
-    # Mixture and split: val by a hash of the id; train documents repeated by their source's weight
-    # (floor(w) copies, one more with probability frac(w)), then shuffled.
+def _split(cfg: PrepareConfig, docs: list[Doc], read: Counter) -> tuple[list[Doc], list[Doc]]:
+    """(train, val): val by a hash of the id; train documents repeated by their source's weight
+    (floor(w) copies, one more with probability frac(w)), then shuffled."""
     unknown = set(cfg.mixture) - set(read)
     if unknown:
         raise ValueError(f"mixture names sources {sorted(unknown)} but the inputs are {sorted(read)}")
@@ -355,7 +459,7 @@ def prepare(cfg: PrepareConfig, executor=None, progress: bool = True) -> dict:
     if cfg.val_fraction > 0 and not val and len(docs) > 1:
         val = [docs[-1]]
     val_ids = {(d[1], d[2]) for d in val}
-    train: list[list[str]] = []
+    train: list[Doc] = []
     for d in docs:
         if (d[1], d[2]) in val_ids:
             continue
@@ -363,86 +467,98 @@ def prepare(cfg: PrepareConfig, executor=None, progress: bool = True) -> dict:
         copies = int(w) + (_unit_hash(cfg.seed, "mix", d[1], d[2]) < w - int(w))
         train += [d] * copies
     order = np.random.default_rng(cfg.seed).permutation(len(train))
-    train = [train[i] for i in order]
+    return [train[i] for i in order], val
 
-    # Stage B: tokenize and write shards.
-    dtype = token_dtype(tokenizer.n_vocab)
-    splits = {}
-    tok_cpu = 0.0
-    tok_bytes = 0
-    per_source_tokens: Counter = Counter()
-    for split, split_docs in (("train", train), ("val", val)):
-        writer = ShardWriter(out, split, dtype, cfg.shard_tokens, tokenizer.eot_id)
-        batches, batch, size = [], [], 0
-        for d in split_docs:
-            batch.append(d)
-            size += len(d[0])
-            if size >= cfg.chunk_bytes:
-                batches.append(batch)
-                batch, size = [], 0
-        batches += [batch] if batch else []
-        bar = tqdm(total=len(split_docs), desc=f"tokenize {split}", unit="doc", disable=not progress)
+
+# --- stage B: tokenize and write shards -----------------------------------------------------------------
+def _write_splits(
+    cfg: PrepareConfig, out: Path, tokenizer, splits: dict[str, list[Doc]], executor, progress: bool, tally: Tally
+) -> tuple[dict, Counter]:
+    """Each split's shard entries (ShardWriter.close), and the train tokens of each source."""
+    written, per_source = {}, Counter()
+    seconds, nbytes = 0.0, 0  # summed over the workers' batches
+    for split, docs in splits.items():
+        writer = ShardWriter(out, split, token_dtype(tokenizer.n_vocab), cfg.shard_tokens, tokenizer.eot_id)
+        batches = _batches(docs, cfg.chunk_bytes)
+        bar = tqdm(total=len(docs), desc=f"tokenize {split}", unit="doc", disable=not progress)
         tasks = (([d[0] for d in b], cfg.tokenizer) for b in batches)
-        for b, (tokens, seconds, n) in zip(batches, executor.map(tokenize_chunk, tasks), strict=False):
+        for b, (tokens, cpu_s, n) in zip(batches, executor.map(tokenize_chunk, tasks), strict=False):
             writer.add(tokens)
-            tok_cpu += seconds
-            tok_bytes += n
+            seconds, nbytes = seconds + cpu_s, nbytes + n
             if split == "train":
-                ends = np.flatnonzero(tokens == tokenizer.eot_id)
-                lengths = np.diff(np.concatenate([[-1], ends]))
-                for d, length in zip(b, lengths, strict=False):
-                    per_source_tokens[d[1]] += int(length)
+                per_source.update(_tokens_per_source(b, tokens, tokenizer.eot_id))
             bar.update(len(b))
         bar.close()
-        splits[split] = writer.close()
-    cpu["tokenize"] += tok_cpu
-    nbytes["tokenize"] += tok_bytes
+        written[split] = writer.close()
+    tally.cpu["tokenize"] += seconds
+    tally.nbytes["tokenize"] += nbytes
+    return written, per_source
 
-    kept_per_source = Counter(d[1] for d in docs)
-    total_train = sum(per_source_tokens.values())
+
+def _batches(docs: list[Doc], size: int) -> list[list[Doc]]:
+    """Consecutive documents in batches of about `size` characters."""
+    batches, batch, n = [], [], 0
+    for d in docs:
+        batch.append(d)
+        n += len(d[0])
+        if n >= size:
+            batches.append(batch)
+            batch, n = [], 0
+    return batches + ([batch] if batch else [])
+
+
+def _tokens_per_source(batch: list[Doc], tokens: np.ndarray, eot: int) -> Counter:
+    """Tokens of each source in one tokenized batch (documents end at <|endoftext|>)."""
+    ends = np.flatnonzero(tokens == eot)
+    lengths = np.diff(np.concatenate([[-1], ends]))
+    out: Counter = Counter()
+    for d, length in zip(batch, lengths, strict=False):
+        out[d[1]] += int(length)
+    return out
+
+
+# --- the manifest ---------------------------------------------------------------------------------------
+def _accounts(cfg: PrepareConfig, tally: Tally, kept: Counter, train_tokens: Counter) -> dict:
+    """The manifest's tables: sources, skips, filter drops, PII, dedup settings and stage speeds."""
+    total = sum(train_tokens.values())
     sources = {
         s: {
-            "documents_read": read[s],
-            "documents_kept": kept_per_source[s],
+            "documents_read": tally.read[s],
+            "documents_kept": kept[s],
             "weight": float(cfg.mixture.get(s, 1.0)),
-            "train_tokens": per_source_tokens[s],
-            "share": per_source_tokens[s] / total_train if total_train else 0.0,
+            "train_tokens": train_tokens[s],
+            "share": train_tokens[s] / total if total else 0.0,
         }
-        for s in read
+        for s in tally.read
     }
-    if cfg.quality_model:
-        shutil.copyfile(cfg.quality_model, out / "quality.npz")
-    manifest = {
-        "format": FORMAT,
-        "fingerprint": fp,
-        "tokenizer": tokenizer_entry(tokenizer, out, cfg.tokenizer),
-        "dtype": dtype.name,
-        "splits": splits,
+    threshold = MinHasher(cfg.bands, cfg.rows, cfg.ngram, seed=1).threshold
+    return {
         "sources": sources,
-        "skipped": dict(skipped),
-        "filters": {k: dict(v) for k, v in drops.items()},
-        "pii": dict(pii),
+        "skipped": dict(tally.skipped),
+        "filters": {k: dict(v) for k, v in tally.drops.items()},
+        "pii": dict(tally.pii),
         "dedup": {
             "mode": cfg.dedup,
             "bands": cfg.bands,
             "rows": cfg.rows,
             "ngram": cfg.ngram,
-            "threshold": round(hasher.threshold, 4),
+            "threshold": round(threshold, 4),
         },
         "stages": {
-            s: {"bytes": nbytes[s], "cpu_s": round(cpu[s], 3), "mb_per_s_per_core": nbytes[s] / 1e6 / max(cpu[s], 1e-9)}
-            for s in cpu
+            s: {"bytes": n, "cpu_s": round(tally.cpu[s], 3), "mb_per_s_per_core": n / 1e6 / max(tally.cpu[s], 1e-9)}
+            for s, n in ((s, tally.nbytes[s]) for s in tally.cpu)
         },
-        "wall_s": round(time.time() - t_start, 2),
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
     }
-    written = {s["file"] for split in splits.values() for s in split["shards"]}
+
+
+def _commit(out: Path, work: Path, manifest: dict) -> None:
+    """Remove shards of an earlier run, write the manifest last (the folder is complete), drop the cache."""
+    written = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
     for stale in out.glob("*.bin"):
         if stale.name not in written:
             stale.unlink()
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     shutil.rmtree(work, ignore_errors=True)
-    return manifest
 
 
 def format_stats(manifest: dict) -> str:
@@ -471,4 +587,14 @@ def format_stats(manifest: dict) -> str:
     lines += ["", "| stage | MB | CPU s | MB/s per core |", "|---|---:|---:|---:|"]
     for name, s in manifest["stages"].items():
         lines.append(f"| {name} | {s['bytes'] / 1e6:.2f} | {s['cpu_s']:.2f} | {s['mb_per_s_per_core']:.2f} |")
-    return "\n".join(lines)
+    if "audit" in manifest:  # manifests before the byte audit lack it
+        lines += ["", _audit_line(manifest["audit"])]
+    return "\n".join(lines + [f"\n{w}" for w in manifest.get("warnings", [])])
+
+
+def _audit_line(audit: dict) -> str:
+    worst = ", ".join(f"{rule} {n / 1e6:.2f} MB" for rule, n in list(audit["dropped"].items())[:3])
+    return (
+        f"text: {audit['text_bytes'] / 1e6:.2f} MB reached the filters, {audit['kept_bytes'] / 1e6:.2f} MB kept "
+        f"({audit['dropped_fraction']:.0%} dropped" + (f"; most by {worst})" if worst else ")")
+    )

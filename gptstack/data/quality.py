@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gptstack.data.sources import corpus_texts
+
 ALPHA = 9.0
 
 
@@ -82,3 +84,13 @@ class QualityClassifier:
                 return cls(z["coef"], meta["intercept"], meta["n_features"], meta["ngram"])
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"{path} is not a quality classifier saved by gptstack ({e})") from None
+
+
+def train_quality(positive: list[str], negative: list[str], out: str | Path) -> dict:
+    """`gptstack data train-quality`: fit the classifier on the documents under `positive` (reference
+    text) and `negative` (raw text) files or folders and save it to `out`. Returns the counts and the
+    held-out accuracy."""
+    pos, neg = corpus_texts(positive, "train", 0.0), corpus_texts(negative, "train", 0.0)
+    model, report = QualityClassifier.train(pos, neg)
+    model.save(out)
+    return {"positive": len(pos), "negative": len(neg), **report}

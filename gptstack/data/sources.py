@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptstack.data.extract import extract_html
+
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".py": "code", ".html": "html", ".htm": "html"}
 RECORD_SUFFIXES = {".jsonl", ".parquet"}
 COMPRESSED = {".gz", ".zst"}
@@ -164,8 +166,6 @@ def corpus_texts(
     inputs: list[str | Path] | None, part: str, heldout_fraction: float = 0.1, max_bytes: int | None = None
 ) -> list[str]:
     """Texts of the 'train' or 'heldout' part of the inputs (HTML pages extracted), up to `max_bytes`."""
-    from gptstack.data.extract import extract_html
-
     texts, total = [], 0
     for doc in iter_documents(inputs):
         if isinstance(doc, Skip) or heldout(doc, heldout_fraction) != (part == "heldout"):

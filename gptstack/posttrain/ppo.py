@@ -214,7 +214,7 @@ class PPOTrainer:
         if cfg.ptx_coef > 0:
             from gptstack.data.loader import TokenLoader
 
-            self.ptx = TokenLoader(cfg.ptx_data, batch_size=cfg.minibatch_size, block_size=policy.config.block_size)
+            self.ptx = TokenLoader(cfg.ptx_data, batch_size=cfg.minibatch_size, seq_len=policy.config.block_size)
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.sample_seed = cfg.seed * 1_000_003
 
