@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptstack.files import read_json
+
 
 class ConfigError(ValueError):
     """A model configuration that cannot describe a valid model; the message says which field."""
@@ -212,12 +214,9 @@ def load_config(spec: str | Path, **overrides: Any) -> ModelConfig:
     """A preset name, or a path to a JSON file holding a ModelConfig (or a checkpoint's config.json)."""
     path = Path(spec)
     if path.suffix == ".json" or path.is_file():
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        d = read_json(path, ConfigError, "config file")
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object of ModelConfig fields, got {type(d).__name__}")
         d = d.get("model", d)  # a checkpoint's config.json nests the model config
         return ModelConfig.from_dict({**d, **overrides})
     return get_preset(str(spec), **overrides)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from gptstack.checkpoint import load_model, save_checkpoint, step_dir
+from gptstack.files import iter_jsonl
 from gptstack.model import GPT
 from gptstack.report import write_section
 from gptstack.train.optim import build_adamw, lr_at, param_groups
@@ -77,24 +78,12 @@ def read_jsonl(path: str | Path, parse: Callable[[dict], Any]) -> tuple[list[Any
     """Parse each row with `parse`, which returns the row's example or raises SkipRow(reason).
     Unparseable JSON is an error naming file:line (nothing is trained on a half-read file);
     rows the stage cannot use are skipped and counted by reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     rows, skipped = [], Counter()
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            try:
-                rows.append(parse(row))
-            except SkipRow as e:
-                skipped[str(e)] += 1
+    for _, row in iter_jsonl(path, DataError):
+        try:
+            rows.append(parse(row))
+        except SkipRow as e:
+            skipped[str(e)] += 1
     if not rows:
         raise DataError(f"{path}: no usable rows (skipped: {dict(skipped) or 'none'})")
     return rows, skipped
