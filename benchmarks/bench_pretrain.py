@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from gptstack.data.loader import TokenLoader
 from gptstack.data.shards import write_token_arrays
 from gptstack.tokenizer import train_chars
-from gptstack.train.loop import TrainConfig, Trainer, read_metrics
+from gptstack.train.config import TrainConfig
+from gptstack.train.loop import Trainer
+from gptstack.train.metrics import read_metrics
 from gptstack.train.optim import lr_at
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
