@@ -49,11 +49,13 @@ class LiveServer:
         self.thread.join(timeout=15)
 
 
-def tiny_engine(seed: int = 0, n_layer: int = 2, n_embd: int = 64, block_size: int = 512, tokenizer="cl100k_base",
-                **config) -> Engine:  # fmt: skip
-    """A random model over a real tokenizer (cl100k: 100k tokens, so a random model rarely ends a turn)."""
+def tiny_engine(
+    seed: int = 0, n_layer: int = 2, n_embd: int = 64, context: int = 512, tokenizer="cl100k_base", **config
+) -> Engine:
+    """A random model over a real tokenizer (cl100k: 100k tokens, so a random model rarely ends a turn);
+    `config`: EngineConfig fields."""
     tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    cfg = ModelConfig(vocab_size=tok.n_vocab, block_size=block_size, n_layer=n_layer, n_head=2, n_embd=n_embd)
+    cfg = ModelConfig(vocab_size=tok.n_vocab, block_size=context, n_layer=n_layer, n_head=2, n_embd=n_embd)
     torch.manual_seed(seed)
     return Engine(build_model(cfg, seed=seed), EngineConfig(**config), tokenizer=tok)
 

@@ -190,7 +190,7 @@ def test_keys_rate_limits_and_usage_log(tmp_path, monkeypatch):
 
 
 def test_queue_full_is_503():
-    engine = tiny_engine(max_seqs=1, block_size=8192)  # one running request at a time, and a long one
+    engine = tiny_engine(max_seqs=1, context=8192)  # one running request at a time, and a long one
     app = create_app({"tiny": engine}, ServeConfig(max_waiting=1, exact_cache=False))
     runner = app.state.server.runners["tiny"]
     long = {"model": "tiny", "prompt": "go", "max_tokens": 8000, "stream": True}

@@ -36,7 +36,7 @@ def test_web_chat_streams_stops_and_takes_feedback(tmp_path):
     _need_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    engine = tiny_engine(block_size=8192)
+    engine = tiny_engine(context=8192)
     app = create_app({"tiny": engine, "other": tiny_engine(seed=5)}, ServeConfig(log_dir=str(tmp_path)))
     with LiveServer(app) as server, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -93,7 +93,7 @@ def test_schemathesis_finds_no_server_errors(tmp_path):
 
     mod = tmp_path / "moderation"
     assert main(["moderation", "train", "--out", str(mod)]) == 0
-    engines = {"tiny": tiny_engine(block_size=64), "big": tiny_engine(n_layer=3, block_size=64)}
+    engines = {"tiny": tiny_engine(context=64), "big": tiny_engine(n_layer=3, context=64)}
     config = ServeConfig(log_dir=str(tmp_path), moderation=str(mod), semantic_cache=0.95, rpm=10**6)
     with LiveServer(create_app(engines, config)) as server:
         run = subprocess.run(
