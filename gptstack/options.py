@@ -15,10 +15,10 @@ exactly what was typed.
     cfg = from_args(ServeConfig, args)    # ServeConfig(max_waiting=…)
 
 Bools become `--x/--no-x`; `X | None` takes an X; tuples and lists take one or more values; dicts
-take a JSON object, a JSON file, or KEY=VALUE pairs; `Literal[…]` gives choices. A `defaults`
-instance replaces the dataclass defaults where a command wants others (chat samples at 0.8, the
-library at 1.0). This is a small helper over argparse, not a framework: a command can still add
-options of its own by hand.
+take a JSON object, a JSON file, or KEY=VALUE pairs (space- or comma-separated); `Literal[…]` gives
+choices. A `defaults` instance replaces the dataclass defaults where a command wants others (chat
+samples at 0.8, the library at 1.0). This is a small helper over argparse, not a framework: a
+command can still add options of its own by hand.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _parse_dict(name: str, values: list[str]) -> dict:
         raw = Path(values[0]).read_text()
     else:
         out = {}
-        for pair in values:
+        for pair in (p for v in values for p in v.split(",") if p):  # "a=1,b=2" or "a=1 b=2"
             key, sep, value = pair.partition("=")
             if not sep or not key:
                 raise ConfigError(

@@ -9,6 +9,7 @@ all called clean by construction. Items shorter than n words
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +90,19 @@ def contamination_report(
                         "too_short": sum(len(w) < n for w in items),
                         "dirty_items": dirty}  # fmt: skip
     return report
+
+
+@dataclass
+class ContaminationConfig:
+    dir: str  # shard folder (its train split is the training data)
+    tasks: list[str]  # task JSONL files
+    ngram: str = "13"  # n-gram length, or 'auto' for GPT-3 appendix C's per-task n
+    out: str | None = None  # write the full report (with dirty item indices) as JSON
+
+
+def contamination_of_shards(cfg: ContaminationConfig) -> dict[str, dict]:
+    """`gptstack data contamination`: contamination_report of the task files against the shards."""
+    if cfg.ngram != "auto" and not cfg.ngram.isdigit():
+        raise ValueError(f"--ngram must be a number or 'auto', got {cfg.ngram!r}")
+    tasks = {Path(t).stem: read_task(t) for t in cfg.tasks}
+    return contamination_report(shard_documents(cfg.dir), tasks, None if cfg.ngram == "auto" else int(cfg.ngram))

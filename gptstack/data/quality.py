@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,11 +87,17 @@ class QualityClassifier:
             raise ValueError(f"{path} is not a quality classifier saved by gptstack ({e})") from None
 
 
-def train_quality(positive: list[str], negative: list[str], out: str | Path) -> dict:
-    """`gptstack data train-quality`: fit the classifier on the documents under `positive` (reference
-    text) and `negative` (raw text) files or folders and save it to `out`. Returns the counts and the
-    held-out accuracy."""
-    pos, neg = corpus_texts(positive, "train", 0.0), corpus_texts(negative, "train", 0.0)
+@dataclass
+class QualityTrainConfig:
+    positive: list[str]  # reference high-quality documents (files or folders)
+    negative: list[str]  # raw documents (files or folders)
+    out: str  # classifier file to write (.npz)
+
+
+def train_quality(cfg: QualityTrainConfig) -> dict:
+    """`gptstack data train-quality`: fit the classifier on the positive (reference) and negative
+    (raw) documents and save it to cfg.out. Returns the counts and the held-out accuracy."""
+    pos, neg = corpus_texts(cfg.positive, "train", 0.0), corpus_texts(cfg.negative, "train", 0.0)
     model, report = QualityClassifier.train(pos, neg)
-    model.save(out)
+    model.save(cfg.out)
     return {"positive": len(pos), "negative": len(neg), **report}
