@@ -81,14 +81,25 @@ def token_str(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
 # ---- the two response formats ------------------------------------------------------------------------------
 
 
-class TextRenderer:
+class Renderer:
+    """What differs between the endpoints' responses: names here, shapes in the methods of
+    TextRenderer and ChatRenderer (logprobs, choice, final, delta, first, opening, content)."""
+
+    endpoint: str  # the usage log's name for the endpoint
+    prefix: str  # of response ids
+    object: str  # of a whole response
+    chunk_object: str  # of a streamed chunk
+    prompt_param: str  # the parameter an error about the prompt names
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+
+class TextRenderer(Renderer):
     """/v1/completions: choices carry `text`; a streamed piece has the same shape as a choice."""
 
     endpoint, prefix, object, chunk_object = "completion", "cmpl-", "text_completion", "text_completion"
     prompt_param = "prompt"
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
 
     def logprobs(self, entries: list[TokenLogprob], token_ids: list[int]) -> dict:
         tokens, lps, tops = [], [], []
@@ -135,14 +146,11 @@ class TextRenderer:
         return choice["text"]
 
 
-class ChatRenderer:
+class ChatRenderer(Renderer):
     """/v1/chat/completions: choices carry the assistant `message`; a stream sends `delta`s."""
 
     endpoint, prefix, object, chunk_object = "chat", "chatcmpl-", "chat.completion", "chat.completion.chunk"
     prompt_param = "messages"
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
 
     def logprobs(self, entries: list[TokenLogprob], token_ids: list[int]) -> dict:
         content = []
@@ -179,9 +187,6 @@ class ChatRenderer:
 
     def content(self, choice: dict) -> str:
         return choice["message"]["content"]
-
-
-Renderer = TextRenderer | ChatRenderer
 
 
 # ---- from a request body to choices --------------------------------------------------------------------
@@ -274,7 +279,7 @@ class Completion:
         self,
         server: Server,
         runner: EngineRunner,
-        renderer: Renderer,
+        renderer: TextRenderer | ChatRenderer,
         body: CompletionRequest | ChatRequest,
         choices: list[Choice],
         record: dict,
