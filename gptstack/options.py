@@ -115,6 +115,18 @@ class _DictAction(argparse.Action):
             parser.error(str(e))
 
 
+def _parser(name: str, spelled: str):
+    """argparse `type=`: the `--set` coercion of config.coerce, its error printed as it is."""
+
+    def parse(raw: str) -> Any:
+        try:
+            return coerce(name, spelled, raw)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
 def _kwargs_for(name: str, tp: Any, default: Any) -> dict[str, Any]:
     """argparse keyword arguments for a field of type `tp`."""
     inner, optional = _unwrap_optional(tp)
@@ -126,13 +138,13 @@ def _kwargs_for(name: str, tp: Any, default: Any) -> dict[str, Any]:
         return {"choices": choices, "type": type(choices[0])}
     if origin in (tuple, list):
         item = typing.get_args(inner)[0] if typing.get_args(inner) else str
-        return {"action": "extend", "nargs": "+", "type": lambda raw, n=name, t=item.__name__: coerce(n, t, raw)}
+        return {"action": "extend", "nargs": "+", "type": _parser(name, item.__name__)}
     if origin is dict or inner is dict:
         return {"nargs": "+", "action": _DictAction, "metavar": "JSON|KEY=VALUE"}
     spelled = inner.__name__ if isinstance(inner, type) else str(inner)
     spelled += " | None" if optional else ""
     metavar = {"int": "N", "float": "X"}.get(spelled.split()[0], "TEXT")
-    return {"type": lambda raw, n=name, t=spelled: coerce(n, t, raw), "metavar": metavar}
+    return {"type": _parser(name, spelled), "metavar": metavar}
 
 
 def add_options(
@@ -151,11 +163,12 @@ def add_options(
         default = _default(f, defaults)
         kwargs = _kwargs_for(f.name, hints[f.name], default)
         text = helps.get(f.name, "")
-        if default is not dataclasses.MISSING and default not in (None, (), [], {}) and not isinstance(default, bool):
+        shown = default is not dataclasses.MISSING and default not in (None, "", (), [], {})
+        if shown and not isinstance(default, bool):
             text += f" (default: {default})"
         elif isinstance(default, bool) and default:
             text += " (default: on)"
-        kwargs["help"] = text.strip() or None
+        kwargs["help"] = text.strip().replace("%", "%%") or None  # argparse %-formats help
         if f.name in positional:
             kwargs.pop("metavar", None)
             parser.add_argument(f.name, **kwargs)

@@ -52,7 +52,7 @@ def test_init_then_generate_streams_reproducibly(tmp_path):
     info = run("info", str(ckpt), "--context", "128").stdout
     assert "2 layers × 128 wide" in info and "vocab 100281" in info and "at context 128" in info
 
-    args = ("generate", str(ckpt), "--prompt", "def main():", "--max-new-tokens", "12")
+    args = ("generate", str(ckpt), "--prompt", "def main():", "--max-tokens", "12")
     first = run(*args, "--seed", "3", "--temperature", "0.9", "--top-p", "0.95").stdout
     again = run(*args, "--seed", "3", "--temperature", "0.9", "--top-p", "0.95").stdout
     assert first == again and first.startswith("def main():") and len(first) > len("def main():\n")
@@ -65,7 +65,7 @@ def test_init_then_generate_streams_reproducibly(tmp_path):
     )
     assert greedy == "def main():" + tok.decode(expected) + "\n"
 
-    too_long = run("generate", str(ckpt), "--prompt", "x " * 300, "--max-new-tokens", "10", ok=False)
+    too_long = run("generate", str(ckpt), "--prompt", "x " * 300, "--max-tokens", "10", ok=False)
     assert too_long.returncode == 2 and "the prompt has 301 tokens; the context holds 256" in too_long.stderr
     override = run(*args, "--tokenizer", "bytes", "--temperature", "0")
     assert override.stdout.startswith("def main():")

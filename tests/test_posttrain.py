@@ -96,9 +96,9 @@ def test_sft_learns_to_stop_and_checkpoint_loads_everywhere(sft_run):
     log = [json.loads(line) for line in (root / "sft" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
     from gptstack.eval.scorer import Scorer
-    from gptstack.infer.engine import load_engine
+    from gptstack.infer.load import LoadConfig, load_engine
 
-    engine = load_engine(root / "sft")
+    engine = load_engine(LoadConfig(str(root / "sft")))
     prompt = TOK.encode_chat([{"role": "user", "content": demo.PROMPT.format(n=42)}], add_generation_prompt=True)[0]
     from gptstack.infer.sampling import SamplingParams
 
@@ -342,7 +342,7 @@ def test_ppo_steps_log_and_keep_reference_and_reward_frozen(sft_run, tmp_path):
     cfg = PPOConfig(init=str(root / "sft"), data=str(prompts), out=str(tmp_path),
                     reward=f"0.1*rm:{rm_dir / 'reward'}+rule:gptstack.posttrain.demo:judge",
                     track="rule:gptstack.posttrain.demo:judge", batch_size=32, minibatch_size=8, max_steps=2,
-                    lr=1e-4, max_new_tokens=10, adaptive_kl=True, kl_target=1.0, kl_horizon=100,
+                    lr=1e-4, max_tokens=10, adaptive_kl=True, kl_target=1.0, kl_horizon=100,
                     progress=False)  # fmt: skip
     trainer = PPOTrainer(cfg)
     ref_before, rm_before = params_digest(trainer.ref), params_digest(trainer.reward.models[0])
@@ -360,10 +360,11 @@ def test_ppo_steps_log_and_keep_reference_and_reward_frozen(sft_run, tmp_path):
     assert not same(policy_before, params_digest(trainer.model.policy))
     s = ppo(cfg)  # the whole stage: checkpoint, log and report
     assert s["steps"] == 2 and "tracked_last" in s
-    from gptstack.infer.engine import load_engine
+    from gptstack.infer.load import LoadConfig, load_engine
     from gptstack.infer.sampling import SamplingParams
 
-    assert load_engine(tmp_path / "ppo").generate([[1, 2, 3]], SamplingParams(max_tokens=8))[0].token_ids
+    engine = load_engine(LoadConfig(str(tmp_path / "ppo")))
+    assert engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8))[0].token_ids
     assert "## ppo" in (tmp_path / "report.md").read_text()
 
 
@@ -375,7 +376,7 @@ def test_ppo_ptx_mixes_pretraining_loss(sft_run, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", demo.prompt_rows(16, seed=6))
     judge = "rule:gptstack.posttrain.demo:judge"
     cfg = PPOConfig(init=str(root / "sft"), data=str(prompts), out=str(tmp_path), reward=judge, batch_size=16,
-                    minibatch_size=8, ppo_epochs=1, max_steps=1, max_new_tokens=8, ptx_coef=1.0,
+                    minibatch_size=8, ppo_epochs=1, max_steps=1, max_tokens=8, ptx_coef=1.0,
                     ptx_data=str(tmp_path / "shards"), missing_eos_penalty=-1.0, progress=False)  # fmt: skip
     trainer = PPOTrainer(cfg)
     from gptstack.posttrain.ppo import read_prompts
@@ -445,13 +446,16 @@ def test_cli_sft_and_errors(sft_run, tmp_path, capsys):
     root, _ = sft_run
     data = write_jsonl(tmp_path / "d.jsonl", demo.sft_rows(32, seed=8))
     args = ["sft", "--init", str(root / "sft"), "--data", str(data), "--out", str(tmp_path), "--max-steps", "2",
-            "--batch-size", "8", "--no-progress", "--set", "warmup_steps=1"]  # fmt: skip
+            "--batch-size", "8", "--no-progress", "--warmup-steps", "1"]  # fmt: skip
     assert main(args) == 0
     assert "eval_stop_rate" in capsys.readouterr().out
     assert load_model(tmp_path / "sft").config.block_size == 96
     assert main(["dpo", "--init", str(root / "sft"), "--data", str(tmp_path / "missing.jsonl"), "--no-progress"]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert main(["sft", "--init", str(root / "sft"), "--data", str(data), "--set", "nope=1"]) == 2
+    assert main(["sft", "--init", str(root / "sft"), "--data", str(data), "--nope", "1"]) == 2
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
+    assert main(["sft", "--init", str(root / "sft"), "--data", str(data), "--lora-rank", "two"]) == 2
+    assert "lora_rank='two' is not a valid int" in capsys.readouterr().err
 
 
 def test_split_is_seeded_and_disjoint():

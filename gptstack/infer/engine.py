@@ -33,7 +33,6 @@ batched call for the single-token (decode) sequences, one call per multi-token c
 from __future__ import annotations
 
 import itertools
-import os
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,12 +40,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gptstack.checkpoint import load_model
-from gptstack.infer.sampling import SamplingParams, distribution, draw, penalise, top_logprobs
+from gptstack.infer.sampling import Sampler, SamplingParams, draw, top_logprobs
 from gptstack.infer.speculative import accept, ngram_propose
 from gptstack.model import GPT, attend, attention_mask
-from gptstack.transforms.decode import decode_layout
-from gptstack.transforms.quantize import quantize as quantize_model
 
 
 @dataclass
@@ -170,12 +166,7 @@ class Sequence:
         self.draft_computed = 0  # the same for the draft model's cache
         self.blocks: list[int] = []
         self.hashes: list[int] = []  # prefix-cache names of the full blocks, in order
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(7)))
-        self.counts = torch.zeros(vocab, dtype=torch.int32, device=device) if params.penalised else None
-        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device) if params.repetition_penalty != 1 else None
-        if self.seen is not None:
-            self.seen[torch.tensor(prompt, device=device)] = True
+        self.sampler = Sampler(params, prompt, vocab, device)  # its generator and penalty counts
         self.logprobs: list = []
         self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
         self.num_cached = 0  # prompt tokens served from the prefix cache
@@ -492,7 +483,7 @@ class Engine:
                     self._prompt_logprobs(seq, start, n, logits[first : first + count])
                 if seq.num_computed == len(seq.tokens):
                     row = logits[first + count - 1]
-                    self._emit(seq, [self._sample(seq, row)], out, raw=row[None])
+                    self._emit(seq, [seq.sampler.sample(row)], out, raw=row[None])
             except Exception as e:  # one request's failure never takes down the batch
                 seq.finish_reason, out.error = "error", f"{type(e).__name__}: {e}"
             outputs.append(self._finish_output(seq, out))
@@ -513,25 +504,6 @@ class Engine:
             logits = logits.masked_fill(~self.allowed, float("-inf"))
         return logits
 
-    def _processed(self, seq: Sequence, logits: Tensor, history: list[int] = ()) -> Tensor:
-        """The sampling distribution (V,) for seq after `history` more tokens (speculative drafts)."""
-        p = seq.params
-        if p.penalised:
-            counts, seen = seq.counts, seq.seen
-            if history:
-                extra = torch.tensor(history, device=self.device)
-                if counts is not None:
-                    counts = counts.clone().index_add_(0, extra, torch.ones_like(extra, dtype=counts.dtype))
-                if seen is not None:
-                    seen = seen.clone().index_fill_(0, extra, True)
-            logits = penalise(logits, p, counts, seen)
-        return distribution(logits, p)
-
-    def _sample(self, seq: Sequence, logits: Tensor) -> int:
-        if seq.params.greedy and not seq.params.penalised:
-            return int(logits.argmax())
-        return draw(self._processed(seq, logits), seq.generator)
-
     def _prompt_logprobs(self, seq: Sequence, start: int, n: int, logits: Tensor) -> None:
         logprobs = logits.log_softmax(dim=-1)
         for j in range(n):
@@ -546,10 +518,7 @@ class Engine:
         for j, token in enumerate(tokens):
             seq.tokens.append(token)
             self.stats["generated_tokens"] += 1
-            if seq.counts is not None:
-                seq.counts[token] += 1
-            if seq.seen is not None:
-                seq.seen[token] = True
+            seq.sampler.observe(token)
             out.token_ids.append(token)
             if p.logprobs is not None:
                 entry = top_logprobs(raw[j].log_softmax(dim=-1), token, p.logprobs)
@@ -615,8 +584,8 @@ class Engine:
             out = RequestOutput(seq.request_id, [], num_prompt_tokens=len(seq.prompt), num_cached_tokens=seq.num_cached)
             try:
                 d = drafts[i]
-                p = torch.stack([self._processed(seq, rows[j], d[:j]) for j in range(n)])
-                emitted, accepted = accept(d, qs[i], p, seq.generator)
+                p = torch.stack([seq.sampler.probs(rows[j], d[:j]) for j in range(n)])
+                emitted, accepted = accept(d, qs[i], p, seq.sampler.generator)
                 self.stats["spec_proposed"] += len(d)
                 self.stats["spec_accepted"] += accepted
                 seq.num_computed = len(seq.tokens) + accepted  # the last emitted token has no K/V yet
@@ -644,8 +613,8 @@ class Engine:
             for row, i in enumerate(active):
                 seq = batch[i][0]
                 seq.draft_computed = len(seq.tokens)
-                q = self._processed(seq, logits[row], drafts[i])
-                token = draw(q, seq.generator)
+                q = seq.sampler.probs(logits[row], drafts[i])
+                token = draw(q, seq.sampler.generator)
                 drafts[i].append(token)
                 qs[i].append(q)
                 seq.tokens.append(token)
@@ -687,33 +656,3 @@ class Engine:
                         yield out
         finally:
             self.abort(rid)
-
-
-def load_engine(
-    checkpoint,
-    tokenizer=None,
-    quantize: str | None = None,
-    group_size: int = 64,
-    speculative: str | None = None,
-    num_speculative: int = 4,
-    device: str = "cpu",
-    **config,
-) -> Engine:
-    """An engine over a checkpoint: `tokenizer` overrides the checkpoint's (a spec or a Tokenizer);
-    `quantize` int8|int4 quantizes on load (a quantized checkpoint loads as it was saved);
-    `speculative`: None, "ngram", or the path of a draft checkpoint. On CPU the linear layers take
-    the decode layout (transforms/decode.py)."""
-    model = load_model(checkpoint, device=device, tokenizer=tokenizer, require_tokenizer=True)
-    tok = model.tokenizer
-
-    def prepare(m: GPT) -> GPT:
-        if quantize and not getattr(m, "quantization", None):
-            return quantize_model(m, quantize, group_size)
-        return decode_layout(m) if device == "cpu" and not getattr(m, "quantization", None) else m
-
-    draft = None
-    if speculative not in (None, "ngram"):
-        draft = prepare(load_model(speculative, device=device, tokenizer=tok))
-        speculative = "draft"
-    cfg = EngineConfig(speculative=speculative, num_speculative=num_speculative, **config)
-    return Engine(prepare(model), cfg, tokenizer=tok, draft=draft)
