@@ -377,6 +377,7 @@ def test_prepare_is_deterministic_across_worker_counts_and_refuses_other_setting
         _prepare(corpus_dir, tmp_path / "a", seed=1)
 
 
+@pytest.mark.slow
 def test_dask_cluster_gives_byte_identical_shards(corpus_dir, tmp_path):
     from gptstack.data.pipeline import DaskExecutor
 

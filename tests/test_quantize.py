@@ -11,48 +11,22 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA
 
 from gptstack import checkpoint
-from gptstack.config import ModelConfig
 from gptstack.infer.engine import Engine
 from gptstack.infer.sampling import SamplingParams
 from gptstack.model import build_model
-from gptstack.tokenizer import get_tokenizer
 from gptstack.transforms import kernels
 from gptstack.transforms.decode import decode_layout
 from gptstack.transforms.quantize import QuantizedLinear, quantize
 
-TEXT = (SHARED_DATA / "text" / "tinyshakespeare.txt").read_text()
-
 
 @pytest.fixture(scope="module")
-def trained():
-    """A byte-level GPT trained briefly (300 steps, ~20 s) on Tiny Shakespeare's first 90%, with
-    the held-out bytes and the unigram perplexity of the training bytes (what it must beat)."""
-    torch.manual_seed(0)
-    tok = get_tokenizer("bytes")
-    data = torch.tensor(list(TEXT.encode()), dtype=torch.long)
-    split = int(0.9 * len(data))
-    freq = torch.bincount(data[:split], minlength=256).double() / split
-    unigram = math.exp(-(freq[freq > 0] * freq[freq > 0].log()).sum().item())
-    cfg = ModelConfig(vocab_size=320, block_size=128, n_layer=2, n_head=4, n_embd=128)
-    model = build_model(cfg, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    steps = 300
-    for i in range(steps):
-        for group in opt.param_groups:  # warm-up, then cosine to 10%
-            group["lr"] = 1e-2 * min(1, (i + 1) / 30) * (0.1 + 0.45 * (1 + math.cos(math.pi * i / steps)))
-        starts = torch.randint(0, split - 65, (32,), generator=g)
-        batch = torch.stack([data[s : s + 65] for s in starts])
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.tokenizer = tok
-    return model, data[split:], unigram
+def trained(trained_run):
+    """The session's briefly pretrained byte-level GPT (conftest's `trained_run`), its held-out bytes and
+    the unigram perplexity of its training bytes (what it must beat)."""
+    model = checkpoint.load_model(trained_run.checkpoint).eval()
+    return model, torch.tensor(list(trained_run.held_out), dtype=torch.long), trained_run.unigram_ppl
 
 
 @torch.no_grad()
@@ -136,6 +110,7 @@ def run_cli(*args, stdin: str | None = None, ok: bool = True):
     return proc
 
 
+@pytest.mark.slow
 def test_cli_quantize_generate_and_chat(trained, tmp_path):
     model = trained[0]
     src = checkpoint.save_checkpoint(model, tmp_path / "fp32", step=250, tokenizer=model.tokenizer)

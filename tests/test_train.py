@@ -303,6 +303,7 @@ def _env(threads: int = 1) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0"}
 
 
+@pytest.mark.slow
 def test_sigkill_resume_is_exact(shards, tmp_path):
     common = ["pretrain", "--data", str(shards), "--preset", "tiny", "--max-steps", "200", "--batch-size", "4",
               "--no-progress", *(x for s in MICRO_SET for x in ("--set", s)), "--set", "checkpoint_every=4",
@@ -346,6 +347,7 @@ def test_sigkill_resume_is_exact(shards, tmp_path):
 
 
 # ---- torchrun: 2 gloo processes == 1 process ---------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_gloo_matches_one_process(shards, tmp_path, mode):
     common = ["pretrain", "--data", str(shards), "--preset", "tiny", "--max-steps", "8", "--no-progress",
