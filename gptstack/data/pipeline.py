@@ -57,9 +57,7 @@ class PrepareConfig:
     inputs: list[str] = field(default_factory=list)  # files or folders (default: the Python standard library)
     tokenizer: str = "cl100k_base"  # cl100k_base | o200k_base | bytes | a tokenizer folder
     text_field: str = "text"  # JSONL/Parquet field with the text
-    filters: dict = field(
-        default_factory=dict
-    )  # filter overrides: {"gopher_quality": {"min_doc_words": 20}, "c4": false}
+    filters: dict = field(default_factory=dict)  # overrides: {"gopher_quality": {"min_doc_words": 20}, "c4": false}
     pii: bool = True  # mask e-mail addresses, IP addresses and phone numbers
     quality_model: str | None = None  # a classifier from `gptstack data train-quality`
     dedup: Literal["fuzzy", "exact", "none"] = "fuzzy"  # fuzzy: MinHash-LSH near-duplicates and exact ones
