@@ -387,6 +387,12 @@ def test_make_config_precedence_and_token_arrays(tmp_path):
     assert cfg.model == "tiny" and cfg.model_overrides == {"n_layer": 3}
     again = TrainConfig.from_file(path.with_name("c.json"))
     assert again.eval_every == 7
+    for text, message in (("{not json", "c.json: not valid JSON"), ("[1]", "expected a JSON object")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            make_config(str(path), "tiny", [])
+    with pytest.raises(ConfigError, match=r"config file .*nope\.json does not exist"):
+        TrainConfig.from_file(tmp_path / "nope.json")
     # a shard folder from streams tokenized elsewhere trains like a prepared one
     tok = train_chars(["abcdefgh ij\n" * 50])
     ids = np.array(tok.encode("abc defg hij\n" * 400), dtype=np.int64)
