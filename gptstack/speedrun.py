@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -61,9 +62,10 @@ from gptstack.infer.load import LoadConfig, load_engine
 from gptstack.infer.sampling import SamplingParams
 from gptstack.posttrain.chatset import write_chat_set
 from gptstack.posttrain.common import read_jsonl, split
-from gptstack.posttrain.sft import SFTConfig, encode_example, pack, sft, sft_loss
+from gptstack.posttrain.sft import SFTConfig, encode_example, messages_of, pack, sft, sft_loss
 from gptstack.report import write_section
-from gptstack.train.loop import make_config, parse_budget, pretrain
+from gptstack.train.config import make_config, parse_budget
+from gptstack.train.loop import pretrain
 from gptstack.train.report import write_pretrain_report
 
 TASKS = ("arc_easy", "copa", "piqa", "hellaswag", "winogrande", "lambada_openai")
@@ -79,17 +81,11 @@ TITLE = "# gptstack speedrun: report card"
 class SpeedrunConfig:
     out: str = "runs/speedrun"  # the run folder: every stage's artifacts, speedrun.json and report.md
     budget: str = "10m"  # wall-clock time for the whole run (90s, 10m, 2h); pretraining gets what the rest leaves
-    input: list[str] = field(
-        default_factory=list
-    )  # files or folders to train on (default: the Python standard library)
+    input: list[str] = field(default_factory=list)  # files or folders (default: the Python standard library)
     vocab_size: int = 4096  # tokenizer ids, special tokens included
     preset: str = "tiny"  # the model preset to pretrain (see `gptstack info`)
-    overrides: list[str] = field(
-        default_factory=list
-    )  # pretraining key=value settings (TrainConfig or ModelConfig fields)
-    tasks: list[str] = field(
-        default_factory=lambda: list(TASKS)
-    )  # eval task names or files; those not found are skipped
+    overrides: list[str] = field(default_factory=list)  # pretraining key=value settings, as `pretrain --set`
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # eval task names or files; missing ones are skipped
     task_limit: int = 100  # items scored per eval task
     chat_data: str | None = None  # SFT conversations, JSONL (default: the built-in stdlib chat set)
     sft_share: float = 0.1  # share of the budget for SFT training (sized in steps from the pretraining speed)
@@ -97,7 +93,7 @@ class SpeedrunConfig:
     chat_prompt: str = "What does `shutil.copyfile` do?"  # the chat sample's question
     held_out: int = 32  # held-out chat-set prompts answered before and after SFT
     workers: int | None = None  # data pipeline processes (default: one per core)
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train and generate (auto: cuda when available)
     seed: int = 0  # seed of the SFT order and the chat sample
     progress: bool = True  # progress bars on stderr
 
@@ -124,6 +120,8 @@ class Run:
         self.cfg, self.budget_s, self.out = cfg, seconds, Path(cfg.out)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         self.state_path = self.out / "speedrun.json"
+        if not self.state_path.is_file() and self.out.is_dir() and any(self.out.iterdir()):
+            raise ConfigError(f"{self.out} holds files but no speedrun.json: choose another --out for the speedrun")
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"stages": {}}
         self.started = time.monotonic()
 
@@ -208,7 +206,7 @@ def section_tokenizer(run: Run, f: dict) -> None:
     rows = [("ids", f"{f['n_vocab']:,}"), ("trained on", f"{f['train_mb']:.1f} MB in {f['train_seconds']:.1f} s"),
             ("held-out text", f"{f['heldout_mb']:.1f} MB"), ("bytes/token, ours", f"{f['bytes_per_token']:.3f}"),
             ("bytes/token, cl100k_base", f"{f['cl100k_bytes_per_token']:.3f}")]  # fmt: skip
-    write_section(run.path("report.md"), "speedrun-tokenizer", "## 1. Tokenizer\n\n" + table(rows))
+    write_section(run.path("report.md"), "speedrun-tokenizer", "## Tokenizer\n\n" + table(rows))
 
 
 # ---- 2. data -----------------------------------------------------------------------------------------
@@ -242,7 +240,7 @@ def output_data(run: Run) -> str | None:
 
 def section_data(run: Run, f: dict) -> None:
     manifest = json.loads((run.path("data") / "manifest.json").read_text())
-    write_section(run.path("report.md"), "speedrun-data", "## 2. Data\n\n" + format_stats(manifest))
+    write_section(run.path("report.md"), "speedrun-data", "## Data\n\n" + format_stats(manifest))
 
 
 # ---- 3. pretraining ----------------------------------------------------------------------------------
@@ -388,7 +386,7 @@ def section_sft(run: Run, f: dict) -> None:
         0, ("held-out loss per assistant token, before → after", f"{f['loss_before']:.4f} → {f['loss_after']:.4f}")
     )
     cfg = sft_config(run)
-    body = f"## 5. SFT\n\nFrom `{cfg.init}` on `{cfg.data}`; checkpoint `{f['checkpoint']}`.\n\n"
+    body = f"## SFT\n\nFrom `{cfg.init}` on `{cfg.data}`; checkpoint `{f['checkpoint']}`.\n\n"
     body += table(rows)
     if run.path("sft/loss.png").is_file():
         body += "\n\n![SFT loss](sft/loss.png)"
@@ -399,18 +397,20 @@ def section_sft(run: Run, f: dict) -> None:
 
 
 def answer(engine, pairs: list[tuple[dict, tuple]]) -> list[dict]:
-    """Greedy replies to the held-out prompts: the reply, whether it ended with the end-of-turn token,
-    and whether it is the known answer exactly."""
-    tok, prompts = engine.tokenizer, []
+    """Greedy replies to the held-out conversations, each cut before its last assistant turn: the reply,
+    whether it ended with the end-of-turn token, and whether it is that turn (the known answer) exactly."""
+    cut = []  # (messages before the answer, the answer, the row's kind)
     for row, _ in pairs:
-        prompts.append(tok.encode_chat(row["messages"][:-1], add_generation_prompt=True)[0])
+        msgs = messages_of(row)
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        cut.append((msgs[:last], msgs[last]["content"], row.get("kind", "")))
+    prompts = [engine.tokenizer.encode_chat(before, add_generation_prompt=True)[0] for before, _, _ in cut]
     room = min(REPLY_TOKENS, engine.context - max(len(p) for p in prompts))
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=room))
     replies = []
-    for (row, _), out in zip(pairs, outs, strict=True):
-        question, known = row["messages"][-2]["content"], row["messages"][-1]["content"]
+    for (before, known, kind), out in zip(cut, outs, strict=True):
         reply = out.text.strip()
-        replies.append({"prompt": question, "answer": known, "kind": row.get("kind", ""), "reply": reply,
+        replies.append({"prompt": before[-1]["content"], "answer": known, "kind": kind, "reply": reply,
                         "stopped": out.finish_reason == "stop", "exact": reply == known.strip()})  # fmt: skip
     return replies
 
@@ -449,11 +449,13 @@ def section_chat(run: Run, f: dict) -> None:
     intro = (f"{run.cfg.held_out} held-out prompts of the chat set, greedy replies of the pretrained model (before) "
              "and the SFT model (after); `stopped`: the reply ended with the end-of-turn token, `exact`: it is the "
              "known answer.")  # fmt: skip
-    body = ["## 6. Chat", "", intro, "", table(rows, ("held-out prompts", "before → after")), ""]
+    body = ["## Chat", "", intro, "", table(rows, ("held-out prompts", "before → after")), ""]
+    transcript = []
     for r in f["after_replies"]:
-        body += [f"- **{r['prompt']}** → `{r['reply']}` (known answer: `{r['answer']}`)"]
+        transcript += [f"user> {r['prompt']}", f"assistant> {r['reply']}", f"(known answer: {r['answer']})", ""]
     s = f["sample"]
-    body += ["", "Chat sample (temperature 0.8):", "", "```", f"user> {s['prompt']}", f"assistant> {s['reply']}", "```"]
+    transcript += [f"user> {s['prompt']}", f"assistant> {s['reply']}"]
+    body += ["Held-out replies after SFT, then a chat sample (temperature 0.8):", "", "```", *transcript, "```"]
     write_section(run.path("report.md"), "speedrun-chat", "\n".join(body))
 
 
@@ -497,7 +499,7 @@ def results_table(summary: dict) -> str:
     rows = [(f"{k}. {name}", clock(s["seconds"]), s["figures"]["headline"])
             for k, (name, s) in enumerate(summary["stages"].items(), 1)]  # fmt: skip
     rows.append(("total", clock(summary["total_s"]), f"budget {clock(summary['budget_s'])}"))
-    return table(rows, ("stage", "wall time", "key figures"))
+    return table(rows, ("stage", "wall time", "key figures"), "---|---:|---|")
 
 
 def write_card(run: Run) -> None:
@@ -528,8 +530,9 @@ def fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def table(rows: list[tuple], header: tuple[str, ...] = ("", "")) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def table(rows: list[tuple], header: tuple[str, ...] = ("", ""), align: str = "") -> str:
+    """A markdown table; `align` is its rule line without the leading '|' (default: all left)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + (align or "---|" * len(header))]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
