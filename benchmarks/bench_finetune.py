@@ -17,7 +17,8 @@ from pathlib import Path
 from gptstack.data.shards import write_texts
 from gptstack.posttrain.finetune import FinetuneConfig, finetune
 from gptstack.tokenizer import byte_tokenizer
-from gptstack.train.loop import TrainConfig, pretrain
+from gptstack.train.config import TrainConfig
+from gptstack.train.loop import pretrain
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 

@@ -20,7 +20,8 @@ from gptstack.eval.scorer import Scorer
 from gptstack.eval.synthetic import FAMILIES, train_tokenizer, training_text, write_tasks
 from gptstack.eval.tasks import EXAMPLE_SEP, load_task, run_task, shots_prefix
 from gptstack.tokenizer import get_tokenizer
-from gptstack.train.loop import TrainConfig, pretrain
+from gptstack.train.config import TrainConfig
+from gptstack.train.loop import pretrain
 
 SHOTS = (0, 1, 2, 4, 8)
 

@@ -38,8 +38,9 @@ from gptstack.info import describe_model
 from gptstack.options import add_options, from_args
 from gptstack.posttrain import dpo, finetune, ppo, reward, sft
 from gptstack.serve.config import ModerationTrainConfig, ServeConfig
-from gptstack.speedrun import SpeedrunConfig, speedrun
-from gptstack.train.loop import TrainConfig, make_config, pretrain
+from gptstack.speedrun import SpeedrunConfig, results_table, speedrun
+from gptstack.train.config import TrainConfig, make_config
+from gptstack.train.loop import pretrain
 from gptstack.train.sweep import run_sweep
 
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "starlette": "serve",
@@ -234,7 +235,9 @@ def cmd_scaling(args: argparse.Namespace) -> None:
 
 def cmd_speedrun(args: argparse.Namespace) -> None:
     """the main job: tokenizer → data → pretrain → eval → SFT → chat on the stdlib, with a report card"""
-    print_summary(speedrun(from_args(SpeedrunConfig, args)))
+    summary = speedrun(from_args(SpeedrunConfig, args))
+    print(results_table(summary))
+    print(f"report card: {summary['report']}")
 
 
 def print_summary(summary: dict) -> None:
@@ -286,7 +289,7 @@ COMMANDS = [  # (command, function, its options)
     ("tokenizer train", cmd_tokenizer_train, [opts(TokenizerTrainConfig)]),
     ("tokenizer eval", cmd_tokenizer_eval, [opts(TokenizerEvalConfig)]),
     ("tokenizer encode", cmd_tokenizer_encode, [opts(EncodeConfig, positional=("tokenizer",))]),
-    ("data prepare", cmd_data_prepare, [opts(pipeline.PrepareConfig),
+    ("data prepare", cmd_data_prepare, [opts(pipeline.PrepareConfig, flags={"inputs": "input"}),
                                         arg("--workers", type=int, help="processes (default: all cores)"),
                                         arg("--dask", help="run on Dask: a scheduler address, or 'local'")]),
     ("data stats", cmd_data_stats, [arg("dir", type=Path)]),

@@ -153,9 +153,11 @@ def add_options(
     defaults: Any = None,
     skip: tuple[str, ...] = (),
     positional: tuple[str, ...] = (),
+    flags: dict[str, str] | None = None,
 ) -> None:
     """Add one option per field of the dataclass `cls` (fields in `positional` become positional
-    arguments; a field without a default is required)."""
+    arguments; a field without a default is required). `flags` renames a field's flag (a file format
+    keeps the field's name: PrepareConfig's `inputs` is typed `--input`)."""
     hints, helps = typing.get_type_hints(cls), field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
@@ -175,7 +177,7 @@ def add_options(
             continue
         required = default is dataclasses.MISSING
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            "--" + (flags or {}).get(f.name, f.name).replace("_", "-"),
             dest=f.name,
             default=argparse.SUPPRESS,
             required=required,

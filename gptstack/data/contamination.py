@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from gptstack.data.dedup import ngram_hashes, normalize, word_hashes
+from gptstack.data.shards import open_shards, read_manifest
 from gptstack.files import iter_jsonl
+from gptstack.tokenizer import Tokenizer
 
 
 def item_text(record) -> str:
@@ -55,9 +57,6 @@ def training_ngrams(texts: Iterable[str], sizes: set[int]) -> dict[int, np.ndarr
 
 def shard_documents(folder: str | Path, splits: tuple[str, ...] = ("train",)) -> Iterable[str]:
     """The documents of a shard folder, decoded with its own tokenizer (split at <|endoftext|>)."""
-    from gptstack.data.shards import open_shards, read_manifest
-    from gptstack.tokenizer import Tokenizer
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     tok = Tokenizer.from_dir(folder / manifest["tokenizer"]["folder"])

@@ -27,6 +27,8 @@ import random
 import string
 from pathlib import Path
 
+from gptstack.tokenizer import train_bpe
+
 FAMILIES = ("lookup", "mapping", "copy")
 SEP = "\n\n"  # between examples: the same separator the task runner puts between shots
 COLOURS = ("red", "blue", "green", "pink", "gold", "grey", "black", "white", "brown", "cyan", "lime", "navy")
@@ -74,8 +76,6 @@ def vocabulary() -> list[str]:
 
 def train_tokenizer(texts: list[str]):
     """A BPE tokenizer on which every code, number and word of the mixture is one token."""
-    from gptstack.tokenizer import train_bpe
-
     tok = train_bpe(texts + vocabulary(), vocab_size=1280, pattern=PATTERN, name="icl-bpe")
     split = [w for w in vocabulary() if len(tok.encode(w)) != 1]
     if split:

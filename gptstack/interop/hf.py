@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from gptstack.checkpoint import load_model, save_checkpoint
 from gptstack.config import ModelConfig
 from gptstack.model import GPT
 
@@ -253,8 +254,6 @@ def hf_import(src: str | Path, dst: str | Path, tokenizer=None) -> Path:
     """HF folder → gptstack checkpoint folder."""
     transformers = _transformers()
 
-    from gptstack.checkpoint import save_checkpoint
-
     if not (Path(src) / "config.json").is_file():
         raise InteropError(f"{src} is not a transformers model folder (no config.json)")
     hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -263,7 +262,5 @@ def hf_import(src: str | Path, dst: str | Path, tokenizer=None) -> Path:
 
 def hf_export(src: str | Path, dst: str | Path) -> Path:
     """gptstack checkpoint → a folder `AutoModelForCausalLM.from_pretrained` loads."""
-    from gptstack.checkpoint import load_model
-
     to_hf_model(load_model(src)).save_pretrained(dst)
     return Path(dst)

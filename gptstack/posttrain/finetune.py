@@ -45,6 +45,7 @@ from gptstack.posttrain.common import (
     maybe_lora,
     optimize,
     pad,
+    read_jsonl,
     split,
 )
 
@@ -126,8 +127,6 @@ def load_examples(cfg: FinetuneConfig) -> tuple[str, list[Example], list[str], d
             raise DataError(str(e)) from None
         transform, examples, labels = examples_from_task(task.records, task.kind, cfg.transform)
     else:
-        from gptstack.posttrain.common import read_jsonl
-
         rows, skip = read_jsonl(path, example_from_row)
         skipped = dict(skip)
         kinds = {t for t, _ in rows}

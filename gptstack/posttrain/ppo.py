@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from gptstack.data.loader import TokenLoader
 from gptstack.infer.engine import Engine, EngineConfig
 from gptstack.infer.sampling import SamplingParams
 from gptstack.model import GPT
@@ -209,11 +210,9 @@ class PPOTrainer:
             freeze(rm)
         self.kl = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
         self.opt = build_adamw(param_groups(self.model, cfg.weight_decay), cfg.lr, (0.9, 0.95), 1e-8, fused=False)
-        self.end_ids = {self.tokenizer.special_tokens["<|end|>"], self.tokenizer.eot_id}
+        self.end_ids = self.tokenizer.stop_ids
         self.ptx = None
         if cfg.ptx_coef > 0:
-            from gptstack.data.loader import TokenLoader
-
             self.ptx = TokenLoader(cfg.ptx_data, batch_size=cfg.minibatch_size, seq_len=policy.config.block_size)
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.sample_seed = cfg.seed * 1_000_003
@@ -229,7 +228,7 @@ class PPOTrainer:
             self.sample_seed += 1
             params.append(SamplingParams(cfg.temperature, max_tokens=cfg.max_tokens, seed=self.sample_seed))
         outs = engine.generate([ids for _, ids in prompts], params)
-        responses = [o.token_ids or [self.tokenizer.special_tokens["<|end|>"]] for o in outs]
+        responses = [o.token_ids or [self.tokenizer.end_of_turn_id] for o in outs]
         ended = torch.tensor([r[-1] in self.end_ids for r in responses], dtype=torch.float)
         texts = [self.tokenizer.decode([t for t in r if t not in self.end_ids]) for r in responses]
         full = [ids + r for (_, ids), r in zip(prompts, responses, strict=True)]

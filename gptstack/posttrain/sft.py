@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gptstack.infer.engine import Engine, EngineConfig
+from gptstack.infer.sampling import SamplingParams
 from gptstack.model import GPT
 from gptstack.posttrain.common import (
     RunLog,
@@ -119,9 +121,6 @@ def sft_loss(model: GPT, rows: list[tuple]) -> tuple[torch.Tensor, float, dict[s
 def stop_rate(model: GPT, rows: list[dict], max_tokens: int = 64) -> float:
     """The fraction of held-out prompts whose greedy reply ends with <|end|> within max_tokens (or
     what the context leaves)."""
-    from gptstack.infer.engine import Engine, EngineConfig
-    from gptstack.infer.sampling import SamplingParams
-
     tok = model.tokenizer
     prompts = []
     for row in rows:

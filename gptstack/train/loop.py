@@ -37,9 +37,11 @@ from gptstack import checkpoint as ckpt
 from gptstack.config import ConfigError
 from gptstack.data.loader import TokenLoader
 from gptstack.data.shards import atomic_write
+from gptstack.infer.generate import generate
+from gptstack.infer.sampling import SamplingParams
 from gptstack.model import build_model
 from gptstack.train import distributed
-from gptstack.train.config import TrainConfig, make_config, parse_budget  # noqa: F401 (make_config: cli.py's import)
+from gptstack.train.config import TrainConfig, parse_budget
 from gptstack.train.metrics import RunLog, read_metrics
 from gptstack.train.optim import accum_steps_at, build_adamw, lr_at, param_groups
 from gptstack.train.plan import Schedule, plan_run, schedule
@@ -275,9 +277,6 @@ class Trainer:
     @torch.no_grad()
     def samples(self) -> list[dict]:
         """One sampled completion per prompt (every rank runs it, so FSDP can gather weights)."""
-        from gptstack.infer.generate import generate
-        from gptstack.infer.sampling import SamplingParams
-
         model = distributed.unwrap(self.wrapped)
         model.eval()
         allowed = self.tokenizer.decodable_mask(self.model_cfg.vocab_size)

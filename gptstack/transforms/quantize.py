@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptstack.model import GPT
-
 from gptstack.transforms import kernels
 from gptstack.transforms.decode import replace_linears
 
