@@ -300,9 +300,10 @@ COMMANDS = [  # (command, function, its options)
                                 arg("--config", help="training config JSON (a run's train_config.json works)"),
                                 arg("--resume", action="store_true", help="continue from the newest checkpoint"),
                                 arg("--set", **SET, help="a training (eval_every=100) or model field (n_layer=6)")]),
-    *[(name, cmd_posttrain, [opts(cls)]) for name, cls in (
-        ("finetune", finetune.FinetuneConfig), ("sft", sft.SFTConfig), ("reward", reward.RewardConfig),
-        ("dpo", dpo.DPOConfig), ("ppo", ppo.PPOConfig))],
+    *[(name, cmd_posttrain, [opts(cls, required=needs)]) for name, cls, needs in (
+        ("finetune", finetune.FinetuneConfig, ("init",)), ("sft", sft.SFTConfig, ("init", "data")),
+        ("reward", reward.RewardConfig, ("init", "data")), ("dpo", dpo.DPOConfig, ("init", "data")),
+        ("ppo", ppo.PPOConfig, ("init", "data", "reward")))],
     ("eval", cmd_eval, [opts(EvalConfig, positional=("checkpoint",))]),
     ("scaling", cmd_scaling, [opts(ScalingConfig)]),
     ("speedrun", cmd_speedrun, [opts(SpeedrunConfig)]),

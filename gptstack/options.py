@@ -112,7 +112,7 @@ class _DictAction(argparse.Action):
         try:
             setattr(namespace, self.dest, _parse_dict(self.dest, values))
         except ConfigError as e:
-            parser.error(str(e))
+            raise argparse.ArgumentError(self, str(e)) from None
 
 
 def _parser(name: str, spelled: str):
@@ -147,6 +147,11 @@ def _kwargs_for(name: str, tp: Any, default: Any) -> dict[str, Any]:
     return {"type": _parser(name, spelled), "metavar": metavar}
 
 
+def _owned(cls: type) -> str:
+    """The namespace attribute listing the options add_options made for `cls`."""
+    return f"_options_of_{cls.__module__}.{cls.__qualname__}"
+
+
 def add_options(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -154,13 +159,17 @@ def add_options(
     skip: tuple[str, ...] = (),
     positional: tuple[str, ...] = (),
     flags: dict[str, str] | None = None,
+    required: tuple[str, ...] = (),
 ) -> None:
     """Add one option per field of the dataclass `cls` (fields in `positional` become positional
-    arguments; a field without a default is required). `flags` renames a field's flag (a file format
-    keeps the field's name: PrepareConfig's `inputs` is typed `--input`)."""
+        arguments; a field without a default is required). `flags` renames a field's flag (a file format
+        keeps the field's name: PrepareConfig's `inputs` is typed `--input`). `required`: fields the command
+    needs although the library has a default for them (post-training's `--init`)."""
     hints, helps = typing.get_type_hints(cls), field_help(cls)
+    added = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in skip]
+    parser.set_defaults(**{_owned(cls): added})  # from_args reads only these: two configs may share a name
     for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
+        if f.name not in added:
             continue
         default = _default(f, defaults)
         kwargs = _kwargs_for(f.name, hints[f.name], default)
@@ -175,12 +184,12 @@ def add_options(
             kwargs.pop("metavar", None)
             parser.add_argument(f.name, **kwargs)
             continue
-        required = default is dataclasses.MISSING
+        needed = default is dataclasses.MISSING or f.name in required
         parser.add_argument(
             "--" + (flags or {}).get(f.name, f.name).replace("_", "-"),
             dest=f.name,
             default=argparse.SUPPRESS,
-            required=required,
+            required=needed,
             **kwargs,
         )
 
@@ -188,7 +197,7 @@ def add_options(
 def from_args(cls: type, args: argparse.Namespace, defaults: Any = None, **extra: Any) -> Any:
     """The config of the fields the user gave (others at `defaults` or the dataclass defaults)."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    names = set(getattr(args, _owned(cls), ())) or {f.name for f in dataclasses.fields(cls) if f.init}
     given = {k: v for k, v in vars(args).items() if k in names}
     for k, v in given.items():
         if isinstance(v, list) and typing.get_origin(_unwrap_optional(hints[k])[0]) is tuple:

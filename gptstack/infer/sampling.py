@@ -24,16 +24,16 @@ from torch import Tensor
 class SamplingParams:
     temperature: float = 1.0  # 0 → greedy
     top_k: int | None = None  # None: no top-k filter
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
     min_p: float = 0.0  # drop tokens below min_p × the most likely token's probability
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # >1 discourages tokens of the prompt and the output
-    seed: int | None = None
-    max_tokens: int = 64
+    seed: int | None = None  # the request's own generator (none: random)
+    max_tokens: int = 64  # tokens to generate at most
     stop: tuple[str, ...] = ()  # stop strings (need the engine's tokenizer); not part of the text
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's end tokens
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # keep generating past the end tokens
     logprobs: int | None = None  # report each sampled token's log-probability and the top-n alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token (OpenAI's echo)
 

@@ -39,24 +39,24 @@ class StageConfig:
     init: str = ""  # the checkpoint to start from
     data: str = ""  # a JSONL file
     out: str = "runs/posttrain"  # the run folder: <out>/<stage>/step-*/ and <out>/report.md
-    lr: float = 1e-4
+    lr: float = 1e-4  # peak learning rate (warm-up, then cosine decay)
     batch_size: int = 32  # sequences (or pairs) per optimizer step
     micro_batch_size: int = 0  # per forward/backward; 0: the whole batch (no accumulation)
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the training rows (when max_steps is 0)
     max_steps: int = 0  # 0: from epochs
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up steps
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     eval_fraction: float = 0.1  # rows held out for evaluation
-    seed: int = 0
+    seed: int = 0  # data order, held-out split and initialisation of new heads
     max_len: int = 0  # 0: the model's context
     lora_rank: int = 0  # 0: full fine-tuning
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
-    device: str = "cpu"
-    progress: bool = True
+    lora_alpha: float = 16.0  # LoRA scale α (the update is α/r · B A)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")  # module names that get adapters
+    device: str = "cpu"  # cpu | cuda
+    progress: bool = True  # a progress bar on stderr
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.micro_batch_size < 0:

@@ -42,7 +42,7 @@ LOSSES = ("sigmoid", "ipo")
 class DPOConfig(StageConfig):
     """direct preference optimisation (sigmoid = DPO / cDPO with label smoothing, ipo)"""
 
-    beta: float = 0.1
+    beta: float = 0.1  # β: strength of the implicit KL to the reference
     loss: str = "sigmoid"  # sigmoid (DPO, cDPO with label_smoothing) | ipo
     label_smoothing: float = 0.0  # cDPO's ε
     lr: float = 1e-5
