@@ -72,6 +72,15 @@ def shard_documents(folder: str | Path, splits: tuple[str, ...] = ("train",)) ->
             carry = tokens[start:]
 
 
+def occurs(hashes: np.ndarray, index: np.ndarray) -> bool:
+    """Whether any of `hashes` is in the sorted array `index`: a binary search per hash, since
+    np.isin would sort the whole training index again for every item."""
+    if not len(index) or not len(hashes):
+        return False
+    at = np.minimum(np.searchsorted(index, hashes), len(index) - 1)
+    return bool((index[at] == hashes).any())
+
+
 def contamination_report(
     train_texts: Iterable[str], tasks: dict[str, list[str]], ngram: int | None = 13
 ) -> dict[str, dict]:
@@ -82,9 +91,7 @@ def contamination_report(
     report = {}
     for name, items in words.items():
         n = sizes[name]
-        dirty = [
-            i for i, w in enumerate(items) if len(w) >= n and np.isin(ngram_hashes(word_hashes(w), n), index[n]).any()
-        ]
+        dirty = [i for i, w in enumerate(items) if len(w) >= n and occurs(ngram_hashes(word_hashes(w), n), index[n])]
         report[name] = {"items": len(items), "ngram": n, "dirty": len(dirty), "dirty_fraction": len(dirty) / len(items),
                         "too_short": sum(len(w) < n for w in items),
                         "dirty_items": dirty}  # fmt: skip
