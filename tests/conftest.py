@@ -20,7 +20,8 @@ import torch
 
 from gptstack.config import ModelConfig
 from gptstack.data.pipeline import LocalExecutor, PrepareConfig, prepare
-from gptstack.train.loop import TrainConfig, pretrain
+from gptstack.train.config import TrainConfig
+from gptstack.train.loop import pretrain
 
 # ../shared/data beside the repository (real public data; read it, never copy it in)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
