@@ -121,3 +121,19 @@ def test_tokenizer_and_data_commands_end_to_end(tmp_path):
     assert "filter c4 has no parameter 'lines'" in bad.stderr
     bad = run("data", "stats", str(tmp_path), ok=False)
     assert "not a shard folder" in bad.stderr
+
+
+MISSING_EXTRA = """
+import sys
+sys.modules[sys.argv[1]] = None  # as if the optional package were not installed
+from gptstack.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_missing_optional_extra_is_named_with_its_install_command():
+    cmd = [sys.executable, "-c", MISSING_EXTRA, "fastapi", "serve", "ckpt"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "this needs the optional package 'fastapi': pip install 'gptstack[serve]'" in run.stderr
+    assert "Traceback" not in run.stderr
