@@ -324,8 +324,14 @@ def test_sigkill_resume_is_exact(shards, tmp_path):
                     break
                 time.sleep(0.002)
             during_save += proc.poll() is None
-        else:  # kill at a random moment after start-up
-            time.sleep(rng.uniform(1.5, 3.5))  # start-up (imports) takes 1.5-2.5 s; the run must not finish first
+        else:  # kill mid-run, a random 1-8 steps after this attempt's first: by progress, not by the clock,
+            # so a fast machine cannot finish the run before enough kills (a sleep here once flaked in CI)
+            target = len(read_metrics(run / "metrics.jsonl")) + rng.randint(1, 8)
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                if len(read_metrics(run / "metrics.jsonl")) >= target:
+                    break
+                time.sleep(0.005)
         if proc.poll() is not None:
             assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
             break
