@@ -9,7 +9,6 @@ only when their command runs, since they need optional extras.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -35,6 +34,7 @@ from gptstack.infer.engine import EngineConfig
 from gptstack.infer.load import LoadConfig, load_engine
 from gptstack.infer.sampling import SamplingParams
 from gptstack.info import describe_model
+from gptstack.interop import hf
 from gptstack.options import add_options, from_args
 from gptstack.posttrain import dpo, finetune, ppo, reward, sft
 from gptstack.serve.config import ModerationTrainConfig, ServeConfig
@@ -83,8 +83,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     """import or export transformers checkpoints"""
-    from gptstack.interop import hf  # needs the `hf` extra
-
     if args.direction == "hf-import":
         path = hf.hf_import(args.src, args.dst, tokenizer=args.tokenizer)
     else:
@@ -188,8 +186,6 @@ def cmd_data_contamination(args: argparse.Namespace) -> None:
     print("| task | items | n-gram | dirty | dirty % |\n|---|---:|---:|---:|---:|")
     for name, r in report.items():
         print(f"| {name} | {r['items']:,} | {r['ngram']} | {r['dirty']:,} | {r['dirty_fraction']:.1%} |")
-    if cfg.out:
-        Path(cfg.out).write_text(json.dumps(report, indent=1))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -254,6 +250,11 @@ def arg(*flags: str, **kwargs) -> tuple:
     return ("arg", flags, kwargs)
 
 
+def one_of(*args: tuple) -> tuple:
+    """Hand-written options of which at most one may be given."""
+    return ("one_of", args, {})
+
+
 def opts(cls: type, **kwargs) -> tuple:
     """All fields of `cls` as options (add_options kwargs: positional, skip, defaults)."""
     return (cls, kwargs)
@@ -268,6 +269,7 @@ SET = {"action": "append", "default": [], "metavar": "KEY=VALUE"}
 LOAD = opts(LoadConfig, positional=("checkpoint",))
 DRAFTS = only(EngineConfig, "num_speculative")
 SAMPLING_SKIP = ("stop_token_ids", "prompt_logprobs")  # API-only sampling fields
+PRETRAIN_SKIP = ("model", "model_overrides", "sample_prompts")  # --preset / --config / --set give these
 COMMANDS = [  # (command, function, its options)
     ("info", cmd_info, [arg("model", help="preset name, config JSON, or checkpoint folder"),
                         arg("--context", type=int, help="context length for the attention FLOPs")]),
@@ -295,9 +297,9 @@ COMMANDS = [  # (command, function, its options)
     ("data stats", cmd_data_stats, [arg("dir", type=Path)]),
     ("data train-quality", cmd_data_train_quality, [opts(QualityTrainConfig)]),
     ("data contamination", cmd_data_contamination, [opts(ContaminationConfig, positional=("dir",))]),
-    ("pretrain", cmd_pretrain, [opts(TrainConfig, skip=("model", "model_overrides", "sample_prompts")),
-                                arg("--preset", help="model preset (see `gptstack info`), e.g. tiny, gpt2-small"),
-                                arg("--config", help="training config JSON (a run's train_config.json works)"),
+    ("pretrain", cmd_pretrain, [opts(TrainConfig, skip=PRETRAIN_SKIP, required=("data", "out")),
+                                one_of(arg("--preset", help="model preset (see `gptstack info`), e.g. tiny"),
+                                       arg("--config", help="training config JSON (a run's train_config.json works)")),
                                 arg("--resume", action="store_true", help="continue from the newest checkpoint"),
                                 arg("--set", **SET, help="a training (eval_every=100) or model field (n_layer=6)")]),
     *[(name, cmd_posttrain, [opts(cls, required=needs)]) for name, cls, needs in (
@@ -324,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
         for kind, *rest in options:
             if kind == "arg":
                 s.add_argument(*rest[0], **rest[1])
+            elif kind == "one_of":
+                group = s.add_mutually_exclusive_group()
+                for _, flags, kwargs in rest[0]:
+                    group.add_argument(*flags, **kwargs)
             else:
                 add_options(s, kind, **rest[0])
         s.set_defaults(func=func, config_class=options[0][0] if func is cmd_posttrain else None)

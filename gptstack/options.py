@@ -197,7 +197,8 @@ def add_options(
 def from_args(cls: type, args: argparse.Namespace, defaults: Any = None, **extra: Any) -> Any:
     """The config of the fields the user gave (others at `defaults` or the dataclass defaults)."""
     hints = typing.get_type_hints(cls)
-    names = set(getattr(args, _owned(cls), ())) or {f.name for f in dataclasses.fields(cls) if f.init}
+    owned = getattr(args, _owned(cls), None)  # None: a namespace add_options did not build
+    names = set(owned) if owned is not None else {f.name for f in dataclasses.fields(cls) if f.init}
     given = {k: v for k, v in vars(args).items() if k in names}
     for k, v in given.items():
         if isinstance(v, list) and typing.get_origin(_unwrap_optional(hints[k])[0]) is tuple:

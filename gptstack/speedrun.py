@@ -50,7 +50,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from gptstack import checkpoint as ckpt
+from gptstack import checkpoint
 from gptstack.config import ConfigError
 from gptstack.data.pipeline import LocalExecutor, PrepareConfig, format_stats, prepare
 from gptstack.data.shards import atomic_write
@@ -298,7 +298,7 @@ def eval_config(run: Run, tasks: list[str]) -> EvalConfig:
 def run_eval(run: Run) -> dict:
     """Perplexity of the val split, the tasks found locally, and their contamination against the shards."""
     found, missing = [], []
-    for spec in run.cfg.tasks:
+    for spec in (t for entry in run.cfg.tasks for t in entry.split(",") if t):  # `--tasks a,b` as eval takes it
         try:
             resolve_task(spec)
             found.append(spec)
@@ -363,14 +363,14 @@ def run_sft(run: Run) -> dict:
     rate = run.figures("pretrain")["tokens_per_s"]
     steps = max(1, round(run.cfg.sft_share * run.budget_s * rate / (SFT_BATCH * context)))
     cfg = sft_config(run, steps)
-    base = ckpt.load_model(cfg.init, device=run.device)
+    base = checkpoint.load_model(cfg.init, device=run.device)
     before = held_out_loss(base.eval(), held_out(cfg, base.tokenizer, context), context)
     del base
     s = sft(cfg)
     after = s["eval_loss"]
     return {
         "steps": steps, "loss_before": before, "loss_after": after, "summary": s,
-        "checkpoint": str(ckpt.resolve(run.path("sft"))),
+        "checkpoint": str(checkpoint.resolve(run.path("sft"))),
         "headline": f"{s['train_examples']:,} conversations, {steps} steps, held-out loss {before:.3f} → {after:.3f}",
     }  # fmt: skip
 
@@ -560,7 +560,7 @@ def file_digest(path: Path) -> str | None:
 
 def weights_digest(folder: Path) -> str | None:
     """The newest checkpoint under `folder`: its step and weights' SHA-256 (from its config.json)."""
-    if not folder.is_dir() or not ckpt.list_checkpoints(folder):
+    if not folder.is_dir() or not checkpoint.list_checkpoints(folder):
         return None
-    _, meta = ckpt.read_meta(folder)
+    _, meta = checkpoint.read_meta(folder)
     return f"{meta['step']}:{meta['files']['model.safetensors']['sha256']}"

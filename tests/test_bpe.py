@@ -1,9 +1,8 @@
 """BPE training: rustbpe and HF tokenizers trainers export tiktoken ranks that encode like the trainers
 themselves; round trips on arbitrary Unicode; chat template; bytes per token."""
 
-from pathlib import Path
-
 import pytest
+from conftest import shared_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -142,7 +141,7 @@ def test_bytes_per_token(corpus, trained):
 
 
 def test_chars_tokenizer_is_character_level_and_refuses_unseen_characters(tmp_path):
-    text = (Path(__file__).resolve().parents[2] / "shared/data/text/tinyshakespeare.txt").read_text()
+    text = shared_file("text/tinyshakespeare.txt").read_text()
     tok = train_chars([text], name="chars")
     assert len(tok.ranks) == 65  # nanoGPT's shakespeare_char vocabulary
     assert tok.n_vocab == 65 + 5 and tok.eot_id == 65  # + <|endoftext|> and the 4 chat tokens

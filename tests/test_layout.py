@@ -1,6 +1,8 @@
 """The package's arrows point down (DESIGN.md): importing a layer never loads a layer above it.
 
-cli → speedrun → serve | posttrain | eval | train → infer | data → checkpoint → transforms → model → config.
+cli → speedrun → serve | posttrain → eval | train → infer | data | interop | info → checkpoint → transforms →
+model | tokenizer | report | options → config → files (RANKS below).
+
 Checked twice: statically over every `import` in the source (module level and inside functions, so a
 cycle cannot hide in a function), and at run time by importing each module in a fresh set of
 gptstack modules and looking at what got loaded.
@@ -17,21 +19,20 @@ from pathlib import Path
 import gptstack
 
 ROOT = Path(gptstack.__file__).parent
-# module prefix → the gptstack prefixes it must never import (directly, inside a function, or through others)
-ABOVE = {
-    "gptstack.config": ["gptstack.model", "gptstack.checkpoint", "gptstack.transforms", "gptstack.infer"],
-    "gptstack.model": ["gptstack.checkpoint", "gptstack.transforms", "gptstack.infer", "gptstack.tokenizer"],
-    "gptstack.report": ["gptstack.checkpoint", "gptstack.infer", "gptstack.train", "gptstack.eval"],
-    "gptstack.transforms": ["gptstack.checkpoint", "gptstack.infer", "gptstack.posttrain", "gptstack.train"],
-    "gptstack.checkpoint": ["gptstack.infer", "gptstack.data", "gptstack.train", "gptstack.eval", "gptstack.serve"],
-    "gptstack.infer": ["gptstack.serve", "gptstack.posttrain", "gptstack.eval", "gptstack.train", "gptstack.data"],
-    "gptstack.data": ["gptstack.infer", "gptstack.serve", "gptstack.posttrain", "gptstack.eval", "gptstack.train"],
-    "gptstack.train": ["gptstack.serve", "gptstack.posttrain", "gptstack.cli", "gptstack.speedrun"],
-    "gptstack.eval": ["gptstack.serve", "gptstack.posttrain", "gptstack.train", "gptstack.cli", "gptstack.speedrun"],
-    "gptstack.posttrain": ["gptstack.serve", "gptstack.cli", "gptstack.speedrun"],
-    "gptstack.serve": ["gptstack.posttrain", "gptstack.train", "gptstack.eval", "gptstack.cli", "gptstack.speedrun"],
-    "gptstack.speedrun": ["gptstack.cli", "gptstack.serve"],
-}
+# The layers, bottom to top. A module may import modules of a lower rank and its own subpackage; a
+# module of the same rank in another subpackage, or of a higher rank, is an arrow that points up or sideways.
+RANKS = {
+    "gptstack.files": 0,
+    "gptstack.config": 1,
+    "gptstack.model": 2, "gptstack.tokenizer": 2, "gptstack.report": 2, "gptstack.options": 2,
+    "gptstack.transforms": 3,
+    "gptstack.checkpoint": 4,
+    "gptstack.info": 5, "gptstack.interop": 5, "gptstack.data": 5, "gptstack.infer": 5,
+    "gptstack.train": 6, "gptstack.eval": 6,
+    "gptstack.posttrain": 7, "gptstack.serve": 7,
+    "gptstack.speedrun": 8,
+    "gptstack.cli": 9,
+}  # fmt: skip
 ALLOWED = {("gptstack.train.sweep", "gptstack.eval.scaling")}  # the sweep trains runs and hands them to the fits
 
 
@@ -40,10 +41,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def rules_for(module: str) -> list[str]:
-    return [
-        bad for prefix, bads in ABOVE.items() if module == prefix or module.startswith(prefix + ".") for bad in bads
-    ]
+def layer(module: str) -> str | None:
+    """The RANKS prefix `module` belongs to (None for the package root)."""
+    return next((p for p in RANKS if module == p or module.startswith(f"{p}.")), None)
 
 
 def imported(tree: ast.AST, module: str) -> set[str]:
@@ -58,12 +58,18 @@ def imported(tree: ast.AST, module: str) -> set[str]:
 
 
 def violations(module: str, names: set[str]) -> list[str]:
-    return [
-        f"{module} imports {name}"
-        for name in sorted(names)
-        for bad in rules_for(module)
-        if (name == bad or name.startswith(bad + ".")) and (module, name) not in ALLOWED
-    ]
+    home = layer(module)
+    if home is None:
+        return []
+    found = []
+    for name in sorted(names):
+        there = layer(name)
+        allowed = any(module == a and (name == b or name.startswith(f"{b}.")) for a, b in ALLOWED)
+        if there is None or there == home or allowed:
+            continue
+        if RANKS[there] >= RANKS[home]:
+            found.append(f"{module} (rank {RANKS[home]}) imports {name} (rank {RANKS[there]})")
+    return found
 
 
 def test_no_module_imports_a_layer_above_it_even_inside_a_function():

@@ -92,7 +92,7 @@ def test_every_command_with_no_options_gets_exactly_its_configs_defaults():
         args = parser.parse_args(argv)
         given = {a.dest for a in required}
         for kind, *rest in options:
-            if kind == "arg" or rest[0].get("defaults") is not None:
+            if kind in ("arg", "one_of") or rest[0].get("defaults") is not None:
                 continue
             skipped = set(rest[0].get("skip", ()))
             missing = {
@@ -107,7 +107,7 @@ def test_every_generated_option_has_help():
     missing = []
     for path, _, options in COMMANDS:
         for kind, *rest in options:
-            if kind == "arg":
+            if kind in ("arg", "one_of"):
                 continue
             skip = set(rest[0].get("skip", ()))
             helps = field_help(kind)

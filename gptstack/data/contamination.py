@@ -8,6 +8,7 @@ all called clean by construction. Items shorter than n words
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,12 @@ class ContaminationConfig:
 
 
 def contamination_of_shards(cfg: ContaminationConfig) -> dict[str, dict]:
-    """`gptstack data contamination`: contamination_report of the task files against the shards."""
+    """`gptstack data contamination`: contamination_report of the task files against the shards
+    (written to cfg.out as JSON when given)."""
     if cfg.ngram != "auto" and not cfg.ngram.isdigit():
         raise ValueError(f"--ngram must be a number or 'auto', got {cfg.ngram!r}")
     tasks = {Path(t).stem: read_task(t) for t in cfg.tasks}
-    return contamination_report(shard_documents(cfg.dir), tasks, None if cfg.ngram == "auto" else int(cfg.ngram))
+    report = contamination_report(shard_documents(cfg.dir), tasks, None if cfg.ngram == "auto" else int(cfg.ngram))
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(report, indent=1))
+    return report

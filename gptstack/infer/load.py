@@ -30,7 +30,7 @@ class LoadConfig:
 
 def load_engine(cfg: LoadConfig, engine: EngineConfig | None = None) -> Engine:
     """An engine over `cfg.checkpoint` (a quantized checkpoint loads as it was saved), scheduled by
-    `engine` (its `speculative` mode follows cfg.speculative)."""
+    `engine` (cfg.speculative, when set, decides its speculative mode)."""
     model = load_model(cfg.checkpoint, device=cfg.device, tokenizer=cfg.tokenizer, require_tokenizer=True)
     tok = model.tokenizer
 
@@ -45,5 +45,7 @@ def load_engine(cfg: LoadConfig, engine: EngineConfig | None = None) -> Engine:
     if speculative not in (None, "ngram"):
         draft = prepare(load_model(speculative, device=cfg.device, tokenizer=tok))
         speculative = "draft"
-    engine = replace(engine or EngineConfig(), speculative=speculative)
+    engine = engine or EngineConfig()
+    if speculative is not None:  # else the engine config's own mode (e.g. "ngram") stands
+        engine = replace(engine, speculative=speculative)
     return Engine(prepare(model), engine, tokenizer=tok, draft=draft)

@@ -222,9 +222,7 @@ def load_start(cfg: StageConfig) -> GPT:
     """The checkpoint to post-train, in train mode, with `.tokenizer` (required)."""
     if not cfg.init:
         raise ValueError("--init: the checkpoint to start from is required")
-    model = load_model(cfg.init, device=cfg.device)
-    if model.tokenizer is None:
-        raise ValueError(f"{cfg.init} names no tokenizer; post-training needs one")
+    model = load_model(cfg.init, device=cfg.device, require_tokenizer=True)
     torch.manual_seed(cfg.seed)
     return model
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gptstack import checkpoint as ckpt
+from gptstack import checkpoint
 from gptstack.config import ConfigError
 from gptstack.data.loader import TokenLoader
 from gptstack.data.shards import atomic_write
@@ -87,9 +87,9 @@ class Trainer:
 
     def _resume_state(self) -> dict:
         """The checkpoint's training state, after its checksums (plan_run checked model and tokenizer)."""
-        folder, meta = ckpt.read_meta(self.plan.resume_from)
-        ckpt.verify_files(folder, meta)  # checksums before anything is unpickled
-        state = ckpt.load_training_state(folder)
+        folder, meta = checkpoint.read_meta(self.plan.resume_from)
+        checkpoint.verify_files(folder, meta)  # checksums before anything is unpickled
+        state = checkpoint.load_training_state(folder)
         if not state or "optimizer" not in state:
             raise ConfigError(f"cannot resume from {folder}: it has no training state (optimizer.pt)")
         if state["loader"]["total"] != self.loader.total:
@@ -104,7 +104,7 @@ class Trainer:
         cfg = self.cfg
         self.base = build_model(self.model_cfg, self.d.device, seed=cfg.seed)
         if self.plan.resume_from:
-            ckpt.load_weights(self.base, self.plan.resume_from, verify=False)  # verified in _resume_state
+            checkpoint.load_weights(self.base, self.plan.resume_from, verify=False)  # verified in _resume_state
         self.base.activation_checkpointing = cfg.activation_checkpointing
         self.wrapped = distributed.wrap(self.base, cfg.distributed, self.d)
         self.optimizer = build_adamw(
@@ -300,10 +300,10 @@ class Trainer:
         if self.d.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
         rngs = distributed.gather_objects(rng)
-        path = ckpt.step_dir(self.ckpt_dir, self.step)
+        path = checkpoint.step_dir(self.ckpt_dir, self.step)
         if self.d.main:
             train = {**self.cfg.to_dict(), "data_tokenizer": self.plan.tokenizer_record}
-            ckpt.save_checkpoint(
+            checkpoint.save_checkpoint(
                 self.base, path, step=self.step, tokenizer=self.tokenizer,
                 train_config=train, training_state=self._training_state(optim, rngs), tensors=weights,
             )  # fmt: skip
@@ -329,7 +329,7 @@ class Trainer:
         }
 
     def _prune_checkpoints(self) -> None:
-        for old in ckpt.list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_checkpoints]:
+        for old in checkpoint.list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_checkpoints]:
             trash = old.with_name(f".tmp-{old.name}-pruned")  # renamed first: a kill mid-delete
             os.rename(old, trash)  # never leaves a half-deleted step-* folder behind
             shutil.rmtree(trash, ignore_errors=True)
@@ -386,7 +386,7 @@ class Trainer:
     def _stop_if_diverging(self, rec: dict) -> None:
         if self.bad_streak < self.cfg.max_bad_steps:
             return
-        newest = ckpt.list_checkpoints(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+        newest = checkpoint.list_checkpoints(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
         raise TrainingError(
             f"stopped at step {self.step}: {self.bad_streak} consecutive steps with a non-finite loss or "
             f"gradient (last loss {rec['loss']}, grad norm {rec['grad_norm']}); lower the learning rate "
@@ -431,7 +431,7 @@ class Trainer:
             "final_loss": records[-1]["loss"] if records else None,
             **last_eval,
             "samples": samples,
-            "checkpoint": str(ckpt.step_dir(self.ckpt_dir, self.step)),
+            "checkpoint": str(checkpoint.step_dir(self.ckpt_dir, self.step)),
             "config": self.cfg.to_dict(),
         }
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptstack import checkpoint as ckpt
+from gptstack import checkpoint
 from gptstack.config import ConfigError, ModelConfig, load_config
 from gptstack.data.shards import read_manifest
 from gptstack.model import count_params, flops_per_token
@@ -143,7 +143,7 @@ def tokenizer_record(data: Path, manifest: dict) -> dict:
 
 def _resume_point(checkpoints: Path, resume: bool) -> Path | None:
     """The newest checkpoint when resuming; a run folder that has checkpoints is refused otherwise."""
-    existing = ckpt.list_checkpoints(checkpoints) if checkpoints.is_dir() else []
+    existing = checkpoint.list_checkpoints(checkpoints) if checkpoints.is_dir() else []
     if existing and not resume:
         raise ConfigError(
             f"{checkpoints} already has checkpoints (newest {existing[-1].name}): pass --resume to "
@@ -154,7 +154,7 @@ def _resume_point(checkpoints: Path, resume: bool) -> Path | None:
 
 def check_resumable(folder: Path, model: ModelConfig, record: dict, data: Path) -> None:
     """The checkpoint holds this model, trained on data tokenized with this tokenizer."""
-    folder, meta = ckpt.read_meta(folder)
+    folder, meta = checkpoint.read_meta(folder)
     saved_model = meta.get("model")
     if saved_model != model.to_dict():
         diff = sorted(k for k in model.to_dict() if (saved_model or {}).get(k) != getattr(model, k))
