@@ -118,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     load = from_args(LoadConfig, args, checkpoint="")
     engines = load_engines(args.checkpoints, args.name, load, from_args(EngineConfig, args))
-    serve(engines, from_args(ServeConfig, args), host=args.host, port=args.port)
+    serve(engines, from_args(ServeConfig, args))
 
 
 def cmd_moderation_train(args: argparse.Namespace) -> None:
@@ -284,7 +284,6 @@ COMMANDS = [  # (command, function, its options)
                         opts(SamplingParams, skip=SAMPLING_SKIP, defaults=chat.CHAT_SAMPLING)]),
     ("serve", cmd_serve, [arg("checkpoints", nargs="+", help="checkpoint folders, each served under its folder's name"),
                           arg("--name", action="append", default=[], help="served name of the n-th checkpoint"),
-                          arg("--host", default="127.0.0.1"), arg("--port", type=int, default=8000),
                           opts(LoadConfig, skip=("checkpoint", "speculative")),
                           only(EngineConfig, "max_seqs", "num_blocks", "max_step_tokens"), opts(ServeConfig)]),
     ("moderation train", cmd_moderation_train, [opts(ModerationTrainConfig)]),

@@ -52,7 +52,7 @@ import torch
 
 from gptstack import checkpoint
 from gptstack.config import ConfigError
-from gptstack.data.pipeline import LocalExecutor, PrepareConfig, format_stats, prepare
+from gptstack.data.pipeline import PrepareConfig, format_stats, run_prepare
 from gptstack.data.shards import atomic_write
 from gptstack.data.vocab import TokenizerEvalConfig, TokenizerTrainConfig, eval_tokenizers, train_tokenizer
 from gptstack.eval.run import EvalConfig, evaluate, write_report
@@ -214,7 +214,7 @@ def section_tokenizer(run: Run, f: dict) -> None:
 
 def run_data(run: Run) -> dict:
     cfg = PrepareConfig(out=str(run.path("data")), inputs=list(run.cfg.input), tokenizer=str(run.path("tokenizer")))
-    manifest = prepare(cfg, LocalExecutor(run.cfg.workers), progress=run.cfg.progress)
+    manifest = run_prepare(cfg, workers=run.cfg.workers, progress=run.cfg.progress)  # PrepareError if nothing is kept
     splits = manifest["splits"]
     if not splits["train"]["tokens"]:
         raise ValueError(f"the data pipeline kept no training text ({run.path('data')}); see its filter counts")

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ServeConfig:
+    host: str = "127.0.0.1"  # address to listen on (loopback by default)
+    port: int = 8000  # TCP port
     api_keys: str | None = None  # key file: lines 'KEY [name=N] [rpm=N] [tpm=N]' or JSON ($GPTSTACK_API_KEYS adds keys)
     rpm: float | None = None  # default requests per minute per key
     tpm: float | None = None  # default tokens per minute per key (prompt + max_tokens)

@@ -1,7 +1,7 @@
 """`gptstack serve`: load the checkpoints into engines and run the app under uvicorn.
 
 engines = load_engines(["runs/small", "runs/large"], load=LoadConfig(checkpoint="", quantize="int8"))
-serve(engines, ServeConfig(api_keys="keys.txt"), port=8000)
+serve(engines, ServeConfig(api_keys="keys.txt", port=8000))
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def load_engines(
     return {n: load_engine(replace(load, checkpoint=str(c)), engine) for n, c in zip(chosen, checkpoints, strict=True)}
 
 
-def serve(engines: dict[str, Engine], config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(engines: dict[str, Engine], config: ServeConfig) -> None:
     app = create_app(engines, config)
     names = ", ".join(app.state.server.model_names())
-    print(f"serving {names} at http://{host}:{port}/ (web chat) and /v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    print(f"serving {names} at http://{config.host}:{config.port}/ (web chat) and /v1", flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
