@@ -17,14 +17,14 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from gptstack.eval.scorer import Scorer, load_scorer
+from gptstack.eval.scorer import BATCH_TOKENS, MAX_GEN_TOKENS, Scorer, load_scorer
 
 
 @register_model("gptstack")
 class GPTStackLM(TemplateLM):
     def __init__(
         self, checkpoint: str | None = None, tokenizer: str | None = None, device: str = "cpu",
-        batch_tokens: int = 8192, scorer: Scorer | None = None, **_: object,
+        batch_tokens: int = BATCH_TOKENS, scorer: Scorer | None = None, **_: object,
     ) -> None:  # fmt: skip
         super().__init__()
         if scorer is None:
@@ -65,7 +65,7 @@ class GPTStackLM(TemplateLM):
             kw = req.args[1] if len(req.args) > 1 else {}
             until = kw.get("until") or []
             until = (until,) if isinstance(until, str) else tuple(until)
-            groups[(until, int(kw.get("max_gen_toks", 256)))].append(i)
+            groups[(until, int(kw.get("max_gen_toks", MAX_GEN_TOKENS)))].append(i)
         out: list[str] = [""] * len(requests)
         for (until, max_tokens), idx in groups.items():
             prompts = [self.tokenizer.encode(requests[i].args[0]) or [self.eot_token_id] for i in idx]

@@ -26,8 +26,8 @@ from gptstack.checkpoint import resolve
 from gptstack.data.contamination import contamination_report, item_text, shard_documents
 from gptstack.eval.calibration import choice_probs, plot_reliability, reliability
 from gptstack.eval.perplexity import perplexity, read_documents
-from gptstack.eval.scorer import Scorer, load_scorer
-from gptstack.eval.tasks import Task, resolve_task, run_task
+from gptstack.eval.scorer import BATCH_TOKENS, MAX_GEN_TOKENS, Scorer, load_scorer
+from gptstack.eval.tasks import FEWSHOT_SEED, Task, resolve_task, run_task
 from gptstack.report import write_section
 
 
@@ -45,9 +45,9 @@ class EvalConfig:
     calibration_plot: str | None = None  # write the reliability diagram (PNG)
     log_samples: str | None = None  # write every item's scores and outcome (JSONL)
     report: str | None = None  # report.md to append to (default: the checkpoint's run report)
-    seed: int = 1234  # few-shot example sampling
-    batch_tokens: int = 8192  # tokens per scoring batch
-    max_gen_tokens: int = 256  # bound on generated tokens (GSM8K, HumanEval)
+    seed: int = FEWSHOT_SEED  # few-shot example sampling
+    batch_tokens: int = BATCH_TOKENS  # tokens per scoring batch
+    max_gen_tokens: int = MAX_GEN_TOKENS  # bound on generated tokens (GSM8K, HumanEval)
     progress: bool = True  # progress bars on stderr
 
     def task_specs(self) -> list[str]:
@@ -85,8 +85,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def run_tasks(
-    scorer: Scorer, tasks: list[Task], shots: int = 0, limit: int | None = None, seed: int = 1234,
-    contamination: str | None = None, max_gen_tokens: int = 256, exec_timeout: float = 10.0,
+    scorer: Scorer, tasks: list[Task], shots: int = 0, limit: int | None = None, seed: int = FEWSHOT_SEED,
+    contamination: str | None = None, max_gen_tokens: int = MAX_GEN_TOKENS, exec_timeout: float = 10.0,
 ) -> dict:  # fmt: skip
     """Run `tasks` and gather the results: per task its metrics, the CORE-style centred accuracy
     averaged over tasks, calibration over the multiple-choice answers, and with a shard folder

@@ -62,10 +62,16 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Request:
     return ctx, whole[len(ctx) :] or tokenizer.encode(continuation)  # (merged into the context's last token)
 
 
+BATCH_TOKENS = 8192  # tokens per scoring batch: the one default of the scorer, EvalConfig and the lm-eval model
+MAX_GEN_TOKENS = 256  # bound on generated tokens (GSM8K, HumanEval): likewise
+
+
 class Scorer:
     """Batched log-likelihoods and greedy generation for one model and tokenizer."""
 
-    def __init__(self, model: GPT, tokenizer, batch_tokens: int = 8192, max_batch: int = 64, progress: bool = False):
+    def __init__(
+        self, model: GPT, tokenizer, batch_tokens: int = BATCH_TOKENS, max_batch: int = 64, progress: bool = False
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.context = model.config.block_size
@@ -160,7 +166,9 @@ class Scorer:
 
     # ---- generation --------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_gen_tokens: int = 256) -> list:
+    def generate(
+        self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_gen_tokens: int = MAX_GEN_TOKENS
+    ) -> list:
         """Greedy continuations through the inference engine (continuous batching), cut at the first
         stop string, at most `max_gen_tokens` tokens each, so a generation that never stops is bounded.
         Prompts longer than the context minus `max_gen_tokens` lose tokens on the left (counted).
@@ -180,7 +188,7 @@ class Scorer:
         return engine.generate(fitted, SamplingParams(temperature=0.0, max_tokens=max_gen_tokens, stop=tuple(stop)))
 
     def generate_until(
-        self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_gen_tokens: int = 256
+        self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_gen_tokens: int = MAX_GEN_TOKENS
     ) -> list[str]:
         """The texts of generate()."""
         return [c.text for c in self.generate(prompts, stop, max_gen_tokens)]

@@ -35,8 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from gptstack.eval.execution import run_programs
-from gptstack.eval.scorer import Scorer, encode_pair
+from gptstack.eval.scorer import MAX_GEN_TOKENS, Scorer, encode_pair
 from gptstack.files import iter_jsonl
+
+FEWSHOT_SEED = 1234  # which examples a k-shot prompt draws: the one default of run_task, run_tasks and EvalConfig
 
 KINDS = ("mc", "schema", "lm", "math", "code")
 CODE_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
@@ -245,8 +247,8 @@ def _item_requests(task: Task, rec: dict, prefix: str) -> list[tuple[str, str]]:
 
 
 def run_task(
-    scorer: Scorer, task: Task, shots: int = 0, limit: int | None = None, seed: int = 1234,
-    max_gen_tokens: int = 256, exec_timeout: float = 10.0,
+    scorer: Scorer, task: Task, shots: int = 0, limit: int | None = None, seed: int = FEWSHOT_SEED,
+    max_gen_tokens: int = MAX_GEN_TOKENS, exec_timeout: float = 10.0,
 ) -> TaskResult:  # fmt: skip
     """Score the first `limit` items of one task at `shots` shots: its metrics and per-item outcomes."""
     indices = list(range(min(limit, len(task.records)) if limit else len(task.records)))

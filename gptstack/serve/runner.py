@@ -1,7 +1,7 @@
 """The engine behind asyncio: one thread per model steps the (synchronous) Engine; requests come in
 through a command inbox and their outputs go back to per-request asyncio queues.
 
-    runner = EngineRunner(engine, name="small", metrics=metrics)
+    runner = EngineRunner(engine, name="small", max_waiting=256, metrics=metrics)
     runner.start()
     async for out in runner.generate(prompt_ids, SamplingParams(max_tokens=32)):   # ValueError: bad request
         ...                    # leaving the loop early (client gone) aborts the request, freeing its blocks
@@ -59,7 +59,7 @@ class _Pending:
 
 
 class EngineRunner:
-    def __init__(self, engine: Engine, name: str, metrics=None, max_waiting: int = 256):
+    def __init__(self, engine: Engine, name: str, max_waiting: int, metrics=None):
         self.engine, self.name, self.metrics, self.max_waiting = engine, name, metrics, max_waiting
         self.tokenizer = engine.tokenizer
         self.context = engine.context  # tokens: prompt + output

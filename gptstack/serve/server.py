@@ -125,7 +125,7 @@ class Server:
             raise ValueError("serve needs at least one model")
         self.config = config
         self.metrics = Metrics()
-        self.runners = {n: EngineRunner(e, n, self.metrics, config.max_waiting) for n, e in engines.items()}
+        self.runners = {n: EngineRunner(e, n, config.max_waiting, self.metrics) for n, e in engines.items()}
         size = {n: r.n_params for n, r in self.runners.items()}
         self.small, self.large = min(size, key=size.get), max(size, key=size.get)
         self.keys = load_keys(config.api_keys)
