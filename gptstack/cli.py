@@ -34,7 +34,7 @@ from gptstack.infer.engine import EngineConfig
 from gptstack.infer.load import LoadConfig, load_engine
 from gptstack.infer.sampling import SamplingParams
 from gptstack.info import describe_model
-from gptstack.interop import hf
+from gptstack.interop import convert
 from gptstack.options import add_options, from_args
 from gptstack.posttrain import dpo, finetune, ppo, reward, sft
 from gptstack.serve.config import ModerationTrainConfig, ServeConfig
@@ -84,9 +84,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     """import or export transformers checkpoints"""
     if args.direction == "hf-import":
-        path = hf.hf_import(args.src, args.dst, tokenizer=args.tokenizer)
+        path = convert.hf_import(args.src, args.dst, tokenizer=args.tokenizer)
     else:
-        path = hf.hf_export(args.src, args.dst)
+        path = convert.hf_export(args.src, args.dst)
     print(f"wrote {path}")
 
 

@@ -1,7 +1,7 @@
 """The package's arrows point down (DESIGN.md): importing a layer never loads a layer above it.
 
-cli → speedrun → serve | posttrain → eval | train → infer | data | interop | info → checkpoint → transforms →
-model | tokenizer | report | options → config → files (RANKS below).
+cli → speedrun → serve | posttrain → eval | train → infer | data | interop.convert | info → checkpoint →
+interop (formats) → transforms → model | tokenizer | report | options → config | template → files (RANKS below).
 
 Checked twice: statically over every `import` in the source (module level and inside functions, so a
 cycle cannot hide in a function), and at run time by importing each module in a fresh set of
@@ -23,15 +23,16 @@ ROOT = Path(gptstack.__file__).parent
 # module of the same rank in another subpackage, or of a higher rank, is an arrow that points up or sideways.
 RANKS = {
     "gptstack.files": 0,
-    "gptstack.config": 1,
+    "gptstack.config": 1, "gptstack.template": 1,
     "gptstack.model": 2, "gptstack.tokenizer": 2, "gptstack.report": 2, "gptstack.options": 2,
     "gptstack.transforms": 3,
-    "gptstack.checkpoint": 4,
-    "gptstack.info": 5, "gptstack.interop": 5, "gptstack.data": 5, "gptstack.infer": 5,
-    "gptstack.train": 6, "gptstack.eval": 6,
-    "gptstack.posttrain": 7, "gptstack.serve": 7,
-    "gptstack.speedrun": 8,
-    "gptstack.cli": 9,
+    "gptstack.interop.convert": 6, "gptstack.interop": 4,  # formats (hf, gguf) below checkpoint; file commands above
+    "gptstack.checkpoint": 5,
+    "gptstack.info": 6, "gptstack.data": 6, "gptstack.infer": 6,
+    "gptstack.train": 7, "gptstack.eval": 7,
+    "gptstack.posttrain": 8, "gptstack.serve": 8,
+    "gptstack.speedrun": 9,
+    "gptstack.cli": 10,
 }  # fmt: skip
 ALLOWED = {("gptstack.train.sweep", "gptstack.eval.scaling")}  # the sweep trains runs and hands them to the fits
 

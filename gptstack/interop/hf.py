@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from gptstack.checkpoint import load_model, save_checkpoint
 from gptstack.config import ModelConfig
 from gptstack.model import GPT
 
@@ -248,19 +246,3 @@ def to_hf_model(model: GPT):
         raise InteropError(f"export left HF tensors unfilled {unfilled[:3]} / unexpected {result.unexpected_keys[:3]}")
     hf.tie_weights()
     return hf.eval()
-
-
-def hf_import(src: str | Path, dst: str | Path, tokenizer=None) -> Path:
-    """HF folder → gptstack checkpoint folder."""
-    transformers = _transformers()
-
-    if not (Path(src) / "config.json").is_file():
-        raise InteropError(f"{src} is not a transformers model folder (no config.json)")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    return save_checkpoint(from_hf_model(hf), dst, tokenizer=tokenizer, train_config={"imported_from": str(src)})
-
-
-def hf_export(src: str | Path, dst: str | Path) -> Path:
-    """gptstack checkpoint → a folder `AutoModelForCausalLM.from_pretrained` loads."""
-    to_hf_model(load_model(src)).save_pretrained(dst)
-    return Path(dst)
