@@ -329,10 +329,7 @@ class Trainer:
         }
 
     def _prune_checkpoints(self) -> None:
-        for old in checkpoint.list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_checkpoints]:
-            trash = old.with_name(f".tmp-{old.name}-pruned")  # renamed first: a kill mid-delete
-            os.rename(old, trash)  # never leaves a half-deleted step-* folder behind
-            shutil.rmtree(trash, ignore_errors=True)
+        discard_checkpoints(checkpoint.list_checkpoints(self.ckpt_dir)[: -self.cfg.keep_checkpoints])
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -434,6 +431,15 @@ class Trainer:
             "checkpoint": str(checkpoint.step_dir(self.ckpt_dir, self.step)),
             "config": self.cfg.to_dict(),
         }
+
+
+def discard_checkpoints(folders: list[Path]) -> None:
+    """Delete checkpoint folders, each renamed to a .tmp-* name first: a kill mid-delete never leaves a
+    half-deleted step-* folder behind (and the next run's clean-up removes the .tmp-* one)."""
+    for old in folders:
+        trash = old.with_name(f".tmp-{old.name}-pruned")
+        os.rename(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def precision(
