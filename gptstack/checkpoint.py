@@ -20,10 +20,12 @@ mismatched checkpoint is refused with an error naming the file and the problem.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,10 +72,22 @@ def save_checkpoint(
     `heads`: extra tensors outside the language model (a reward, value or task head), written to
     heads.safetensors; the checkpoint still loads as a plain model, and load_heads() reads them."""
     path = Path(path)
+    ours = check_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"  # a fresh name: nothing to clear
     tmp.mkdir()
+    try:
+        _write_folder(tmp, model, step, tokenizer, train_config, training_state, tensors, heads)
+        _replace_dir(tmp, path, ours)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only our own temporary folder
+        raise
+    return path
+
+
+def _write_folder(tmp: Path, model: GPT, step, tokenizer, train_config, training_state, tensors, heads) -> None:
+    """The checkpoint's files inside the temporary folder `tmp`, config.json (with every file's size and
+    SHA-256, the tokenizer folder's included) last."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in (tensors or model.state_dict()).items()}
     if model.config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # the same tensor as transformer.wte.weight
@@ -83,7 +97,11 @@ def save_checkpoint(
     if training_state is not None:
         torch.save(training_state, tmp / "optimizer.pt")
     tokenizer_ref = _save_tokenizer(tokenizer, tmp)
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {
+        p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -96,8 +114,6 @@ def save_checkpoint(
     if getattr(model, "quantization", None):  # transforms/quantize.py: how the linear layers are stored
         meta["quantization"] = model.quantization
     _write_synced(tmp / "config.json", json.dumps(meta, indent=2))
-    _replace_dir(tmp, path)
-    return path
 
 
 def _save_tokenizer(tokenizer: Any, folder: Path) -> str | None:
@@ -116,8 +132,9 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Rename tmp → dst. An existing dst is moved aside first and removed after the rename."""
+def _replace_dir(tmp: Path, dst: Path, ours: set[str]) -> None:
+    """Rename tmp → dst. An existing dst (one of our checkpoints, see check_destination) is moved aside
+    first; after the rename the files it held that we wrote (`ours`) are removed by name."""
     for p in tmp.rglob("*"):  # make the data durable before the name appears
         if not p.is_file():
             continue
@@ -125,11 +142,82 @@ def _replace_dir(tmp: Path, dst: Path) -> None:
             os.fsync(f.fileno())
     old = None
     if dst.exists():
-        old = dst.parent / f".old-{dst.name}-{os.getpid()}"
+        old = dst.parent / f".old-{dst.name}-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(dst, old)
-    os.rename(tmp, dst)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        if old is not None:  # put the old checkpoint back
+            os.rename(old, dst)
+        raise
     if old is not None:
-        shutil.rmtree(old)
+        _remove_written(old, ours)
+
+
+# --- where a checkpoint may be written ------------------------------------------------------------------
+def check_destination(path: str | Path) -> set[str]:
+    """Refuse to write a checkpoint at `path` unless it does not exist, is an empty folder, or is one of
+    our checkpoint folders holding only files its config.json says we wrote. Returns those files'
+    relative paths (what replacing the folder may delete). Anything else in the way (a user's folder, a
+    run folder, a notes.txt beside the weights) is refused by name: a save never deletes a file it did
+    not write."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise CheckpointError(f"{path} exists and is not a folder; choose another output path")
+    if not path.exists() or not any(path.iterdir()):
+        return set()
+    ours = _written_files(path)
+    if ours is None:
+        raise CheckpointError(
+            f"{path} is a non-empty folder that is not a gptstack checkpoint; refusing to write over it "
+            "(choose a new or empty folder)"
+        )
+    foreign = [rel for rel in _entries(path) if rel not in ours and not any(o.startswith(rel + "/") for o in ours)]
+    if foreign:
+        raise CheckpointError(
+            f"{path}: replacing this checkpoint would delete {path / foreign[0]}, which it did not write "
+            f"({len(foreign)} such entr{'y' if len(foreign) == 1 else 'ies'}); move them or choose another folder"
+        )
+    return ours
+
+
+def _written_files(folder: Path) -> set[str] | None:
+    """Relative paths of the files a checkpoint folder's config.json says we wrote; None for a folder that
+    is not a readable gptstack checkpoint. Checkpoints from before config.json listed the tokenizer
+    folder's files: those files count as ours when config.json names the folder."""
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
+        return None
+    ours = {"config.json", *meta["files"]}
+    if meta.get("tokenizer") == "tokenizer" and not any(n.startswith("tokenizer/") for n in ours):
+        ours |= set(_entries(folder / "tokenizer", "tokenizer/"))
+    return ours
+
+
+def _entries(folder: Path, prefix: str = "") -> list[str]:
+    """Relative paths of everything under `folder` (files, links, folders), never following a link."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):  # os.walk lists a link to a folder, never enters it
+        rel = Path(dirpath).relative_to(folder).as_posix()
+        base = prefix + ("" if rel == "." else rel + "/")
+        out += [base + name for name in sorted(dirnames + filenames)]
+    return out
+
+
+def _remove_written(old: Path, ours: set[str]) -> None:
+    """Delete the files of `old` that are in `ours`, then its emptied folders; anything else stays."""
+    for rel in sorted(_entries(old), key=lambda r: -r.count("/")):  # deepest first
+        p = old / rel
+        if p.is_dir() and not p.is_symlink():
+            with contextlib.suppress(OSError):  # not empty: it holds something we did not write
+                p.rmdir()
+        elif rel in ours:
+            p.unlink()
+    with contextlib.suppress(OSError):
+        old.rmdir()
 
 
 def sha256(path: Path) -> str:
@@ -234,6 +322,109 @@ def _check_names(file: Path, found: set[str], expected: set[str]) -> None:
         raise CheckpointError(f"{file}: does not match the model config: {'; '.join(parts)}")
 
 
+# --- the memory a config implies, bounded before anything is built ----------------------------------
+LAYER_OBJECT_BYTES = 64 << 10  # Python objects of one block's modules (measured: 45 KB on the meta device)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes that building a model from a config takes, worked out on the meta device (nothing allocated)."""
+
+    weights: int  # parameters and saved buffers (quantized codes), each tied tensor once
+    derived: int  # buffers computed at load, never saved: the RoPE cos/sin tables, (block_size, head_dim) fp32 each
+    transient: int  # extra at the peak: the derived tables are recomputed beside their placeholders
+    objects: int  # the Python objects of n_layer blocks
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.derived + self.transient + self.objects
+
+
+def _meta_model(cfg: ModelConfig, quantization: dict | None, where: str | Path) -> GPT:
+    """`cfg`'s model on the meta device, with the quantized structure `quantization` describes."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+        if quantization:
+            try:
+                quantized_structure(model, quantization)
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{where}: bad quantization entry ({e})") from None
+    return model
+
+
+def _tensor_bytes(model: GPT) -> tuple[int, int]:
+    """(saved, derived) bytes of a meta model's tensors: parameters and persistent buffers, and the
+    buffers that state_dict leaves out."""
+    saved = {id(t): t for t in (*model.parameters(), *model.state_dict(keep_vars=True).values())}
+    derived = {id(b): b for b in model.buffers() if id(b) not in saved}
+    return _nbytes(saved.values()), _nbytes(derived.values())
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def estimate_memory(cfg: ModelConfig, quantization: dict | None = None, where: str | Path = "config") -> MemoryEstimate:
+    """What building `cfg` (with `quantization`) takes, from meta-device models of one and two layers: every
+    block holds the same tensors, so n layers hold one's bytes + (n-1)·(a block's bytes). That keeps the
+    count free for a hostile n_layer too, whose meta model alone would take 45 KB per layer."""
+    one, two = (_tensor_bytes(_meta_model(cfg.replace(n_layer=n), quantization, where)) for n in (1, 2))
+    weights = one[0] + (cfg.n_layer - 1) * (two[0] - one[0])
+    # to_empty() allocates placeholders for the derived tables, init_buffers() computes new ones beside them,
+    # and rope_tables' intermediates (t·f (T, hd/2), [f; f] (T, hd)) add 1.5 tables: ≤ 1.75 × at the peak
+    return MemoryEstimate(weights, one[1], one[1] * 7 // 4, cfg.n_layer * LAYER_OBJECT_BYTES)
+
+
+def available_memory(device: str | torch.device = "cpu") -> int | None:
+    """Bytes a new model may take on `device`: free memory of a CUDA device, else the system's available
+    RAM (MemAvailable, capped by a cgroup limit); None where neither can be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    found = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        found.append(int(next(ln for ln in lines if ln.startswith("MemAvailable:")).split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2: "max" (no limit) fails int()
+        cg = Path("/sys/fs/cgroup")
+        found.append(int((cg / "memory.max").read_text()) - int((cg / "memory.current").read_text()))
+    if not found:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return min(found) if found else None
+
+
+def check_config_memory(
+    cfg: ModelConfig,
+    *,
+    where: str | Path = "model config",
+    quantization: dict | None = None,
+    device: str | torch.device = "cpu",
+    limit: int | None = None,
+    copies: int = 1,
+) -> MemoryEstimate:
+    """Refuse (CheckpointError naming `where`) a config whose model would not fit: the estimate, with
+    `copies` copies of the weights (an import holds the source model too), against `limit` bytes
+    (default: what `available_memory(device)` reports). Call it before building anything."""
+    est = estimate_memory(cfg, quantization, where)
+    need = est.total + (copies - 1) * est.weights
+    limit = available_memory(device) if limit is None else limit
+    if limit is not None and need > limit:
+        raise CheckpointError(
+            f"{where}: this model needs {_gb(need)} to build (weights {_gb(est.weights * copies)}, RoPE tables "
+            f"{_gb(est.derived + est.transient)}; block_size {cfg.block_size:,}, n_layer {cfg.n_layer:,}, "
+            f"n_embd {cfg.n_embd:,}), more than the {_gb(limit)} available on {torch.device(device).type}; "
+            "refused before allocating it"
+        )
+    return est
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
 def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -253,13 +444,9 @@ def load_model(
         raise CheckpointError(f"{path} names no tokenizer: pass --tokenizer cl100k_base|o200k_base|bytes|DIR")
     if require_tokenizer and tok.n_vocab > cfg.vocab_size:
         raise CheckpointError(f"tokenizer {tok.name} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}")
-    with torch.device("meta"):
-        model = GPT(cfg)
-        if meta.get("quantization"):
-            try:
-                quantized_structure(model, meta["quantization"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{folder / 'config.json'}: bad quantization entry ({e})") from None
+    where, quantization = folder / "config.json", meta.get("quantization")
+    check_config_memory(cfg, where=where, quantization=quantization, device=device)  # before any allocation
+    model = _meta_model(cfg, quantization, where)
     model.to_empty(device=device)
     model.tie_weights()
     model.init_buffers()
@@ -315,10 +502,12 @@ class InitConfig:
 
 def init_checkpoint(cfg: InitConfig) -> tuple[Path, int]:
     """Write a freshly initialised model whose vocabulary fits the tokenizer: (folder, parameters)."""
+    check_destination(cfg.out)  # before any work: never over a folder that is not ours
     tok = get_tokenizer(cfg.tokenizer)
     model_cfg = load_config_spec(cfg.model, **{"vocab_size": tok.n_vocab, **cfg.overrides})
     if model_cfg.vocab_size < tok.n_vocab:
         raise ConfigError(f"vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tok.n_vocab}")
+    check_config_memory(model_cfg, where=cfg.model)
     model = build_model(model_cfg, seed=cfg.seed)
     path = save_checkpoint(model, cfg.out, step=0, tokenizer=tok, train_config={"init_seed": cfg.seed})
     return path, sum(p.numel() for p in model.parameters())
@@ -334,6 +523,7 @@ class QuantizeConfig:
 
 def quantize_checkpoint(cfg: QuantizeConfig) -> dict:
     """Write the checkpoint quantized (transforms/quantize.py): {"path", "bytes_before", "bytes_after"}."""
+    check_destination(cfg.out)  # before any work: never over a folder that is not ours
     model = load_model(cfg.checkpoint)
     _, meta = read_meta(cfg.checkpoint)
     before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
