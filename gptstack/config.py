@@ -1,8 +1,11 @@
 """ModelConfig: the one typed description of a GPT, plus named presets that cite their source.
 
 Every architectural variant of the lineage is a field here, never a subclass: learned or rotary
-positions, pre- or post-LN, LayerNorm or RMSNorm, GELU or SwiGLU, MHA/GQA/MQA, dense or locally
-banded attention per layer, dense or mixture-of-experts FFN, tied or untied embeddings.
+positions (one RoPE base, or a second one for local layers), pre- or post-LN, LayerNorm or RMSNorm
+(optionally scaling by offset + w, Gemma's (1+w)), sandwich norms, QK-norm, GELU, SwiGLU or GeGLU,
+MHA/GQA/MQA, dense or locally banded (sliding-window) attention per layer, dense or mixture-of-experts
+FFN, biases everywhere, nowhere or only on q/k/v (Qwen2), a token-embedding scale, a softmax scale,
+tied or untied embeddings.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ class ConfigError(ValueError):
     """A model configuration that cannot describe a valid model; the message says which field."""
 
 
-MLP_KINDS = ("gelu", "swiglu")  # gelu = tanh-approximated GELU, as GPT-1/2/3 use it
+MLP_KINDS = ("gelu", "swiglu", "geglu")  # gelu = tanh-approximated GELU, as GPT-1/2/3 use it; geglu gates with it
 NORM_KINDS = ("layernorm", "rmsnorm")
 POS_KINDS = ("learned", "rope")
 ATTN_KINDS = ("dense", "local")
@@ -45,6 +49,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this factor
     bias: bool = True  # biases in the linear layers and norms
+    qkv_bias: bool | None = None  # biases on the q/k/v projection; None → same as bias (Qwen2: only these)
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head, before RoPE (Gemma 3)
+    sandwich_norm: bool = False  # also norm the attention and MLP outputs before each residual add (Gemma 2/3)
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight), in fp32 (Gemma: 1.0)
+    embed_scale: float = 1.0  # token embeddings × this (Gemma: √n_embd, rounded to the activation dtype)
+    rope_local_theta: float | None = None  # RoPE base of "local" layers; None → rope_theta (Gemma 3: 1e4)
+    attn_scale: float | None = None  # softmax scale of q·k; None → 1/√head_dim (Gemma 3: query_pre_attn_scalar^-½)
     tie_embeddings: bool = True
     attn_pattern: str = "dense"  # comma list cycled over layers, e.g. "dense,local" (GPT-3)
     attn_window: int = 256  # band width of "local" layers: a query sees itself and window-1 keys before it
@@ -63,6 +74,8 @@ class ModelConfig:
             self.head_dim = self.n_embd // max(self.n_head, 1)
         if self.d_ff is None:
             self.d_ff = 4 * self.n_embd
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         self.validate()
 
     def validate(self) -> None:
@@ -88,6 +101,25 @@ class ModelConfig:
             raise ConfigError(f"n_expert_active={self.n_expert_active} must be in [1, n_expert={self.n_expert}]")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.validate_variants()
+
+    def validate_variants(self) -> None:
+        """The Gemma / Qwen-era fields: norms, scales and the second RoPE base."""
+        for name in ("bias", "qkv_bias", "qk_norm", "sandwich_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.norm != "rmsnorm" and (self.qk_norm or self.norm_offset):
+            raise ConfigError("qk_norm and norm_offset need norm='rmsnorm'")
+        if self.sandwich_norm and not self.prenorm:
+            raise ConfigError("sandwich_norm needs prenorm blocks (post-LN already norms each residual sum)")
+        if not math.isfinite(self.norm_offset):
+            raise ConfigError(f"norm_offset must be a finite number, got {self.norm_offset}")
+        for name in ("embed_scale", "attn_scale", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if self.rope_local_theta is not None and self.pos != "rope":
+            raise ConfigError("rope_local_theta needs pos='rope'")
 
     @property
     def attn_kinds(self) -> list[str]:
@@ -123,6 +155,14 @@ _GPT3 = dict(vocab_size=50257, block_size=2048, attn_pattern="dense,local", attn
 # GPT-3 (Brown et al. 2020, Table 2.1): "alternating dense and locally banded sparse attention
 # patterns ... similar to the Sparse Transformer". The band width is not published: 256 is ours.
 _LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+# Gemma 3 (Gemma Team 2025, technical report §2): 5 local sliding-window layers per global one, RoPE base
+# 10k on local and 1M on global layers, QK-norm, pre- and post-norms (sandwich) with (1+w) RMSNorm, GeGLU,
+# embeddings × √d, tied embeddings, no biases; eps and the rest from the released config.json files.
+_GEMMA3 = dict(
+    pos="rope", norm="rmsnorm", norm_offset=1.0, norm_eps=1e-6, mlp="geglu", bias=False, tie_embeddings=True,
+    qk_norm=True, sandwich_norm=True, rope_theta=1e6, rope_local_theta=1e4,
+    attn_pattern="local,local,local,local,local,dense",
+)  # fmt: skip
 
 PRESETS: dict[str, dict[str, Any]] = {
     # GPT-1 (Radford et al. 2018, §4.1): 12 layers, 768 wide, 12 heads, 3072 FFN, 512 context,
@@ -176,6 +216,39 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_expert_active=2,
         moe_aux_loss_coef=0.02,
     ),
+    # Gemma 3 270M (google/gemma-3-270m config.json): 18 layers × 640, 4 heads of 256 and 1 KV head,
+    # d_ff 2048, 262,144 vocabulary, 32k context, sliding window 512, query_pre_attn_scalar 256.
+    "gemma3-270m": dict(
+        _GEMMA3,
+        vocab_size=262144,
+        block_size=32768,
+        n_layer=18,
+        n_head=4,
+        n_kv_head=1,
+        n_embd=640,
+        head_dim=256,
+        d_ff=2048,
+        attn_window=512,
+        embed_scale=math.sqrt(640),
+        attn_scale=256**-0.5,
+    ),
+    # Qwen2-0.5B (Yang et al. 2024, Qwen2 technical report, Table 1): 24 layers × 896, 14 query / 2 KV heads
+    # of 64, d_ff 4864, 32k context, q/k/v biases only; RoPE θ 1e6, eps 1e-6, tied embeddings and the padded
+    # 151,936-id vocabulary from the released config.json.
+    "qwen2-0.5b": dict(
+        _LLAMA,
+        vocab_size=151936,
+        block_size=32768,
+        n_layer=24,
+        n_head=14,
+        n_kv_head=2,
+        n_embd=896,
+        d_ff=4864,
+        qkv_bias=True,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        tie_embeddings=True,
+    ),
     # Tiny CPU presets (ours): same families, laptop-sized.
     "tiny": dict(_GPT2, block_size=256, n_layer=4, n_head=4, n_embd=128),
     "tiny-gpt1": dict(vocab_size=40478, block_size=256, n_layer=4, n_head=4, n_embd=128, prenorm=False),
@@ -194,6 +267,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         d_ff=256,
         n_expert=4,
         n_expert_active=2,
+    ),
+    "tiny-gemma": dict(
+        _GEMMA3,
+        vocab_size=50257,
+        block_size=256,
+        n_layer=6,
+        n_head=4,
+        n_kv_head=1,
+        n_embd=128,
+        head_dim=32,
+        d_ff=512,
+        attn_window=64,
+        embed_scale=math.sqrt(128),
+        attn_scale=32**-0.5,
     ),
 }
 

@@ -1,21 +1,28 @@
-"""THE model: one GPT that covers the lineage (GPT-1/2/3, Llama-style, GPT-4-style MoE) by config.
+"""THE model: one GPT that covers the lineage (GPT-1/2/3, Llama-style, GPT-4-style MoE) and the open
+models users bring (SmolLM/Llama, Qwen2, Gemma 3) by config.
 
 Read top to bottom: norms and rotary positions, attention, the dense and MoE feed-forwards, the block,
 the GPT. Parameter names follow nanoGPT / HF GPT-2 (`transformer.h.{i}.attn.c_attn`, ...) so that
 one conversion table per HF family (interop/hf.py) maps them. Variants are config values:
 
 - positions: learned absolute table (`wpe`) or rotary (RoPE, HF's rotate-half layout, with linear
-  position interpolation for context extension);
-- norms: LayerNorm or RMSNorm; pre-LN (GPT-2+) or post-LN (GPT-1, no final norm);
+  position interpolation for context extension); local layers may use a second base
+  (`rope_local_theta`, Gemma 3), so the model keeps one cos/sin table per attention kind;
+- norms: LayerNorm or RMSNorm (scaled by `norm_offset + w` in fp32, Gemma's (1+w)); pre-LN (GPT-2+)
+  or post-LN (GPT-1, no final norm); sandwich norms on the attention and MLP outputs (Gemma 2/3);
 - attention: MHA / GQA / MQA through F.scaled_dot_product_attention (flash kernels on GPU); each
-  layer dense-causal or locally banded (GPT-3 alternates them);
-- feed-forward: GELU MLP, SwiGLU, or a dropless top-k mixture of experts with load-balancing and
-  router z-losses added to the LM loss.
+  layer dense-causal or locally banded (GPT-3 alternates them; Gemma 3's sliding window);
+  q/k/v biases without other biases (Qwen2); per-head QK-norm before RoPE and a softmax scale
+  other than 1/√head_dim (Gemma 3);
+- feed-forward: GELU MLP, SwiGLU, GeGLU, or a dropless top-k mixture of experts with load-balancing
+  and router z-losses added to the LM loss;
+- token embeddings optionally × `embed_scale` (Gemma: √n_embd, rounded to the activation dtype).
 
 The KV cache is an object passed to `forward` that owns where keys and values live and how the new
 tokens attend to them (infer/kvcache.py: one contiguous cache; infer/engine.py: paged blocks shared
 by many sequences). The model only calls `kv_cache.positions(T, device)` (the absolute positions
-of the new tokens), `kv_cache.attend(layer, q, k, v, window)` and `kv_cache.advance(T)`.
+of the new tokens), `kv_cache.attend(layer, q, k, v, window, scale)` and `kv_cache.advance(T)`; the
+cache receives keys already normed and rotated, so it needs to know nothing of either.
 Build on the meta device, move with `to_empty`, then call the one `init_weights()`.
 """
 
@@ -31,16 +38,39 @@ from torch import Tensor, nn
 from gptstack.config import ModelConfig
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x · rsqrt(mean(x²) + eps) · (offset + w), computed in fp32 (or fp64 for fp64 x) and
+    cast back to x's dtype afterwards (Llama casts before scaling); w starts at 1 - offset, a unit scale."""
+
+    def __init__(self, dim: int, eps: float, offset: float):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, 1.0 - self.offset)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (self.offset + self.weight.to(h.dtype))).type_as(x)
 
 
-def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (block_size, head_dim) in fp32; positions divided by the scaling factor."""
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over the last `dim` features (default n_embd; QK-norm passes head_dim)."""
+    dim = dim or cfg.n_embd
+    if cfg.norm == "rmsnorm":  # torch's own RMSNorm (bitwise the fp32 formula above) unless there is an offset
+        return OffsetRMSNorm(dim, cfg.norm_eps, cfg.norm_offset) if cfg.norm_offset else nn.RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device | None = None, local: bool = False) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (block_size, head_dim) in fp32. Global (dense) layers: base rope_theta, positions
+    divided by the scaling factor; local layers with their own base (rope_local_theta): unscaled."""
+    theta, scaling = (cfg.rope_local_theta, 1.0) if local else (cfg.rope_theta, cfg.rope_scaling)
     half = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta**half) / cfg.rope_scaling  # (head_dim/2,)
+    inv_freq = 1.0 / (theta**half) / scaling  # (head_dim/2,)
     t = torch.arange(cfg.block_size, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)  # (block_size, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout, as HF Llama
@@ -68,12 +98,22 @@ def attention_mask(T: int, S: int, pos0: int, window: int | None, device: torch.
     return mask
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float = 0.0) -> Tensor:
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float = 0.0, scale: float | None = None
+) -> Tensor:
     """q (B, h, T, hd), k/v (B, kv, S, hd), mask broadcastable to (B, h, T, S) or None for plain
-    top-left causal (or T == 1). GQA/MQA: kv divides h and each kv head serves h/kv query heads."""
+    top-left causal (or T == 1). GQA/MQA: kv divides h and each kv head serves h/kv query heads.
+    scale: of q·k before the softmax; None → 1/√hd."""
     T = q.size(2)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=dropout, enable_gqa=k.size(1) != q.size(1)
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=mask is None and T > 1,
+        dropout_p=dropout,
+        scale=scale,
+        enable_gqa=k.size(1) != q.size(1),
     )  # (B, h, T, hd)
 
 
@@ -82,45 +122,58 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.window = cfg.attn_window if cfg.attn_kinds[layer_idx] == "local" else None
-        self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.kind = cfg.attn_kinds[layer_idx]  # picks the layer's RoPE table too
+        self.window = cfg.attn_window if self.kind == "local" else None
+        self.scale, self.dropout = cfg.attn_scale, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        # QK-norm (Gemma 3): one (head_dim,) weight each, shared by all heads
+        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv_cache, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: dict | None, kv_cache, docs: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
         q = q.view(B, T, self.n_head, hd)  # (B, T, h, hd)
         k = k.view(B, T, self.n_kv_head, hd)  # (B, T, kv, hd)
         v = v.view(B, T, self.n_kv_head, hd)
+        q, k = self.q_norm(q), self.k_norm(k)  # over hd, per head (identity without QK-norm)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            cos, sin = rope[self.kind]  # (T, hd) or (B, T, hd)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h|kv, T, hd)
         if kv_cache is not None:  # the cache stores k, v and attends over everything cached
-            y = kv_cache.attend(self.layer_idx, q, k, v, self.window)  # (B, h, T, hd)
+            y = kv_cache.attend(self.layer_idx, q, k, v, self.window, self.scale)  # (B, h, T, hd)
         else:
             mask = attention_mask(T, T, 0, self.window, x.device)  # (T, T) or None
             if docs is not None:  # packed documents: (B, 1, T, T), causal and within one document
                 mask = docs & (mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=x.device).tril())
-            y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
+            y = attend(q, k, v, mask, self.dropout if self.training else 0.0, self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
 
 
 def activate(h: Tensor, kind: str) -> Tensor:
-    """GELU (tanh approximation, as GPT-1/2/3) on h, or SwiGLU on h = [gate; up]."""
+    """GELU (tanh approximation, as GPT-1/2/3) on h, or SwiGLU / GeGLU (tanh GELU) on h = [gate; up]."""
     if kind == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
+    if kind == "geglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
     return F.gelu(h, approximate="tanh")
+
+
+def fc_width(cfg: ModelConfig) -> int:
+    """Output width of c_fc / w_fc: gated MLPs hold [gate; up] fused, 2·d_ff."""
+    return 2 * cfg.d_ff if cfg.mlp in ("swiglu", "geglu") else cfg.d_ff
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.mlp
-        width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff  # SwiGLU: [gate; up] fused
-        self.c_fc = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
+        self.c_fc = nn.Linear(cfg.n_embd, fc_width(cfg), bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.d_ff, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -140,9 +193,8 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind, self.n_expert, self.k = cfg.mlp, cfg.n_expert, cfg.n_expert_active
-        width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
         self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=False)
-        self.w_fc = nn.Parameter(torch.empty(cfg.n_expert, width, cfg.n_embd))  # (E, F or 2F, D)
+        self.w_fc = nn.Parameter(torch.empty(cfg.n_expert, fc_width(cfg), cfg.n_embd))  # (E, F or 2F, D)
         self.w_proj = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd, cfg.d_ff))  # (E, D, F)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,15 +223,18 @@ class Block(nn.Module):
         self.prenorm = cfg.prenorm
         self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer_idx)
+        # sandwich norms (Gemma 2/3): each branch's output is normed too, before it joins the residual
+        self.ln_attn_out = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.ln_2 = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.n_expert else MLP(cfg)
+        self.ln_mlp_out = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rope, kv_cache, docs: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        if self.prenorm:  # GPT-2 onwards: x + f(norm(x))
-            x = x + self.resid_drop(self.attn(self.ln_1(x), rope, kv_cache, docs))
+        if self.prenorm:  # GPT-2 onwards: x + f(norm(x)), or x + norm(f(norm(x))) with sandwich norms
+            x = x + self.resid_drop(self.ln_attn_out(self.attn(self.ln_1(x), rope, kv_cache, docs)))
             h, aux = self.mlp(self.ln_2(x))
-            return x + h, aux
+            return x + self.ln_mlp_out(h), aux
         x = self.ln_1(x + self.resid_drop(self.attn(x, rope, kv_cache, docs)))  # GPT-1: norm(x + f(x))
         h, aux = self.mlp(x)
         return self.ln_2(x + h), aux
@@ -202,10 +257,27 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.activation_checkpointing = False  # recompute each block in backward instead of storing it
-        if cfg.pos == "rope":  # derived, not learned: recomputed by init_weights(), never saved
-            cos, sin = rope_tables(cfg)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        for name, table in self.rope_buffers().items():  # derived, not learned: recomputed, never saved
+            self.register_buffer(name, table, persistent=False)
+
+    def rope_buffers(self, device: torch.device | None = None) -> dict[str, Tensor]:
+        """rope_cos/rope_sin (block_size, head_dim), plus rope_local_cos/_sin when local layers have their
+        own base; none for learned positions."""
+        cfg, out = self.config, {}
+        if cfg.pos == "rope":
+            out["rope_cos"], out["rope_sin"] = rope_tables(cfg, device)
+            if cfg.rope_local_theta is not None:
+                out["rope_local_cos"], out["rope_local_sin"] = rope_tables(cfg, device, local=True)
+        return out
+
+    def rope_at(self, positions: Tensor) -> dict[str, tuple[Tensor, Tensor]] | None:
+        """cos, sin rows at `positions` (T,) or (B, T) for each attention kind ("dense", "local")."""
+        if self.config.pos != "rope":
+            return None
+        dense = (self.rope_cos[positions], self.rope_sin[positions])  # (T, hd) or (B, T, hd) each
+        if self.config.rope_local_theta is None:
+            return {"dense": dense, "local": dense}
+        return {"dense": dense, "local": (self.rope_local_cos[positions], self.rope_local_sin[positions])}
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings and isinstance(self.lm_head, nn.Linear):  # not once quantized
@@ -214,7 +286,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Every init scheme in one place (GPT-2): N(0, 0.02) for linears and embeddings, zero biases,
-        unit norms, and residual projections (attn/MLP/expert c_proj) at 0.02/√(2·n_layer)."""
+        unit norm scales (offset + w = 1: w = 0 for Gemma's (1+w)), and residual projections
+        (attn/MLP/expert c_proj) at 0.02/√(2·n_layer)."""
         self.tie_weights()  # to_empty() from meta may have untied them
         resid_std = std / math.sqrt(2 * self.config.n_layer)
         for name, module in self.named_modules():
@@ -224,7 +297,7 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, OffsetRMSNorm)):
                 module.reset_parameters()
             elif isinstance(module, MoE):
                 nn.init.normal_(module.w_fc, 0.0, std)
@@ -233,8 +306,8 @@ class GPT(nn.Module):
 
     def init_buffers(self) -> None:
         """Recompute derived, non-persistent buffers (the RoPE tables) on the model's device."""
-        if self.config.pos == "rope":
-            self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.transformer.wte.weight.device)
+        for name, table in self.rope_buffers(self.transformer.wte.weight.device).items():
+            setattr(self, name, table)
 
     def features(self, idx: Tensor, kv_cache=None, segments: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """The final normalised hidden states (B, T, D) that the LM head reads (and a reward, value or
@@ -259,9 +332,11 @@ class GPT(nn.Module):
             first = torch.cummax(torch.where(starts, idx_t, 0), dim=1).values  # (B, T) start of each doc
             positions = idx_t - first  # (B, T)
         x = self.transformer.wte(idx)  # (B, T, D)
+        if self.config.embed_scale != 1.0:  # the scale rounded to fp32, then to x's dtype, as HF Gemma does
+            x = x * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(x.dtype)
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(positions)
-        rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos == "rope" else None
+        rope = self.rope_at(positions)
         x = self.transformer.drop(x)
         aux = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()

@@ -28,6 +28,13 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 SMALL = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)
 LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+# Gemma 3: local + global layers with two RoPE bases (scaling on the global one), QK-norm, sandwich (1+w)
+# norms, GeGLU, √d embeddings, a softmax scale that is not 1/√head_dim
+GEMMA3 = dict(
+    pos="rope", norm="rmsnorm", mlp="geglu", bias=False, n_kv_head=1, norm_offset=1.0, qk_norm=True,
+    sandwich_norm=True, embed_scale=32**0.5, attn_scale=0.2, rope_local_theta=100.0, rope_scaling=2.0,
+    attn_pattern="local,dense", attn_window=5,
+)  # fmt: skip
 
 # Every architecture variant the model file supports, in laptop size.
 VARIANTS: dict[str, ModelConfig] = {
@@ -42,6 +49,8 @@ VARIANTS: dict[str, ModelConfig] = {
     "all-local-gqa": ModelConfig(**SMALL, **LLAMA, n_kv_head=2, attn_pattern="local", attn_window=3),
     "moe-swiglu": ModelConfig(**SMALL, **LLAMA, n_kv_head=2, n_expert=4, n_expert_active=2, d_ff=48),
     "moe-gelu-top1": ModelConfig(**SMALL, n_expert=3, n_expert_active=1),
+    "qwen2-qkv-bias": ModelConfig(**SMALL, **LLAMA, n_kv_head=2, qkv_bias=True),
+    "gemma3-local-global": ModelConfig(**SMALL, **GEMMA3),
 }
 
 

@@ -229,33 +229,36 @@ class PagedKVCache:
             self.masks[window] = None if bool(mask.all()) else mask[:, None, None, :]
         return self.masks[window]
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
-        """q (1, h, N, hd), k/v (1, kv, N, hd) of the flattened step → (1, h, N, hd)."""
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float | None = None
+    ) -> Tensor:
+        """q (1, h, N, hd), k/v (1, kv, N, hd) of the flattened step → (1, h, N, hd); `scale` as in
+        model.attend."""
         kv, hd = k.size(1), k.size(3)
         kp, vp = self.k[layer], self.v[layer]  # (num_blocks, bs, kv, hd)
         kp.view(-1, kv, hd).index_copy_(0, self.slots, k[0].transpose(0, 1))
         vp.view(-1, kv, hd).index_copy_(0, self.slots, v[0].transpose(0, 1))
         if self.single is not None and not self.multi and self.single[0].numel() == q.size(2):
-            return self._attend_single(q[0].transpose(0, 1)[:, :, None], kp, vp, window).transpose(0, 1)[None]
+            return self._attend_single(q[0].transpose(0, 1)[:, :, None], kp, vp, window, scale).transpose(0, 1)[None]
         out = torch.empty_like(q)
         if self.single is not None:
             rows = self.single[0]
-            y = self._attend_single(q[0, :, rows].transpose(0, 1)[:, :, None], kp, vp, window)  # (Bd, h, 1, hd)
+            y = self._attend_single(q[0, :, rows].transpose(0, 1)[:, :, None], kp, vp, window, scale)  # (Bd, h, 1, hd)
             out[0, :, rows] = y.transpose(0, 1)
         for start, n, length, table in self.multi:
             keys = kp[table].view(1, -1, kv, hd)[:, :length].transpose(1, 2)  # (1, kv, L, hd)
             vals = vp[table].view(1, -1, kv, hd)[:, :length].transpose(1, 2)
             mask = attention_mask(n, length, length - n, window, q.device)
-            out[:, :, start : start + n] = attend(q[:, :, start : start + n], keys, vals, mask)
+            out[:, :, start : start + n] = attend(q[:, :, start : start + n], keys, vals, mask, scale=scale)
         return out
 
-    def _attend_single(self, q: Tensor, kp: Tensor, vp: Tensor, window: int | None) -> Tensor:
+    def _attend_single(self, q: Tensor, kp: Tensor, vp: Tensor, window: int | None, scale: float | None) -> Tensor:
         """q (Bd, h, 1, hd): each decode row against its own blocks → (Bd, h, 1, hd)[:, :, 0]."""
         _, table, _ = self.single
         Bd, kv, hd = table.size(0), kp.size(2), kp.size(3)
         keys = kp[table].view(Bd, -1, kv, hd).transpose(1, 2)  # (Bd, kv, S, hd)
         vals = vp[table].view(Bd, -1, kv, hd).transpose(1, 2)
-        return attend(q, keys, vals, self._single_mask(window))[:, :, 0]
+        return attend(q, keys, vals, self._single_mask(window), scale=scale)[:, :, 0]
 
     def advance(self, n: int) -> None:
         pass  # positions come from the engine's layout

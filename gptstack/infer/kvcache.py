@@ -3,7 +3,7 @@
 Static shapes (n_layer, B, n_kv_head, max_len, head_dim), allocated once; all B sequences share one
 write position `pos`. This is the simple cache of `generate()` and of training-time sampling; the
 engine (infer/engine.py) uses paged blocks instead. Both implement what `GPT.forward` asks of a cache:
-`positions(T, device)`, `attend(layer, q, k, v, window)` and `advance(T)`.
+`positions(T, device)`, `attend(layer, q, k, v, window, scale)` and `advance(T)`.
 """
 
 from __future__ import annotations
@@ -41,15 +41,18 @@ class KVCache:
             raise ValueError(f"KV cache full: {self.pos + T} tokens exceed its {self.max_len} slots")
         return torch.arange(self.pos, self.pos + T, device=device)
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, window: int | None) -> Tensor:
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float | None = None
+    ) -> Tensor:
         """Write k, v (B, kv, T, hd) at [pos, pos+T) of `layer`; q (B, h, T, hd) attends causally over
-        all pos+T cached keys. Returns (B, h, T, hd)."""
+        all pos+T cached keys (within the band of a local layer; `scale` as in model.attend).
+        Returns (B, h, T, hd)."""
         T = k.size(2)
         end = self.pos + T
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
         mask = attention_mask(T, end, self.pos, window, q.device)
-        return attend(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask)
+        return attend(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask, scale=scale)
 
     def advance(self, n: int) -> None:
         self.pos += n
