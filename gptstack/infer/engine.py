@@ -10,6 +10,10 @@
 Memory: the KV cache is a pool of fixed-size blocks (`kv_block_size` tokens × layers × kv heads ×
 head_dim, for K and V). Each sequence holds a block table (its blocks in order); free blocks sit in
 an LRU free list. Every token of a step is written to its slot `table[pos // bs] * bs + pos % bs`.
+The pool is sized from a memory budget (`kv_memory`: a size or a fraction of the device's memory,
+default min(2 GiB, 10%)), never beyond what `max_seqs` full contexts need (`plan_kv`), and allocated
+uninitialised: the OS maps its pages as blocks are first written, so start-up costs nothing, and each
+block is zeroed when it is handed out.
 
 Scheduling (one `step()`), in the spirit of vLLM v1: the running sequences first, in arrival order,
 then waiting ones while there is room (`max_seqs` sequences, `max_step_tokens` tokens per step).
@@ -20,10 +24,12 @@ goes back to the head of the queue, to be recomputed (prompt + tokens generated 
 sampled tokens and generator are kept, so its output is unchanged. A request that could not fit
 even alone is refused when added, so the engine never waits on blocks that cannot come.
 
-Prefix caching: a full block is named by the hash of (previous block's hash, its tokens). Finished
-sequences leave their blocks in the free list still named; a new request whose prompt starts with
-named blocks takes them instead of recomputing (at least one prompt token is always computed, for
-its logits). Eviction takes the least recently freed block first.
+Prefix caching: a full block is named by a BLAKE2b digest of (previous block's digest, its tokens), so
+no request can craft a block whose name equals another's (Python's `hash` is unkeyed and the same in
+every process: colliding blocks are found in minutes). Finished sequences leave their blocks in the
+free list still named; a new request whose prompt starts with named blocks takes them instead of
+recomputing (at least one prompt token is always computed, for its logits), after checking that each
+block holds exactly its tokens. Eviction takes the least recently freed block first.
 
 The flattened batch: all new tokens of a step form one row (1, N) through the model, so the linear
 layers see every token at once. Attention is per sequence (`PagedKVCache.attend`): one padded
@@ -32,7 +38,11 @@ batched call for the single-token (decode) sequences, one call per multi-token c
 
 from __future__ import annotations
 
+import array
+import hashlib
 import itertools
+import os
+import re
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,15 +50,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from gptstack.config import ModelConfig
 from gptstack.infer.sampling import Sampler, SamplingParams, draw, top_logprobs
 from gptstack.infer.speculative import accept, ngram_propose
-from gptstack.model import GPT, attend, attention_mask
+from gptstack.model import GPT, attend, attention_mask, kv_cache_bytes_per_token
 
 
 @dataclass
 class EngineConfig:
     kv_block_size: int = 16  # tokens per KV-cache block
-    num_blocks: int | None = None  # KV-cache blocks (default: room for max_seqs full contexts, never preempts)
+    kv_memory: str | None = None  # KV pool budget: 2GiB, 512MiB, or a fraction of memory (0.25); default min(2GiB, 10%)
+    num_blocks: int | None = None  # KV-cache blocks, overriding kv_memory (default: what the budget holds)
     max_seqs: int = 32  # requests decoded at once
     max_step_tokens: int = 512  # tokens through the model per engine step (prefill chunks share it)
     prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
@@ -63,6 +75,86 @@ class EngineConfig:
             raise ValueError(f"speculative must be None, 'ngram' or 'draft', got {self.speculative!r}")
         if self.num_speculative < 1:
             raise ValueError(f"num_speculative must be >= 1, got {self.num_speculative}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_memory is not None:
+            parse_memory(self.kv_memory)  # a bad budget fails here, not when the engine starts
+
+
+# ---- sizing the KV pool from a memory budget ---------------------------------------------------------
+
+DEFAULT_KV_MEMORY = (2 << 30, 0.1)  # no kv_memory: min(2 GiB, 10% of the device's memory)
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+         "tib": 2**40}  # fmt: skip
+
+
+def parse_memory(spec: str) -> int | float:
+    """'2GiB', '512 MiB', '1.5GB', '4096B' → bytes (int); a bare number in (0, 1] ('0.25') → that
+    fraction of the device's memory (float). A bare number above 1 is refused: it would be ambiguous."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(spec))
+    unit = m.group(2).lower() if m else ""
+    if m and not unit and 0 < float(m.group(1)) <= 1:
+        return float(m.group(1))
+    if not m or unit not in UNITS or float(m.group(1)) <= 0:
+        raise ValueError(
+            f"kv_memory: expected a size such as 2GiB or 512MiB, or a fraction of memory in (0, 1] such as 0.25, "
+            f"got {spec!r}"
+        )
+    return int(float(m.group(1)) * UNITS[unit])
+
+
+def device_memory(device: str | torch.device = "cpu") -> int:
+    """Total memory of the device the pool lives on: the GPU's, else the machine's RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_budget(spec: str | None, device: str | torch.device = "cpu") -> int:
+    """The KV pool's budget in bytes: `spec` as parse_memory reads it, or the default."""
+    if spec is None:
+        cap, fraction = DEFAULT_KV_MEMORY
+        return min(cap, int(fraction * device_memory(device)))
+    value = parse_memory(spec)
+    return int(value * device_memory(device)) if isinstance(value, float) else value
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """The pool an engine allocates: `num_blocks` blocks of `block_bytes` (K and V, every layer, the
+    draft model's too), within `budget` bytes (None when num_blocks was given explicitly)."""
+
+    num_blocks: int
+    block_bytes: int
+    kv_block_size: int
+    budget: int | None
+
+    @property
+    def bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def tokens(self) -> int:
+        return self.num_blocks * self.kv_block_size
+
+
+def plan_kv(models: list[tuple[ModelConfig, int]], cfg: EngineConfig, device: str | torch.device = "cpu") -> KVPlan:
+    """Size the pool without allocating it: as many blocks as the budget holds, but never more than
+    `max_seqs` full contexts need (a short context does not take the whole budget). `models`: (config,
+    bytes per element) of the target, and of the draft model when it shares the block tables."""
+    bs = cfg.kv_block_size
+    block_bytes = bs * sum(kv_cache_bytes_per_token(c, element) for c, element in models)
+    if cfg.num_blocks is not None:
+        return KVPlan(cfg.num_blocks, block_bytes, bs, None)
+    budget = kv_budget(cfg.kv_memory, device)
+    full = cfg.max_seqs * (-(-models[0][0].block_size // bs) + 1)  # +1: speculative tokens past the context
+    num_blocks = min(full, budget // block_bytes)
+    if num_blocks < 1:
+        raise ValueError(
+            f"kv_memory: {budget:,} bytes hold no KV block ({block_bytes:,} bytes for {bs} tokens): raise --kv-memory"
+        )
+    return KVPlan(num_blocks, block_bytes, bs, budget)
 
 
 class ContextLengthExceeded(ValueError):
@@ -115,6 +207,15 @@ class Completion:
     num_cached_tokens: int
 
 
+def block_digest(parent: bytes, tokens: tuple[int, ...], extra: bytes = b"") -> bytes:
+    """A KV block's prefix-cache name: BLAKE2b-256 of the previous block's name (b"" for the first), the
+    block's token ids (int64) and `extra` (the hook for what else its positions hold, e.g. an image's hash)."""
+    h = hashlib.blake2b(parent, digest_size=32)
+    h.update(array.array("q", tokens).tobytes())
+    h.update(extra)
+    return h.digest()
+
+
 class BlockPool:
     """Block ids 0..n-1: reference counts, an LRU free list, and the prefix-cache name of each block."""
 
@@ -165,7 +266,7 @@ class Sequence:
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.draft_computed = 0  # the same for the draft model's cache
         self.blocks: list[int] = []
-        self.hashes: list[int] = []  # prefix-cache names of the full blocks, in order
+        self.hashes: list[bytes] = []  # prefix-cache names (block_digest) of the full blocks, in order
         self.sampler = Sampler(params, prompt, vocab, device)  # its generator and penalty counts
         self.logprobs: list = []
         self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
@@ -188,9 +289,18 @@ class PagedKVCache:
         cfg = model.config
         ref = model.transformer.wte.weight
         shape = (cfg.n_layer, num_blocks, kv_block_size, cfg.n_kv_head, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
-        self.v = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+        # uninitialised: the OS maps pages on first write, so start-up costs nothing and the resident
+        # size grows with the blocks in use; `clear` zeroes a block when it is handed out
+        self.k = torch.empty(shape, dtype=ref.dtype, device=ref.device)
+        self.v = torch.empty(shape, dtype=ref.dtype, device=ref.device)
         self.kv_block_size, self.device = kv_block_size, ref.device
+
+    def clear(self, blocks: list[int]) -> None:
+        """Zero fresh blocks: a decode row's masked keys and its zero-weighted values are still read, and
+        uninitialised memory may hold NaN or inf, which would poison the softmax and the weighted sum."""
+        index = torch.tensor(blocks, device=self.device)
+        self.k.index_fill_(1, index, 0)
+        self.v.index_fill_(1, index, 0)
 
     def prepare(self, chunks: list[tuple[int, int, list[int]]]) -> None:
         """chunks: per sequence (start position, number of new tokens, block table), in the order
@@ -276,9 +386,14 @@ class Engine:
                 raise ValueError("speculative='draft' needs a draft model")
             if draft.config.vocab_size != mc.vocab_size or draft.config.block_size < mc.block_size:
                 raise ValueError("the draft model must share the target's vocabulary and context")
-        per_seq = -(-self.context // cfg.kv_block_size) + 1
-        self.num_blocks = cfg.num_blocks or cfg.max_seqs * per_seq
+        models = [model] + ([draft] if cfg.speculative == "draft" else [])
+        self.kv_plan = plan_kv([(m.config, m.transformer.wte.weight.element_size()) for m in models], cfg, self.device)
+        self.num_blocks = self.kv_plan.num_blocks
+        spare = cfg.num_speculative if cfg.speculative else 0
+        # the most tokens (prompt + output) one request may span: the context, or less in a smaller pool
+        self.capacity = min(self.context, self.kv_plan.tokens - spare)
         self.pool = BlockPool(self.num_blocks)
+        self.block_tokens: dict[int, tuple[int, ...]] = {}  # named block → the tokens it was named for
         self.cache = PagedKVCache(model, self.num_blocks, cfg.kv_block_size)
         self.draft_cache = None
         if cfg.speculative == "draft":  # the draft's own pools, indexed by the same block tables
@@ -311,10 +426,13 @@ class Engine:
             raise ContextLengthExceeded(len(prompt), params.max_tokens, self.context)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
-        spare = self.config.num_speculative if self.config.speculative else 0
-        need = -(-(len(prompt) + params.max_tokens + spare) // self.config.kv_block_size)
-        if need > self.num_blocks:
-            raise ValueError(f"the request needs {need} KV blocks and the pool has {self.num_blocks}")
+        if len(prompt) + params.max_tokens > self.capacity:
+            spare = self.config.num_speculative if self.config.speculative else 0
+            need = -(-(len(prompt) + params.max_tokens + spare) // self.config.kv_block_size)
+            raise ValueError(
+                f"the request needs {need} KV blocks and the pool has {self.num_blocks} "
+                f"({self.config.kv_block_size} tokens each): lower max_tokens or raise --kv-memory"
+            )
 
     def add_request(self, prompt: list[int], params: SamplingParams | None = None, request_id: str | None = None):
         """Queue a request; raises ValueError (nothing queued) for a request that cannot be served."""
@@ -363,13 +481,19 @@ class Engine:
     # ---- blocks --------------------------------------------------------------------------------------
 
     def _grow(self, seq: Sequence, n_tokens: int) -> bool:
-        """Give seq blocks for its first n_tokens tokens; False (holding what it got) when none are left."""
+        """Give seq blocks for its first n_tokens tokens; False (holding what it got) when none are left.
+        Fresh blocks are zeroed (PagedKVCache.clear)."""
+        fresh = []
         while len(seq.blocks) * self.config.kv_block_size < n_tokens:
             block = self.pool.allocate()
             if block is None:
-                return False
+                break
             seq.blocks.append(block)
-        return True
+            fresh.append(block)
+        if fresh:
+            for cache in filter(None, (self.cache, self.draft_cache)):
+                cache.clear(fresh)
+        return len(seq.blocks) * self.config.kv_block_size >= n_tokens
 
     def _free(self, seq: Sequence) -> None:
         for block in seq.blocks:
@@ -381,21 +505,28 @@ class Engine:
         bs = self.config.kv_block_size
         while (len(seq.hashes) + 1) * bs <= seq.num_computed:
             i = len(seq.hashes)
-            h = hash((seq.hashes[-1] if seq.hashes else None, tuple(seq.tokens[i * bs : (i + 1) * bs])))
+            tokens = tuple(seq.tokens[i * bs : (i + 1) * bs])
+            h = block_digest(seq.hashes[-1] if seq.hashes else b"", tokens)
             seq.hashes.append(h)
             if self.config.prefix_caching:
                 self.pool.register(seq.blocks[i], h)
+                if self.pool.name.get(seq.blocks[i]) == h:  # named now: record what it holds, for _take_prefix
+                    self.block_tokens[seq.blocks[i]] = tokens
 
     def _take_prefix(self, seq: Sequence) -> None:
         """Reuse the cached blocks that start seq's tokens (leaving at least one token to compute)."""
         if not self.config.prefix_caching or seq.prompt_logprobs is not None:
             return
         bs = self.config.kv_block_size
-        parent = None
+        parent = b""
         for i in range((len(seq.tokens) - 1) // bs):
-            h = hash((parent, tuple(seq.tokens[i * bs : (i + 1) * bs])))
+            tokens = tuple(seq.tokens[i * bs : (i + 1) * bs])
+            h = block_digest(parent, tokens)
             block = self.pool.take_cached(h)
             if block is None:
+                break
+            if self.block_tokens.get(block) != tokens:  # a name that does not hold these tokens: never reuse it
+                self.pool.release(block)
                 break
             seq.blocks.append(block)
             seq.hashes.append(h)
