@@ -14,7 +14,7 @@ from gptstack.cli import main
 from gptstack.config import ModelConfig
 from gptstack.model import build_model
 from gptstack.posttrain import demo
-from gptstack.posttrain.common import DataError, StageConfig, accumulate, optimize, split
+from gptstack.posttrain.common import DataError, StageConfig, StageRun, accumulate, optimize, split
 from gptstack.posttrain.dpo import DPOConfig, attach_reference, dpo, dpo_losses, pair_logprobs
 from gptstack.posttrain.finetune import Example, FinetuneConfig, GPT1Classifier, finetune, load_classifier, special_ids
 from gptstack.posttrain.ppo import KLController, PPOConfig, PPOTrainer, gae, ppo
@@ -133,7 +133,7 @@ def grads_after(model, items, micro, loss_fn) -> list[torch.Tensor]:
     return [p.grad.clone() for p in params]
 
 
-def test_grad_accumulation_equals_full_batch():
+def test_grad_accumulation_equals_full_batch(tmp_path):
     rows = pack([encode_example(TOK, r, 96) for r in demo.sft_rows(8, seed=2)], 96, pack=False)
     model = tiny(seed=1)
     full = grads_after(model, rows, 8, lambda b: sft_loss(model, b))
@@ -144,10 +144,11 @@ def test_grad_accumulation_equals_full_batch():
     results = []
     for micro in (0, 2):
         m = tiny(seed=1)
-        cfg = StageConfig(batch_size=8, micro_batch_size=micro, max_steps=1, lr=1e-3, progress=False)
-        log = []
-        optimize(m, rows, lambda b, m=m: sft_loss(m, b), cfg, log.append)
-        results.append(log[0]["loss"])
+        cfg = StageConfig(out=str(tmp_path / str(micro)), batch_size=8, micro_batch_size=micro, max_steps=1, lr=1e-3,
+                          progress=False)  # fmt: skip
+        run = StageRun(cfg, "sft", m)
+        optimize(m, rows, lambda b, m=m: sft_loss(m, b), run)
+        results.append(run.records[0]["loss"])
     assert results[0] == pytest.approx(results[1], rel=1e-6)
 
 

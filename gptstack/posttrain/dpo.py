@@ -13,7 +13,6 @@ accuracy (chosen above rejected) starts at chance and is the stage's headline me
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +20,9 @@ from torch import Tensor
 
 from gptstack.model import GPT
 from gptstack.posttrain.common import (
-    RunLog,
     StageConfig,
+    StageRun,
     chunks,
-    finish,
     load_start,
     max_len_of,
     maybe_lora,
@@ -108,7 +106,7 @@ def dpo(cfg: DPOConfig) -> dict:
     train, held = split(pairs, cfg.eval_fraction, cfg.seed)
     attach_reference(model, pairs)
     maybe_lora(model, cfg)
-    log = RunLog(Path(cfg.out) / "dpo")
+    run = StageRun(cfg, "dpo", model)
 
     def evaluate() -> dict[str, float]:
         sums, n = {}, 0
@@ -120,8 +118,8 @@ def dpo(cfg: DPOConfig) -> dict:
         return {k: v / n for k, v in sums.items()}
 
     initial = evaluate() if held else {}
-    steps = optimize(model, train, lambda b: dpo_loss(model, b, cfg), cfg, log, evaluate if held else None)
-    last = log.records[-1]
+    steps = optimize(model, train, lambda b: dpo_loss(model, b, cfg), run, evaluate if held else None)
+    last = run.records[-1]
     summary = {
         "train_pairs": len(train), "eval_pairs": len(held), "skipped": sum(skipped.values()),
         **{f"skipped: {k}": v for k, v in skipped.items()}, "loss_type": cfg.loss, "beta": cfg.beta, "steps": steps,
@@ -129,8 +127,5 @@ def dpo(cfg: DPOConfig) -> dict:
         "initial_eval_reward_acc": initial.get("reward_acc", float("nan")),
         "eval_reward_acc": last.get("eval_reward_acc", float("nan")), "train_reward_acc": last["reward_acc"],
     }  # fmt: skip
-    finish(
-        model, cfg, "dpo", steps, summary, records=log.records,
-        plots=[("rewards", ["loss", "reward_acc", "eval_reward_acc", "reward_margin"])],
-    )  # fmt: skip
+    run.finish(summary, plots=[("rewards", ["loss", "reward_acc", "eval_reward_acc", "reward_margin"])])
     return summary

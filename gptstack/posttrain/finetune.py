@@ -35,11 +35,10 @@ from gptstack.eval.tasks import Task, TaskError, resolve_task, run_task
 from gptstack.model import GPT, build_model
 from gptstack.posttrain.common import (
     DataError,
-    RunLog,
     SkipRow,
     StageConfig,
+    StageRun,
     chunks,
-    finish,
     load_start,
     max_len_of,
     maybe_lora,
@@ -160,6 +159,9 @@ class GPT1Classifier(nn.Module):
         self.head = nn.Linear(model.config.n_embd, n_out, device=model.lm_head.weight.device)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+
+    def heads(self) -> dict[str, Tensor]:
+        return {f"head.{k}": v for k, v in self.head.state_dict().items()}
 
     def encode(self, tokenizer, ex: Example, max_len: int) -> list[list[int]]:
         """Token sequences of an example: [start] a [delim] b [extract], each field cut from the left
@@ -290,21 +292,18 @@ def finetune(cfg: FinetuneConfig) -> dict:
     maybe_lora(model, cfg)
     for p in clf.head.parameters():
         p.requires_grad_(True)
-    log = RunLog(Path(cfg.out) / "finetune")
+    head_config = {"kind": "gpt1", "transform": transform, "n_out": n_out, "special": special, "labels": labels}
+    run = StageRun(cfg, "finetune", model, heads=clf.heads, head_config=head_config)
     evaluate = (lambda: {"acc": accuracy(clf, held)}) if held else None
-    steps = optimize(clf, train, lambda b: task_loss(clf, b, cfg.lm_coef), cfg, log, evaluate)
+    steps = optimize(clf, train, lambda b: task_loss(clf, b, cfg.lm_coef), run, evaluate)
     majority = max(sum(y == c for _, y in held) for c in range(max(n_out, 2))) / len(held) if held else float("nan")
     summary = {
         "task": spec_task, "transform": transform, "train_examples": len(train), "heldout_examples": len(held),
         "skipped": sum(skipped.values()), "steps": steps, "lm_coef": cfg.lm_coef,
-        "zero_shot_acc": zs, "finetuned_acc": log.records[-1].get("eval_acc", float("nan")),
+        "zero_shot_acc": zs, "finetuned_acc": run.records[-1].get("eval_acc", float("nan")),
         "majority_class_acc": majority if transform != "multiple_choice" else float("nan"),
     }  # fmt: skip
-    head_config = {"kind": "gpt1", "transform": transform, "n_out": n_out, "special": special, "labels": labels}
-    finish(
-        model, cfg, "finetune", steps, summary, heads={f"head.{k}": v for k, v in clf.head.state_dict().items()},
-        head_config=head_config, plots=[("curves", ["task_loss", "lm_loss", "acc", "eval_acc"])], records=log.records,
-    )  # fmt: skip
+    run.finish(summary, plots=[("curves", ["task_loss", "lm_loss", "acc", "eval_acc"])])
     return summary
 
 

@@ -12,14 +12,17 @@ Each step:
 6. the adaptive KL controller moves β toward kl_target (or β stays fixed).
 Logged per step: reward, KL, entropy, clip fraction, approximate KL, response length, EOS rate,
 and a tracked score that is reported but never optimised (the demo's ground truth).
+A batch with a non-finite reward (a rule returning NaN) is not trained on, and a minibatch with a
+non-finite loss or gradient makes no update; either counts the step as non-finite (common.StageRun
+stops the run after max_bad_steps in a row). The trainer's own state (β, sampling seeds, minibatch
+order, the PPO-ptx cursor) travels in the checkpoint, so a killed run resumes exactly.
 """
 
 from __future__ import annotations
 
 import copy
-import time
+import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -30,16 +33,15 @@ from gptstack.infer.sampling import SamplingParams
 from gptstack.model import GPT
 from gptstack.posttrain.common import (
     DataError,
-    RunLog,
     SkipRow,
     StageConfig,
+    StageRun,
     entropy,
-    finish,
     freeze,
     load_start,
     maybe_lora,
+    nonfinite,
     pad,
-    progress_bar,
     read_jsonl,
     token_logprobs,
 )
@@ -220,7 +222,8 @@ class PPOTrainer:
     # ---- rollouts ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def rollout(self, prompts: list[tuple[str, list[int]]]) -> tuple[Rollouts, dict]:
+    def rollout(self, prompts: list[tuple[str, list[int]]]) -> tuple[Rollouts | None, dict]:
+        """Sample, score and build advantages; (None, stats with "nonfinite") when a reward is not finite."""
         cfg, policy = self.cfg, self.model.policy
         engine = Engine(policy, EngineConfig(max_seqs=len(prompts), prefix_caching=False), tokenizer=self.tokenizer)
         params = []
@@ -236,6 +239,10 @@ class PPOTrainer:
         scores, parts = self.reward(prompt_texts, texts, full)
         if cfg.missing_eos_penalty is not None:
             scores = torch.where(ended.bool(), scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        if not torch.isfinite(scores).all():  # no update from this batch (and β stays)
+            culprits = [k for k, v in parts.items() if not math.isfinite(v)] or ["the reward"]
+            why = f"{int((~torch.isfinite(scores)).sum())} of {len(scores)} rewards not finite ({', '.join(culprits)})"
+            return None, {"reward": float(scores.mean()), "nonfinite": why}
         tracked = self.track(prompt_texts, texts, full)[0] if self.track else None
 
         dev = policy.lm_head.weight.device
@@ -268,7 +275,9 @@ class PPOTrainer:
 
     # ---- optimisation -------------------------------------------------------------------------------
 
-    def train_minibatch(self, ro: Rollouts, rows: Tensor) -> dict[str, float]:
+    def train_minibatch(self, ro: Rollouts, rows: Tensor) -> tuple[dict[str, float], bool]:
+        """One clipped PPO update on the rows; (stats, False) when its loss or gradient was not finite
+        (then no update)."""
         cfg = self.cfg
         idx, mask = ro.idx[rows], ro.mask[rows]
         pos = response_positions(ro.start[rows], mask.size(1))
@@ -291,30 +300,55 @@ class PPOTrainer:
             stats["ptx_loss"] = float(ptx_loss.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
-        self.opt.step()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        finite = nonfinite(loss=float(loss.detach()), grad_norm=norm) is None
+        if finite:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             stats.update(
                 pg_loss=float(pg_loss), vf_loss=float(vf_loss), entropy=float(masked_mean(ent, mask)),
                 clip_frac=float(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask)),
                 approx_kl=float(masked_mean(0.5 * (logp - old_logp) ** 2, mask)),
             )  # fmt: skip
-        return stats
+        return stats, finite
 
-    def step(self, prompts: list[tuple[str, list[int]]]) -> dict[str, float]:
+    def step(self, prompts: list[tuple[str, list[int]]]) -> dict:
+        """One PPO step on a batch of prompts: its stats, with "nonfinite" (why) when it was skipped."""
         ro, stats = self.rollout(prompts)
+        if ro is None:
+            return stats
         self.model.train()
-        B, sums, n = ro.idx.size(0), {}, 0
+        B, sums, n, bad = ro.idx.size(0), {}, 0, 0
         for _ in range(self.cfg.ppo_epochs):
             order = torch.randperm(B, generator=self.g)
             for rows in order.split(self.cfg.minibatch_size):
-                for k, v in self.train_minibatch(ro, rows).items():
+                mb, finite = self.train_minibatch(ro, rows)
+                for k, v in mb.items():
                     sums[k] = sums.get(k, 0.0) + v
-                n += 1
+                n, bad = n + 1, bad + (not finite)
         self.model.eval()
+        out = {**stats, **{k: v / n for k, v in sums.items()}}
+        if bad:
+            return {**out, "nonfinite": f"loss or gradient in {bad} of {n} minibatches (those made no update)"}
         self.kl.update(stats["kl"], B)
-        return {**stats, **{k: v / n for k, v in sums.items()}}
+        return out
+
+    def heads(self) -> dict[str, Tensor]:
+        return {f"value_head.{k}": v for k, v in self.model.value_head.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the weights and the optimizer: β, the sampling seed, the
+        minibatch generator and the PPO-ptx cursor."""
+        ptx = self.ptx.state_dict() if self.ptx is not None else None
+        return {"beta": self.kl.beta, "sample_seed": self.sample_seed, "generator": self.g.get_state(), "ptx": ptx}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl.beta, self.sample_seed = state["beta"], state["sample_seed"]
+        self.g.set_state(state["generator"])
+        if self.ptx is not None:
+            self.ptx.load_state_dict(state["ptx"])
 
 
 def ppo(cfg: PPOConfig) -> dict:
@@ -326,31 +360,16 @@ def ppo(cfg: PPOConfig) -> dict:
     prompts, skipped = read_prompts(cfg.data, trainer.tokenizer, max_prompt)
     if len(prompts) < cfg.batch_size:
         raise DataError(f"{cfg.data}: {len(prompts)} usable prompts, fewer than batch_size {cfg.batch_size}")
-    log = RunLog(Path(cfg.out) / "ppo")
-    g = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    bar = progress_bar(cfg.max_steps, cfg.progress)
-    t0 = time.perf_counter()
-    for step in range(1, cfg.max_steps + 1):
-        while len(order) < cfg.batch_size:
-            order += torch.randperm(len(prompts), generator=g).tolist()
-        batch, order = [prompts[i] for i in order[: cfg.batch_size]], order[cfg.batch_size :]
-        record = {"step": step, **trainer.step(batch), "elapsed_s": round(time.perf_counter() - t0, 3)}
-        log(record)
-        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("reward", "kl", "tracked") if k in record})
-        bar.update()
-    bar.close()
-    first, last = log.records[0], log.records[-1]
+    run = StageRun(cfg, "ppo", policy, heads=trainer.heads, head_config={"kind": "value"},
+                   extra=(trainer.state_dict, trainer.load_state_dict))  # fmt: skip
+    run.loop(trainer.model, trainer.opt, prompts, cfg.max_steps, lambda _, batch: trainer.step(batch))
+    good = [r for r in run.records if "nonfinite" not in r] or run.records
+    first, last = good[0], good[-1]
     summary = {
         "prompts": len(prompts), "skipped": sum(skipped.values()), **{f"skipped: {k}": v for k, v in skipped.items()},
         "steps": cfg.max_steps, "kl_coef": cfg.kl_coef, "adaptive_kl": cfg.adaptive_kl,
-        "reward_first": first["reward"], "reward_last": last["reward"], "kl_last": last["kl"],
+        "reward_first": first["reward"], "reward_last": last["reward"], "kl_last": last.get("kl", float("nan")),
         **({"tracked_first": first["tracked"], "tracked_last": last["tracked"]} if "tracked" in last else {}),
     }  # fmt: skip
-    finish(
-        policy, cfg, "ppo", cfg.max_steps, summary,
-        heads={f"value_head.{k}": v for k, v in trainer.model.value_head.state_dict().items()},
-        head_config={"kind": "value"}, plots=[("curves", ["reward", "kl", "tracked", "entropy", "response_len"])],
-        records=log.records,
-    )  # fmt: skip
+    run.finish(summary, plots=[("curves", ["reward", "kl", "tracked", "entropy", "response_len"])])
     return summary

@@ -13,6 +13,7 @@ rule functions `f(prompt: str, response: str) -> float`, named by a spec such as
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,9 @@ from torch import Tensor, nn
 from gptstack.checkpoint import CheckpointError, load_heads, load_model, read_meta
 from gptstack.model import GPT
 from gptstack.posttrain.common import (
-    RunLog,
     SkipRow,
     StageConfig,
-    finish,
+    StageRun,
     load_start,
     max_len_of,
     maybe_lora,
@@ -103,6 +103,8 @@ def parse_pair(tokenizer, row: dict, max_len: int) -> Pair:
     margin = row.get("margin", 0.0)
     if not isinstance(margin, (int, float)) or isinstance(margin, bool):
         raise SkipRow("margin is not a number")
+    if not math.isfinite(margin):  # JSON's NaN, Infinity or 1e999: one would make every weight NaN
+        raise SkipRow("margin is not finite")
     try:
         (c, cm), (r, rm) = render(tokenizer, prompt, chosen), render(tokenizer, prompt, rejected)
     except ValueError:
@@ -128,17 +130,15 @@ def train_reward(cfg: RewardConfig) -> dict:
     train, held = split(pairs, cfg.eval_fraction, cfg.seed)
     maybe_lora(backbone, cfg)
     rm = RewardModel(backbone)
-    log = RunLog(Path(cfg.out) / "reward")
-    steps = optimize(rm, train, lambda b: bt_loss(rm, b), cfg, log, (lambda: pair_metrics(rm, held)) if held else None)
+    run = StageRun(cfg, "reward", backbone, heads=rm.heads, head_config={"kind": "reward"})
+    steps = optimize(rm, train, lambda b: bt_loss(rm, b), run, (lambda: pair_metrics(rm, held)) if held else None)
+    last = run.records[-1]
     summary = {
         "train_pairs": len(train), "eval_pairs": len(held), "skipped": sum(skipped.values()),
-        **{f"skipped: {k}": v for k, v in skipped.items()}, "steps": steps, "train_loss": log.records[-1]["loss"],
-        "train_acc": log.records[-1]["acc"], "eval_acc": log.records[-1].get("eval_acc", float("nan")),
+        **{f"skipped: {k}": v for k, v in skipped.items()}, "steps": steps, "train_loss": last["loss"],
+        "train_acc": last["acc"], "eval_acc": last.get("eval_acc", float("nan")),
     }  # fmt: skip
-    finish(
-        backbone, cfg, "reward", steps, summary, heads=rm.heads(), head_config={"kind": "reward"},
-        plots=[("accuracy", ["loss", "acc", "eval_acc"])], records=log.records,
-    )  # fmt: skip
+    run.finish(summary, plots=[("accuracy", ["loss", "acc", "eval_acc"])])
     return summary
 
 

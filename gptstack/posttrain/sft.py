@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +20,9 @@ from gptstack.infer.engine import Engine, EngineConfig
 from gptstack.infer.sampling import SamplingParams
 from gptstack.model import GPT
 from gptstack.posttrain.common import (
-    RunLog,
     SkipRow,
     StageConfig,
-    finish,
+    StageRun,
     load_start,
     max_len_of,
     maybe_lora,
@@ -145,7 +143,7 @@ def sft(cfg: SFTConfig) -> dict:
     train = pack([ex for _, ex in train_rows], max_len, cfg.pack)
     held = pack([ex for _, ex in eval_rows], max_len, cfg.pack)
     maybe_lora(model, cfg)
-    log = RunLog(Path(cfg.out) / "sft")
+    run = StageRun(cfg, "sft", model)
 
     def evaluate() -> dict[str, float]:
         total, n = 0.0, 0
@@ -154,12 +152,13 @@ def sft(cfg: SFTConfig) -> dict:
             total, n = total + float(loss), n + k
         return {"loss": total / max(n, 1)}
 
-    steps = optimize(model, train, lambda rows: sft_loss(model, rows), cfg, log, evaluate if held else None)
+    steps = optimize(model, train, lambda rows: sft_loss(model, rows), run, evaluate if held else None)
+    last = run.records[-1]
     summary = {
         "train_examples": len(train_rows), "eval_examples": len(eval_rows), "packed_rows": len(train),
         "skipped": sum(skipped.values()), **{f"skipped: {k}": v for k, v in skipped.items()}, "steps": steps,
-        "train_loss": log.records[-1]["loss"], "eval_loss": log.records[-1].get("eval_loss", float("nan")),
+        "train_loss": last["loss"], "eval_loss": last.get("eval_loss", float("nan")),
         "eval_stop_rate": stop_rate(model, [r for r, _ in eval_rows][:32]) if eval_rows else float("nan"),
     }  # fmt: skip
-    finish(model, cfg, "sft", steps, summary, plots=[("loss", ["loss", "eval_loss"])], records=log.records)
+    run.finish(summary, plots=[("loss", ["loss", "eval_loss"])])
     return summary
