@@ -92,13 +92,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """stream a completion of --prompt"""
-    engine = load_engine(from_args(LoadConfig, args), from_args(EngineConfig, args))
-    chat.complete(engine, args.prompt, from_args(SamplingParams, args, chat.GENERATE_SAMPLING), sys.stdout, sys.stderr)
+    engine = load_engine(from_args(LoadConfig, args), from_args(EngineConfig, args, chat.ENGINE))
+    params = from_args(SamplingParams, args, chat.GENERATE_SAMPLING)
+    chat.complete(engine, args.prompt, params, sys.stdout, sys.stderr, allow_special=args.allow_special)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """talk to a model through its chat template (Ctrl-D leaves, /reset clears)"""
-    engine = load_engine(from_args(LoadConfig, args), from_args(EngineConfig, args))
+    engine = load_engine(from_args(LoadConfig, args), from_args(EngineConfig, args, chat.ENGINE))
     interactive = sys.stdin.isatty()
 
     def read() -> str | None:
@@ -267,7 +268,7 @@ def only(cls: type, *names: str) -> tuple:
 
 SET = {"action": "append", "default": [], "metavar": "KEY=VALUE"}
 LOAD = opts(LoadConfig, positional=("checkpoint",))
-DRAFTS = only(EngineConfig, "num_speculative")
+ONE_SEQUENCE = only(EngineConfig, "num_speculative", "kv_memory")  # generate, chat: chat.ENGINE's max_seqs=1
 SAMPLING_SKIP = ("stop_token_ids", "prompt_logprobs")  # API-only sampling fields
 PRETRAIN_SKIP = ("model", "model_overrides", "sample_prompts")  # --preset / --config / --set give these
 COMMANDS = [  # (command, function, its options)
@@ -278,14 +279,18 @@ COMMANDS = [  # (command, function, its options)
     ("quantize", cmd_quantize, [opts(checkpoint.QuantizeConfig, positional=("checkpoint",))]),
     ("convert", cmd_convert, [arg("direction", choices=["hf-import", "hf-export"]), arg("src"), arg("dst"),
                               arg("--tokenizer", help="hf-import: tokenizer to record in the checkpoint")]),
-    ("generate", cmd_generate, [arg("--prompt", required=True), LOAD, DRAFTS,
+    ("generate", cmd_generate, [arg("--prompt", required=True), LOAD, ONE_SEQUENCE,
+                                arg("--allow-special", action="store_true",
+                                    help="special-token text in the prompt (<|im_start|>) becomes the token"),
                                 opts(SamplingParams, skip=SAMPLING_SKIP, defaults=chat.GENERATE_SAMPLING)]),
-    ("chat", cmd_chat, [arg("--system", default="", help="system prompt"), LOAD, DRAFTS,
+    ("chat", cmd_chat, [arg("--system", default="", help="system message, rendered by the model's chat template"),
+                        LOAD, ONE_SEQUENCE,
                         opts(SamplingParams, skip=SAMPLING_SKIP, defaults=chat.CHAT_SAMPLING)]),
     ("serve", cmd_serve, [arg("checkpoints", nargs="+", help="checkpoint folders, each served under its folder's name"),
                           arg("--name", action="append", default=[], help="served name of the n-th checkpoint"),
                           opts(LoadConfig, skip=("checkpoint", "speculative")),
-                          only(EngineConfig, "max_seqs", "num_blocks", "max_step_tokens"), opts(ServeConfig)]),
+                          only(EngineConfig, "max_seqs", "kv_memory", "num_blocks", "max_step_tokens"),
+                          opts(ServeConfig)]),
     ("moderation train", cmd_moderation_train, [opts(ModerationTrainConfig)]),
     ("tokenizer train", cmd_tokenizer_train, [opts(TokenizerTrainConfig)]),
     ("tokenizer eval", cmd_tokenizer_eval, [opts(TokenizerEvalConfig)]),

@@ -5,17 +5,29 @@ chi-square; per-request seeds; log-probabilities; stops; bad input; every block 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import VARIANTS, scramble
 from scipy.stats import chisquare
 
-from gptstack.infer.engine import BlockPool, ContextLengthExceeded, Engine, EngineConfig
+from gptstack.config import get_preset
+from gptstack.infer.engine import (
+    BlockPool,
+    ContextLengthExceeded,
+    Engine,
+    EngineConfig,
+    device_memory,
+    kv_budget,
+    parse_memory,
+    plan_kv,
+)
 from gptstack.infer.generate import generate
 from gptstack.infer.sampling import SamplingParams, distribution, draw, penalise
 from gptstack.infer.speculative import accept, ngram_propose
-from gptstack.model import build_model
+from gptstack.model import GPT, build_model
 from gptstack.tokenizer import get_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20)
@@ -328,3 +340,64 @@ def test_aborted_and_finished_requests_free_every_block():
     assert engine.pool.used > 0
     stream.close()
     assert engine.pool.used == 0
+
+
+# ---- the KV pool: sized from a memory budget, allocated lazily ---------------------------------------
+
+
+def test_kv_memory_reads_sizes_and_fractions_and_refuses_the_rest():
+    assert parse_memory("2GiB") == 2**31 and parse_memory("512 MiB") == 2**29 and parse_memory("1.5GB") == 1.5e9
+    assert parse_memory("4096B") == 4096 and parse_memory("0.25") == 0.25 and parse_memory("1") == 1.0
+    assert kv_budget("0.5") == int(0.5 * device_memory()) and kv_budget(None) == min(2**31, device_memory() // 10)
+    for bad in ("2", "lots", "0", "0GiB", "-1GiB", "2XB", ""):  # a bare 2 would be ambiguous: bytes or 200%?
+        with pytest.raises(ValueError, match="kv_memory: expected a size such as 2GiB"):
+            EngineConfig(kv_memory=bad)
+
+
+def test_a_llama3_8b_shaped_engine_plans_within_its_budget_without_allocating():
+    cfg = get_preset("llama3-8b")  # 32 layers, 8 KV heads of 128, context 8192
+    per_token = 2 * 32 * 8 * 128 * 4  # K and V, fp32
+    old = 32 * (8192 // 16 + 1) * 16 * per_token  # the former default: 32 full contexts, zero-filled at start
+    assert old > 68e9
+    plan = plan_kv([(cfg, 4)], EngineConfig())
+    assert plan.budget == kv_budget(None) <= 2**31 and plan.bytes <= plan.budget < plan.bytes + plan.block_bytes
+    one = plan_kv([(cfg, 2)], EngineConfig(max_seqs=1, kv_memory="64GiB"))  # never more than max_seqs contexts
+    assert one.num_blocks == 8192 // 16 + 1 and one.bytes == one.num_blocks * 16 * per_token // 2
+    with torch.device("meta"):  # the engine itself, on the meta device: shapes without memory
+        model = GPT(cfg)
+    engine = Engine(model, EngineConfig(kv_memory="1GiB"))
+    assert engine.cache.k.nbytes + engine.cache.v.nbytes == engine.kv_plan.bytes == 2**30
+    assert engine.capacity == 2**30 // per_token == 4096  # half the context fits: longer requests are refused
+    engine.check_request([1] * 4000, SamplingParams(max_tokens=96))
+    with pytest.raises(ValueError, match=r"needs 257 KV blocks and the pool has 256 \(16 tokens each\).*--kv-memory"):
+        engine.check_request([1] * 4000, SamplingParams(max_tokens=97))
+    with pytest.raises(ValueError, match="bytes hold no KV block"):
+        Engine(model, EngineConfig(kv_memory="1MiB"))
+
+
+def rss() -> int:
+    """This process's resident bytes."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads the resident size from /proc (Linux)")
+def test_start_up_touches_no_pool_memory_and_a_small_pool_queues_or_refuses():
+    model = make("llama-gqa", block_size=8192)  # fp64: 2 · 2 layers · 2 KV heads · 8 · 8 bytes = 512 B per token
+    before = rss()
+    big = Engine(model, EngineConfig(kv_memory="256MiB"))
+    assert big.kv_plan.bytes == big.cache.k.nbytes * 2 <= 2**28 and big.num_blocks == 32 * 513  # 32 contexts fit
+    assert rss() - before < 2**24, "the pool was touched at start-up"  # 16 MiB of slack for the allocator
+    ps = prompts(6, model.config.vocab_size, seed=3, longest=28)
+    assert [c.token_ids for c in big.generate(ps, GREEDY)] == [reference(model, p, 20) for p in ps]
+    assert rss() - before < 2**24  # only the blocks in use were written
+    # a pool of 12 blocks of 4 tokens: six requests of up to 47 tokens queue and preempt, none crashes; one
+    # that needs more than the whole pool is refused, and the engine keeps serving
+    small = Engine(model, EngineConfig(kv_block_size=4, kv_memory=f"{12 * 4 * 512}B"))
+    small.cache.k.fill_(float("nan"))  # what uninitialised memory may hold: fresh blocks are zeroed on use
+    small.cache.v.fill_(float("inf"))
+    assert small.num_blocks == 12 and small.capacity == 48
+    assert [c.token_ids for c in small.generate(ps, GREEDY)] == [reference(model, p, 20) for p in ps]
+    assert small.stats["preemptions"] > 0 and small.pool.used == 0
+    with pytest.raises(ValueError, match="needs 13 KV blocks and the pool has 12"):
+        small.add_request([1] * 30, GREEDY)
+    assert small.generate([[1, 2, 3]], GREEDY)[0].token_ids == reference(model, [1, 2, 3], 20)

@@ -7,7 +7,9 @@ the GPT papers report over them: the CORE-style centred accuracy averaged over t
 the multiple-choice answers (calibration.py, GPT-4 figure 8), with a shard folder the accuracy on the
 items whose 13-grams are not in its training split (GPT-3 §4), and the perplexity and bits per byte of
 text files (perplexity.py, GPT-2 §3.1). The results are returned as a dict, and written as JSON,
-per-item JSONL, a reliability diagram and a section of the run's report.md.
+per-item JSONL, a reliability diagram and a section of the run's report.md. The files are strict JSON
+(RFC 8259 has no NaN): a value that is not a finite number, such as the accuracy on zero clean items,
+is written as null.
 
 The imports point one way: scorer ← tasks, perplexity, calibration ← run; nothing imports this module
 but the command line.
@@ -16,6 +18,8 @@ but the command line.
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +80,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.calibration_plot and "calibration" in results:
         plot_reliability(results["calibration"], cfg.calibration_plot)
     if cfg.out:
-        Path(cfg.out).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(results, cfg.out)
     report = Path(cfg.report) if cfg.report else run_report_of(cfg.checkpoint)
     if report is not None:
         write_report(report, results, cfg)
@@ -130,12 +134,30 @@ def contamination_split(shards: str, tasks: list[Task], items: dict[str, list[di
 # ---- writing the results ------------------------------------------------------------------------
 
 
+def finite(value):
+    """`value` with every float that is not finite (NaN, ±inf) replaced by None, in nested dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json(results: dict, path: str | Path) -> None:
+    """The results as strict JSON (non-finite numbers as null), written whole or not at all."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(finite(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_samples(items: dict[str, list[dict]], path: str | Path) -> None:
-    """One JSON line per scored item: {"task": name, **its outcome}."""
+    """One strict JSON line per scored item: {"task": name, **its outcome}."""
     with open(path, "w", encoding="utf-8") as f:
         for name, rows in items.items():
             for row in rows:
-                f.write(json.dumps({"task": name, **row}) + "\n")
+                f.write(json.dumps(finite({"task": name, **row}), allow_nan=False) + "\n")
 
 
 def run_report_of(checkpoint: str | Path) -> Path | None:

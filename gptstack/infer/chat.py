@@ -1,7 +1,9 @@
 """`gptstack generate` and `gptstack chat`: a completion or a conversation, streamed token by token.
 
 Both sample at temperature 0.8 by default (the library's SamplingParams default is 1.0): the
-interactive defaults are the two SamplingParams instances below, which the CLI's options show.
+interactive defaults are the two SamplingParams instances below, which the CLI's options show. Both
+run one sequence (`ENGINE`), so the KV pool holds at most one context rather than the server's
+`max_seqs` of them.
 """
 
 from __future__ import annotations
@@ -11,19 +13,24 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TextIO
 
-from gptstack.infer.engine import Engine
+from gptstack.infer.engine import Engine, EngineConfig
 from gptstack.infer.sampling import SamplingParams
 
 GENERATE_SAMPLING = SamplingParams(temperature=0.8, max_tokens=64)
 CHAT_SAMPLING = replace(GENERATE_SAMPLING, max_tokens=256)
+ENGINE = EngineConfig(max_seqs=1)  # one conversation: a pool of one context (within kv_memory)
 
 
-def complete(engine: Engine, prompt: str, params: SamplingParams, out: TextIO, err: TextIO) -> int:
+def complete(
+    engine: Engine, prompt: str, params: SamplingParams, out: TextIO, err: TextIO, allow_special: bool = False
+) -> int:
     """Stream `prompt` and its completion to `out`; token log-probabilities (when params.logprobs is
-    set) and a timing line go to `err`. Returns the number of generated tokens."""
+    set) and a timing line go to `err`. `allow_special`: special-token text in the prompt (a hand-typed
+    `<|im_start|>`) becomes that token, else it is encoded as plain text. Returns the number of
+    generated tokens."""
     out.write(prompt)
     start, n = time.perf_counter(), 0
-    for piece in engine.stream(engine.tokenizer.encode(prompt), params):
+    for piece in engine.stream(engine.tokenizer.encode(prompt, allow_special=allow_special), params):
         out.write(piece.text)
         out.flush()
         n += len(piece.token_ids)
@@ -37,31 +44,45 @@ def complete(engine: Engine, prompt: str, params: SamplingParams, out: TextIO, e
 
 
 def chat(engine: Engine, params: SamplingParams, read: Callable[[], str | None], out: TextIO, system: str = "") -> list:
-    """Read user turns with `read()` (None ends), stream each assistant reply to `out`. The history
-    is re-sent each turn (the prefix cache keeps it from being recomputed). Returns the messages."""
-    tok = engine.tokenizer
-    messages = [{"role": "system", "content": system}] if system else []
+    """Read user turns with `read()` (None ends), stream each assistant reply to `out`. The conversation
+    (a `system` message first when given) is rendered by the tokenizer's chat template, the checkpoint's
+    own for an imported model, and re-sent each turn (the prefix cache keeps it from being recomputed);
+    the oldest turns are dropped when it outgrows what the engine holds. Returns the messages."""
+    keep = [{"role": "system", "content": system}] if system else []
+    messages = list(keep)
     while (line := read()) is not None:
         if not line.strip():
             continue
         if line.strip() in ("/reset", "/clear"):
-            messages = messages[:1] if system else []
+            messages = list(keep)
             out.write("(history cleared)\n")
             continue
-        messages.append({"role": "user", "content": line})
-        ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
-        room = engine.context - len(ids)
-        while room < 2 and len(messages) > 1 + bool(system):  # drop the oldest turns to fit the context
-            messages.pop(1 if system else 0)
-            ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
-            room = engine.context - len(ids)
+        messages.append({"role": "user", "content": line.rstrip("\r\n")})  # the line, not its terminator
+        ids, room = fit(engine, messages, len(keep))
+        if room < 1:
+            messages.pop()
+            out.write(f"(that message takes {len(ids)} tokens; this engine holds {engine.capacity})\n")
+            continue
         reply = []
-        turn = replace(params, max_tokens=min(params.max_tokens, max(1, room)))
         out.write("assistant> ")
-        for piece in engine.stream(ids, turn):
+        for piece in engine.stream(ids, replace(params, max_tokens=min(params.max_tokens, room))):
             reply.append(piece.text)
             out.write(piece.text)
             out.flush()
         out.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
     return messages
+
+
+def fit(engine: Engine, messages: list[dict], keep: int) -> tuple[list[int], int]:
+    """Drop the oldest turns after the first `keep` messages (in place) until the rendered prompt leaves
+    room for at least two new tokens, or only the last message is left; whole turns go, so the
+    conversation still opens with a user message (templates such as Gemma's insist). Returns (ids, room)."""
+    while True:
+        ids, _ = engine.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        room = engine.capacity - len(ids)
+        if room >= 2 or len(messages) <= keep + 1:
+            return ids, room
+        messages.pop(keep)
+        while len(messages) > keep + 1 and messages[keep]["role"] != "user":  # a turn starts with the user
+            messages.pop(keep)
