@@ -4,7 +4,9 @@ Stages that look at one document at a time run per chunk of documents on an exec
 process pool, or Dask distributed with the same stage functions. Results come back in chunk order,
 so the output is byte-identical for a seed whatever the executor or worker count. Stage-A results
 are cached per chunk in `OUT/.work-<fingerprint>/`, so an interrupted run resumes; shards are
-written atomically and the manifest last, so a folder with a manifest is always complete.
+written atomically and the manifest last, so a folder with a manifest is always complete. A `Ledger`
+in OUT records each name a run writes before writing it: a later run replaces or removes only those,
+and refuses a folder where someone else's file has a name it would write.
 
 `prepare(cfg)` runs, in order: `_check_settings` (fail before any work), stage A per chunk
 (`process_chunk`: extract, filter, PII, quality, dedup features), `_dedup` (global), `_split` (val
@@ -20,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -31,7 +34,7 @@ from typing import Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from gptstack.data.audit import byte_audit, check_kept, warnings_for
+from gptstack.data.audit import PrepareError, byte_audit, check_kept, warnings_for
 from gptstack.data.dedup import MinHasher, dedup_keep
 from gptstack.data.extract import extract_html
 from gptstack.data.filters import DEFAULT_CHAINS, build_filter, mask_pii
@@ -71,13 +74,16 @@ class PrepareConfig:
     seed: int = 0  # seed of the val split, the mixture and the quality classifier's sampling
     keep_text: bool = False  # also write the kept documents as documents.jsonl
     chunk_bytes: int = 1_000_000  # bytes of documents per unit of work (and of resumption)
+    follow_symlinks: bool = (
+        False  # read what symbolic links in an input folder point to outside it (and linked folders)
+    )
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes the output, and of the input files (names, sizes, times)."""
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "keep_text")}
         h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
         for root in self.inputs or [str(default_corpus())]:
-            for path in list_files(Path(root), None if self.inputs else (".py",)):
+            for path in list_files(Path(root), None if self.inputs else (".py",), self.follow_symlinks):
                 st = path.stat()
                 h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         for extra in (self.tokenizer, self.quality_model):
@@ -290,6 +296,8 @@ def prepare(cfg: PrepareConfig, executor=None, progress: bool = True) -> dict:
     out, fp = Path(cfg.out), cfg.fingerprint()
     if (out / MANIFEST).is_file():
         return _existing(out, fp)
+    ledger = Ledger(out)
+    ledger.check()
     work = _work_folder(out, fp)
     executor = executor or LocalExecutor()
     t_start = time.time()
@@ -301,11 +309,13 @@ def prepare(cfg: PrepareConfig, executor=None, progress: bool = True) -> dict:
     check_kept(len(docs), audit, tally.drops, tally.skipped, cfg.filters, cfg.max_doc_bytes)
     if cfg.keep_text:
         lines = "".join(json.dumps({"text": t, "source": s, "id": i}, ensure_ascii=False) + "\n" for t, s, i in docs)
-        atomic_write(out / "documents.jsonl", lines.encode())
+        atomic_write(out / ledger.record("documents.jsonl"), lines.encode())
     train, val = _split(cfg, docs, tally.read)
-    splits, train_tokens = _write_splits(cfg, out, tokenizer, {"train": train, "val": val}, executor, progress, tally)
+    parts = {"train": train, "val": val}
+    splits, train_tokens = _write_splits(cfg, out, tokenizer, parts, executor, progress, tally, ledger.record)
     if cfg.quality_model:
-        shutil.copyfile(cfg.quality_model, out / "quality.npz")
+        shutil.copyfile(cfg.quality_model, out / ledger.record("quality.npz"))
+    ledger.record("tokenizer")
     manifest = {
         "format": FORMAT,
         "fingerprint": fp,
@@ -318,7 +328,7 @@ def prepare(cfg: PrepareConfig, executor=None, progress: bool = True) -> dict:
         "wall_s": round(time.time() - t_start, 2),
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
     }
-    _commit(out, work, manifest)
+    _commit(out, work, manifest, ledger)
     return manifest
 
 
@@ -358,11 +368,11 @@ def _existing(out: Path, fingerprint: str) -> dict:
 
 
 def _work_folder(out: Path, fingerprint: str) -> Path:
-    """OUT/.work-<fingerprint>/, the stage-A cache of this run (caches of other settings are removed)."""
+    """OUT/.work-<fingerprint>/, the stage-A cache of this run (our caches of other settings are removed)."""
     out.mkdir(parents=True, exist_ok=True)
     work = out / f".work-{fingerprint[:16]}"
     for stale in out.glob(".work-*"):
-        if stale != work:
+        if stale != work and WORK_NAME.match(stale.name):
             shutil.rmtree(stale, ignore_errors=True)
     work.mkdir(exist_ok=True)
     return work
@@ -374,7 +384,8 @@ def _stage_a(
     """Read the documents in chunks and run `process_chunk` on those not cached yet; returns the kept
     documents, their exact-dedup keys and their MinHash signatures (N, bands·rows), in input order."""
     with tally.timed("read"):
-        chunks = list(_chunks(iter_documents(cfg.inputs, cfg.text_field, cfg.max_doc_bytes), cfg.chunk_bytes, tally))
+        docs = iter_documents(cfg.inputs, cfg.text_field, cfg.max_doc_bytes, cfg.follow_symlinks)
+        chunks = list(_chunks(docs, cfg.chunk_bytes, tally))
     tally.nbytes["read"] += sum(len(d.text.encode()) for c in chunks for d in c)
     stage_cfg = {k: getattr(cfg, k) for k in ("filters", "pii", "quality_model", "bands", "rows", "ngram", "seed")}
     results: list[dict | None] = [_load_chunk(work / f"a-{i:06d}.npz") for i in range(len(chunks))]
@@ -470,13 +481,21 @@ def _split(cfg: PrepareConfig, docs: list[Doc], read: Counter) -> tuple[list[Doc
 
 # --- stage B: tokenize and write shards -----------------------------------------------------------------
 def _write_splits(
-    cfg: PrepareConfig, out: Path, tokenizer, splits: dict[str, list[Doc]], executor, progress: bool, tally: Tally
+    cfg: PrepareConfig,
+    out: Path,
+    tokenizer,
+    splits: dict[str, list[Doc]],
+    executor,
+    progress: bool,
+    tally: Tally,
+    on_write: Callable[[str], None] | None = None,
 ) -> tuple[dict, Counter]:
     """Each split's shard entries (ShardWriter.close), and the train tokens of each source."""
     written, per_source = {}, Counter()
     seconds, nbytes = 0.0, 0  # summed over the workers' batches
+    dtype = token_dtype(tokenizer.n_vocab)
     for split, docs in splits.items():
-        writer = ShardWriter(out, split, token_dtype(tokenizer.n_vocab), cfg.shard_tokens, tokenizer.eot_id)
+        writer = ShardWriter(out, split, dtype, cfg.shard_tokens, tokenizer.eot_id, on_write)
         batches = _batches(docs, cfg.chunk_bytes)
         bar = tqdm(total=len(docs), desc=f"tokenize {split}", unit="doc", disable=not progress)
         tasks = (([d[0] for d in b], cfg.tokenizer) for b in batches)
@@ -549,14 +568,60 @@ def _accounts(cfg: PrepareConfig, tally: Tally, kept: Counter, train_tokens: Cou
     }
 
 
-def _commit(out: Path, work: Path, manifest: dict) -> None:
-    """Remove shards of an earlier run, write the manifest last (the folder is complete), drop the cache."""
-    written = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
-    for stale in out.glob("*.bin"):
-        if stale.name not in written:
-            stale.unlink()
+def _commit(out: Path, work: Path, manifest: dict, ledger: Ledger) -> None:
+    """Remove what an earlier, interrupted run of ours wrote and this one did not (by name, from the
+    ledger), write the manifest last (the folder is complete), drop the ledger and the cache."""
+    for name in sorted(ledger.names - ledger.this_run):
+        if (out / name).is_file():
+            (out / name).unlink()
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+    ledger.path.unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
+
+
+# --- what a run may overwrite -----------------------------------------------------------------------------
+LEDGER = ".prepare-files.json"  # {"files": [names]}: what runs of ours wrote in OUT before a manifest named it
+SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.bin$")
+OUTPUTS = ("documents.jsonl", "quality.npz", "tokenizer")  # the other names a run writes (manifest.json aside)
+WORK_NAME = re.compile(r"^\.work-[0-9a-f]{16}$")
+
+
+class Ledger:
+    """The names `data prepare` wrote in an output folder, each recorded before its file is written, so a
+    kill never leaves a file of ours unrecorded. A run overwrites or removes only these: a file of the
+    same name that someone else put there is refused, and every other file is left alone."""
+
+    def __init__(self, out: Path):
+        self.out, self.path = out, out / LEDGER
+        self.names: set[str] = set()
+        self.this_run: set[str] = set()
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):  # unreadable: nothing is ours
+            self.names = {str(n) for n in json.loads(self.path.read_text())["files"]}
+
+    def check(self) -> None:
+        """Refuse (PrepareError) an output folder holding a file this run would overwrite that no run of
+        ours wrote."""
+        if not self.out.is_dir():
+            return
+        clash = sorted(
+            p.name
+            for p in self.out.iterdir()
+            if (SHARD_NAME.match(p.name) or p.name in OUTPUTS) and p.name not in self.names
+        )
+        if clash:
+            raise PrepareError(
+                f"{self.out / clash[0]}: `data prepare` did not write this file ({len(clash)} such in {self.out}) "
+                "and would overwrite it; move it or choose another --out"
+            )
+
+    def record(self, name: str) -> str:
+        """Note `name` as ours (on disk first), and return it."""
+        self.this_run.add(name)
+        if name not in self.names:
+            self.names.add(name)
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, json.dumps({"files": sorted(self.names)}).encode())
+        return name
 
 
 def format_stats(manifest: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,20 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class ShardWriter:
-    """Appends token arrays and cuts a shard every `shard_tokens` tokens (documents may straddle)."""
+    """Appends token arrays and cuts a shard every `shard_tokens` tokens (documents may straddle).
+    `on_write(name)` is called before each shard file is written (data prepare records it in its ledger)."""
 
-    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, eot: int):
+    def __init__(
+        self,
+        out: Path,
+        split: str,
+        dtype: np.dtype,
+        shard_tokens: int,
+        eot: int,
+        on_write: Callable[[str], None] | None = None,
+    ):
         self.out, self.split, self.dtype, self.shard_tokens, self.eot = out, split, dtype, shard_tokens, eot
+        self.on_write = on_write
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
         self.shards: list[dict] = []
@@ -50,6 +61,8 @@ class ShardWriter:
     def _flush(self, tokens: np.ndarray) -> None:
         name = f"{self.split}-{len(self.shards):06d}.bin"
         data = tokens.astype("<" + self.dtype.str[1:], copy=False).tobytes()
+        if self.on_write is not None:
+            self.on_write(name)
         atomic_write(self.out / name, data)
         ends = int((tokens == self.eot).sum())  # documents that end in this shard
         self.shards.append(
