@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 from gptstack.config import ConfigError, ModelConfig
 from gptstack.config import load_config as load_config_spec
+from gptstack.interop.gguf import load_gguf
 from gptstack.model import GPT, build_model
 from gptstack.tokenizer import get_tokenizer
 from gptstack.transforms.quantize import GROUP_SIZE, quantize, quantized_structure
@@ -431,19 +432,25 @@ def load_model(
     tokenizer: Any = None,
     verify: bool = True,
     require_tokenizer: bool = False,
+    keep_quantized: bool = False,
 ) -> GPT:
     """The checkpoint's model in eval mode, with `.tokenizer` set (None when it names none).
-    `tokenizer` (a spec such as "cl100k_base" or a Tokenizer) overrides the one the checkpoint names;
-    `require_tokenizer` (the engine and the scorer): refuse a checkpoint that ends up with none, or with
-    one that has more ids than the model's vocabulary."""
+    `path` may also be a llama.cpp GGUF file (interop/gguf.py; `keep_quantized`: hold its Q4_0/Q4_1/Q8_0
+    tensors as codes). `tokenizer` (a spec such as "cl100k_base" or a Tokenizer) overrides the one the
+    checkpoint names; `require_tokenizer` (the engine and the scorer): refuse a checkpoint that ends up
+    with none, or with one that has more ids than the model's vocabulary."""
+    if Path(path).is_file():  # a checkpoint is a folder: a file is a GGUF (whose reader refuses anything else)
+        model = load_gguf(
+            path, device, keep_quantized, check=lambda c: check_config_memory(c, where=path, device=device)
+        )
+        model.tokenizer = model.tokenizer if tokenizer is None else get_tokenizer(tokenizer)
+        _check_tokenizer(path, model.tokenizer, model.config, require_tokenizer)
+        return model
     folder = resolve(path)
     cfg = load_config(folder)
     _, meta = read_meta(folder)
     tok = load_tokenizer(folder) if tokenizer is None else get_tokenizer(tokenizer)
-    if require_tokenizer and tok is None:
-        raise CheckpointError(f"{path} names no tokenizer: pass --tokenizer cl100k_base|o200k_base|bytes|DIR")
-    if require_tokenizer and tok.n_vocab > cfg.vocab_size:
-        raise CheckpointError(f"tokenizer {tok.name} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}")
+    _check_tokenizer(path, tok, cfg, require_tokenizer)
     where, quantization = folder / "config.json", meta.get("quantization")
     check_config_memory(cfg, where=where, quantization=quantization, device=device)  # before any allocation
     model = _meta_model(cfg, quantization, where)
@@ -453,6 +460,13 @@ def load_model(
     load_weights(model, folder, verify=verify)
     model.tokenizer = tok
     return model.eval()
+
+
+def _check_tokenizer(path: str | Path, tok: Any, cfg: ModelConfig, required: bool) -> None:
+    if required and tok is None:
+        raise CheckpointError(f"{path} names no tokenizer: pass --tokenizer cl100k_base|o200k_base|bytes|DIR")
+    if required and tok.n_vocab > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer {tok.name} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}")
 
 
 def load_heads(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]:

@@ -372,10 +372,18 @@ def _check_state(model: GPT, state: dict[str, Tensor], where: str) -> None:
             )
 
 
-def load_gguf(path: str | Path, device: str | torch.device = "cpu", keep_quantized: bool = False) -> GPT:
+def load_gguf(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    keep_quantized: bool = False,
+    check: Callable[[ModelConfig], object] | None = None,
+) -> GPT:
     """A GGUF file's model in eval mode on `device`, with `.tokenizer` (and its chat template) from the file.
-    `keep_quantized`: hold Q4_0/Q4_1/Q8_0 tensors as codes instead of fp32 (see the module docstring)."""
+    `keep_quantized`: hold Q4_0/Q4_1/Q8_0 tensors as codes instead of fp32 (see the module docstring).
+    `check(config)` runs before anything is allocated (checkpoint.load_model passes its memory check)."""
     meta, tensors = open_gguf(path)
+    if check is not None:
+        check(gguf_config(meta, {n: _shape(t) for n, t in _untie(tensors).items()}, str(path)))
     model = gguf_model(meta, tensors, keep_quantized, where=str(path))
     model.tokenizer = tokenizers.tokenizer_from_gguf(meta)
     return model.to(device)

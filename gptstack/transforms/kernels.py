@@ -1,4 +1,4 @@
-"""Matrix-vector kernels for batch-1 decoding on CPU: fp32, int8 and int4 weights.
+"""Matrix-vector kernels for batch-1 decoding on CPU: fp32, int8, int4 and grouped int8 weights.
 
 Decoding one token reads every weight once for two FLOPs each: it is bound by memory bandwidth.
 On a 2-core CI machine (≈30 GB/s streaming reads) the BLAS GEMV behind F.linear reaches about
@@ -14,7 +14,8 @@ instead, after one warning.
 Shapes: x (1, K) fp32 contiguous; fp32 w (N, K); int8 q (N, K) with scales (N,); int4 `packed`
 (K/2, N) uint8 holding rows 2j (low nibble) and 2j+1 (high nibble) of the (K, N) codes, with
 per-group scales and minimums (G, N), G = K / group: w[k, n] = code[k, n]·scale[k // group, n] +
-minimum[k // group, n]. Output (1, N).
+minimum[k // group, n]; grouped int8 (GGUF's Q8_0, kept as codes on import) q (N, K) with scales
+(N, K / group): w[n, k] = q[n, k]·scale[n, k // group], for up to SMALL_M rows x (M, K). Output (M, N).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def gemv_int4_ref(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor) -> Te
     return x @ w.view(-1, N)
 
 
+def gemm_int8g_ref(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    N, K = q.shape
+    w = q.to(x.dtype).view(N, scales.size(1), -1) * scales.to(x.dtype)[..., None]  # (N, G, group)
+    return x @ w.view(N, K).t()
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built once per source version and machine; None when unavailable."""
     global _lib
@@ -80,6 +87,7 @@ def _build() -> ctypes.CDLL:
     cdll.gemm_f32.argtypes = [P, P, P, I, I, I]
     cdll.gemv_int8.argtypes = [P, P, P, P, I, I]
     cdll.gemv_int4.argtypes = [P, P, P, P, P, I, I, I]
+    cdll.gemm_int8g.argtypes = [P, P, P, P, I, I, I, I]
     return cdll
 
 
@@ -130,4 +138,16 @@ def gemv_int4(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor) -> Tensor
     lib.gemv_int4(
         x.data_ptr(), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), y.data_ptr(), K, N, K // scales.size(0)
     )
+    return y
+
+
+def gemm_int8g(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    """x (M, K) with M <= SMALL_M · the grouped int8 weight (N, K)ᵀ, dequantized in registers: a tied
+    Q8_0 output head (49,152 × 576 for SmolLM2) never materialises its 113 MB fp32 copy."""
+    lib = _usable(x, q, scales, rows=SMALL_M)
+    if lib is None or scales.dtype != torch.float32:
+        return gemm_int8g_ref(x, q, scales)
+    (M, K), N = x.shape, q.size(0)
+    y = x.new_empty(M, N)
+    lib.gemm_int8g(x.data_ptr(), q.data_ptr(), scales.data_ptr(), y.data_ptr(), M, K, N, K // scales.size(1))
     return y

@@ -66,3 +66,24 @@ void gemv_int4(const float* x, const uint8_t* packed, const float* scales, const
     for (int n = 0; n < w; n++) y[nb + n] = out[n];
   }
 }
+
+/* int8 in groups along the input (GGUF's Q8_0): q (N, K), scales (N, K/g), w[n, k] = q[n, k] * scale[n, k/g];
+ * x (M, K), y (M, N). Each weight row (K bytes) is read once for all M rows, as in gemm_f32. */
+void gemm_int8g(const float* x, const int8_t* q, const float* scales, float* y, int M, int K, int N, int g) {
+  int G = K / g;
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; n++) {
+    const int8_t* row = q + (int64_t)n * K;
+    const float* s = scales + (int64_t)n * G;
+    for (int m = 0; m < M; m++) {
+      const float* xm = x + (int64_t)m * K;
+      float acc = 0.f;
+      for (int gi = 0; gi < G; gi++) {
+        float a = 0.f;
+        for (int k = gi * g; k < (gi + 1) * g; k++) a += xm[k] * (float)row[k];
+        acc += a * s[gi];
+      }
+      y[(int64_t)m * N + n] = acc;
+    }
+  }
+}
