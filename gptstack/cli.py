@@ -34,7 +34,7 @@ from gptstack.infer.engine import EngineConfig
 from gptstack.infer.load import LoadConfig, load_engine
 from gptstack.infer.sampling import SamplingParams
 from gptstack.info import describe_model
-from gptstack.interop import convert
+from gptstack.interop import convert, gguf
 from gptstack.options import add_options, from_args
 from gptstack.posttrain import dpo, finetune, ppo, reward, sft
 from gptstack.serve.config import ModerationTrainConfig, ServeConfig
@@ -82,11 +82,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    """import or export transformers checkpoints"""
+    """import or export transformers checkpoints and llama.cpp GGUF files"""
     if args.direction == "hf-import":
         path = convert.hf_import(args.src, args.dst, tokenizer=args.tokenizer)
-    else:
+    elif args.direction == "hf-export":
         path = convert.hf_export(args.src, args.dst)
+    elif args.direction == "gguf-import":
+        path = convert.gguf_import(args.src, args.dst, keep_quantized=args.keep_quantized)
+    else:  # the function's own default type unless --type is given
+        path = convert.gguf_export(args.src, args.dst, **({"type": args.type} if args.type else {}))
     print(f"wrote {path}")
 
 
@@ -277,8 +281,13 @@ COMMANDS = [  # (command, function, its options)
     ("init", cmd_init, [opts(checkpoint.InitConfig, positional=("model", "out"), skip=("overrides",)),
                         arg("--set", **SET, help="override a model config field (repeatable)")]),
     ("quantize", cmd_quantize, [opts(checkpoint.QuantizeConfig, positional=("checkpoint",))]),
-    ("convert", cmd_convert, [arg("direction", choices=["hf-import", "hf-export"]), arg("src"), arg("dst"),
-                              arg("--tokenizer", help="hf-import: tokenizer to record in the checkpoint")]),
+    ("convert", cmd_convert, [arg("direction", choices=["hf-import", "hf-export", "gguf-import", "gguf-export"]),
+                              arg("src"), arg("dst"),
+                              arg("--tokenizer", help="hf-import: tokenizer to record in the checkpoint"),
+                              arg("--keep-quantized", action="store_true",
+                                  help="gguf-import: store Q4_0/Q4_1/Q8_0 tensors as codes instead of fp32"),
+                              arg("--type", choices=list(gguf.EXPORT_TYPES),
+                                  help="gguf-export: type of the 2-D weights (default f16)")]),
     ("generate", cmd_generate, [arg("--prompt", required=True), LOAD, ONE_SEQUENCE,
                                 arg("--allow-special", action="store_true",
                                     help="special-token text in the prompt (<|im_start|>) becomes the token"),

@@ -26,12 +26,15 @@ class LoadConfig:
     group_size: int = GROUP_SIZE  # int4 group size (32, 64, 128)
     speculative: str | None = None  # 'ngram' (prompt lookup) or a draft model's checkpoint
     device: str = "cpu"  # cpu | cuda
+    keep_quantized: bool = False  # GGUF files: hold Q4_0/Q4_1/Q8_0 tensors as codes instead of fp32
 
 
 def load_engine(cfg: LoadConfig, engine: EngineConfig | None = None) -> Engine:
     """An engine over `cfg.checkpoint` (a quantized checkpoint loads as it was saved), scheduled by
     `engine` (cfg.speculative, when set, decides its speculative mode)."""
-    model = load_model(cfg.checkpoint, device=cfg.device, tokenizer=cfg.tokenizer, require_tokenizer=True)
+    model = load_model(
+        cfg.checkpoint, cfg.device, cfg.tokenizer, require_tokenizer=True, keep_quantized=cfg.keep_quantized
+    )
     tok = model.tokenizer
 
     def prepare(m: GPT) -> GPT:
@@ -43,7 +46,7 @@ def load_engine(cfg: LoadConfig, engine: EngineConfig | None = None) -> Engine:
 
     draft, speculative = None, cfg.speculative
     if speculative not in (None, "ngram"):
-        draft = prepare(load_model(speculative, device=cfg.device, tokenizer=tok))
+        draft = prepare(load_model(speculative, device=cfg.device, tokenizer=tok, keep_quantized=cfg.keep_quantized))
         speculative = "draft"
     engine = engine or EngineConfig()
     if speculative is not None:  # else the engine config's own mode (e.g. "ngram") stands

@@ -1,4 +1,4 @@
-"""File-to-file conversions: transformers folders and (later) GGUF files to and from checkpoint folders.
+"""File-to-file conversions: transformers folders and llama.cpp GGUF files to and from checkpoint folders.
 
 The in-memory conversions live one layer down (interop/hf.py, interop/gguf.py) so that checkpoint.py
 can load a foreign file directly; this module adds reading and writing the folders.
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from gptstack.checkpoint import check_config_memory, check_destination, load_model, save_checkpoint
+from gptstack.interop.gguf import GGUFError, write_gguf
 from gptstack.interop.hf import InteropError, _transformers, from_hf_config, from_hf_model, to_hf_model
 
 
@@ -31,3 +32,19 @@ def hf_export(src: str | Path, dst: str | Path) -> Path:
     """gptstack checkpoint → a folder `AutoModelForCausalLM.from_pretrained` loads."""
     to_hf_model(load_model(src)).save_pretrained(dst)
     return Path(dst)
+
+
+def gguf_import(src: str | Path, dst: str | Path, keep_quantized: bool = False) -> Path:
+    """GGUF file → gptstack checkpoint folder, with the file's tokenizer and chat template. `keep_quantized`:
+    store Q4_0/Q4_1/Q8_0 tensors as their codes (config.json's "quantization" lists each module)."""
+    if not Path(src).is_file():
+        raise GGUFError(f"{src}: no such GGUF file")
+    check_destination(dst)  # before any work: never over a folder that is not ours
+    model = load_model(src, keep_quantized=keep_quantized)
+    return save_checkpoint(model, dst, tokenizer=model.tokenizer, train_config={"imported_from": str(src)})
+
+
+def gguf_export(src: str | Path, dst: str | Path, type: str = "f16") -> Path:
+    """gptstack checkpoint (llama or gpt2 family) → a GGUF file llama.cpp loads; `type`: f32, f16, q8_0, q4_0."""
+    model = load_model(src)
+    return write_gguf(model, model.tokenizer, dst, type)

@@ -403,6 +403,8 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, type: str = "f16") 
         raise GGUFError(f"{path}: the model is quantized; export a floating-point checkpoint")
     if tokenizer is None:
         raise GGUFError(f"{path}: a GGUF file needs the model's tokenizer, and the checkpoint names none")
+    if path.is_dir() or (path.exists() and not _is_gguf(path)):
+        raise GGUFError(f"{path} exists and is not a GGUF file; refusing to write over it")
     cfg = model.config
     name = "gpt2" if cfg.pos == "learned" else "llama"
     if name == "llama" and cfg.bias:
@@ -418,6 +420,11 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, type: str = "f16") 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def file_tensors(model: GPT, arch: Arch) -> dict[str, np.ndarray]:
