@@ -158,7 +158,7 @@ def test_bad_requests_get_openai_errors(live):
 
 def test_keys_rate_limits_and_usage_log(tmp_path, monkeypatch):
     keys = tmp_path / "keys.txt"
-    keys.write_text("sk-alice name=alice rpm=2\nsk-bob name=bob tpm=60  # tokens per minute\n")
+    keys.write_text("sk-alice name=alice rpm=2\n  # bob: tokens per minute\nsk-bob name=bob tpm=60\n")
     monkeypatch.setenv("GPTSTACK_API_KEYS", "sk-env")
     app = create_app({"tiny": tiny_engine()}, ServeConfig(api_keys=str(keys), log_dir=str(tmp_path / "logs")))
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 4}

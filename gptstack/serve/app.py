@@ -9,9 +9,11 @@ Every error is an OpenAI error object {"error": {"message", "type", "param", "co
 400 bad parameters / prompt over the context / blocked by moderation, 401 key, 404 model or route,
 413 body too large, 429 rate limited (Retry-After), 503 queue full.
 
-A route only reads its request: it authenticates, picks the model, turns the body into choices
-(completion.py) and hands them to a `Completion`, which answers. The state they share is the app's
-`Server` (app.state.server); the engines sit behind its runners.
+A route only reads its request: it authenticates, takes the body (sized before it is parsed:
+Server.check_body), builds its `Completion` off the event loop (completion.py: counted, routed,
+tokenized) and lets it answer. The state they share is the app's `Server` (app.state.server); the
+engines sit behind its runners. The event loop does a few milliseconds of work per request at most, so
+/health answers while the largest bodies arrive.
 """
 
 from __future__ import annotations
@@ -27,19 +29,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptstack.infer.engine import Engine
-from gptstack.serve.completion import (
-    ChatRenderer,
-    Completion,
-    TextRenderer,
-    chat_choices,
-    chat_messages,
-    text_choices,
-    text_prompts,
-)
+from gptstack.serve.completion import chat_completion, text_completion
 from gptstack.serve.config import ServeConfig
+from gptstack.serve.gateway import ApiKey
 from gptstack.serve.protocol import ChatRequest, CompletionRequest, FeedbackRequest, ModerationRequest
 from gptstack.serve.server import APIError, BodyLimit, Server, error_response
 
@@ -50,7 +46,34 @@ def _server(request: Request) -> Server:
     return request.app.state.server
 
 
+def _key(request: Request) -> ApiKey | None:
+    return _server(request).authenticate(request)
+
+
+def _body(model: type[BaseModel]):
+    """A body parameter: sized (400 when it holds more than any request needs), then parsed by pydantic."""
+
+    async def parse(request: Request, key: KeyDep):  # after the key: no work for a request without one
+        raw = await request.body()
+        await _server(request).check_body(raw)
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors(include_url=False)) from None
+
+    return Annotated[model, Depends(parse)]
+
+
+def _schema(model: type[BaseModel]) -> dict:
+    """The OpenAPI requestBody of a route that parses its body itself (components added in _openapi)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
 ServerDep = Annotated[Server, Depends(_server)]
+KeyDep = Annotated[ApiKey | None, Depends(_key)]
+BODIES = (CompletionRequest, ChatRequest, ModerationRequest, FeedbackRequest)
+CompletionBody, ChatBody, ModerationBody, FeedbackBody = (_body(m) for m in BODIES)
 router = APIRouter()
 
 
@@ -71,8 +94,7 @@ async def metrics(server: ServerDep):
 
 
 @router.get("/v1/models")
-async def models(request: Request, server: ServerDep):
-    server.authenticate(request)
+async def models(server: ServerDep, key: KeyDep):
     head = {"object": "model", "created": server.created, "owned_by": "gptstack"}
     data = [{"id": n, **head, "max_model_len": server.runner(n).context} for n in server.model_names()]
     return {"object": "list", "data": data}
@@ -83,43 +105,20 @@ async def index():
     return FileResponse(WEB / "index.html")
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, server: ServerDep):
-    key = server.authenticate(request)
-    prompts = text_prompts(body)
-    first = prompts[0] if isinstance(prompts[0], str) else ""  # routing looks at the first prompt
-    name, score = server.resolve(body.model, first, len(first) // 4 if first else len(prompts[0]))
-    runner = server.runners[name]
-    choices, texts = text_choices(body, prompts, runner)
-    flags = await asyncio.to_thread(server.check_input, texts)
-    record = {"endpoint": "completions", "prompt": texts, "input_flags": flags}
-    completion = Completion(server, runner, TextRenderer(runner.tokenizer), body, choices, record, key, score)
-    return await completion.respond(request, server.cache.key(name, body.model_dump(exclude_none=True)))
+@router.post("/v1/completions", openapi_extra=_schema(CompletionRequest))
+async def completions(request: Request, server: ServerDep, key: KeyDep, body: CompletionBody):
+    completion = await asyncio.to_thread(text_completion, server, body, key)
+    return await completion.respond(request)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request, server: ServerDep):
-    key = server.authenticate(request)
-    messages = chat_messages(body)
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    text = "\n".join(m["content"] for m in messages)
-    tokens = server.count_tokens("".join(m["content"] for m in messages))
-    name, score = server.resolve(body.model, text, tokens, max(0, len(users) - 1))
-    runner = server.runners[name]
-    choices = chat_choices(body, runner.tokenizer.encode_chat(messages, add_generation_prompt=True)[0], runner)
-    last_user = users[-1] if users else messages[-1]["content"]
-    flags = await asyncio.to_thread(server.check_input, [last_user])
-    record = {"endpoint": "chat", "messages": messages, "input_flags": flags}
-    completion = Completion(server, runner, ChatRenderer(runner.tokenizer), body, choices, record, key, score)
-    raw = body.model_dump(exclude_none=True)
-    # the semantic cache: the same conversation up to a last user message that means the same
-    semantic = ({**raw, "messages": messages[:-1]}, last_user) if messages[-1]["role"] == "user" else None
-    return await completion.respond(request, server.cache.key(name, raw, semantic))
+@router.post("/v1/chat/completions", openapi_extra=_schema(ChatRequest))
+async def chat_completions(request: Request, server: ServerDep, key: KeyDep, body: ChatBody):
+    completion = await asyncio.to_thread(chat_completion, server, body, key)
+    return await completion.respond(request)
 
 
-@router.post("/v1/moderations")
-async def moderations(body: ModerationRequest, request: Request, server: ServerDep):
-    server.authenticate(request)
+@router.post("/v1/moderations", openapi_extra=_schema(ModerationRequest))
+async def moderations(server: ServerDep, key: KeyDep, body: ModerationBody):
     if server.moderator is None:
         message = "moderation is not configured: start the server with --moderation DIR "
         raise APIError(400, message + "(train one with `gptstack moderation train`)", param="model")
@@ -132,9 +131,8 @@ async def moderations(body: ModerationRequest, request: Request, server: ServerD
     return {"id": "modr-" + uuid.uuid4().hex[:24], "model": "gptstack-moderation", "results": results}
 
 
-@router.post("/v1/feedback")
-async def feedback(body: FeedbackRequest, request: Request, server: ServerDep):
-    key = server.authenticate(request)
+@router.post("/v1/feedback", openapi_extra=_schema(FeedbackRequest))
+async def feedback(server: ServerDep, key: KeyDep, body: FeedbackBody):
     record = server.responses.get(body.response_id)
     if record is None:
         message = f"no recent response with id {body.response_id!r}"
@@ -186,6 +184,11 @@ def _openapi(app: FastAPI) -> dict:
     """The schema, with the served model names as the `model` fields' enum."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in BODIES:  # the bodies the routes parse themselves (_body)
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
         for name in ("CompletionRequest", "ChatRequest"):
             schema["components"]["schemas"][name]["properties"]["model"]["enum"] = app.state.server.model_names()
         app.openapi_schema = schema

@@ -1,13 +1,15 @@
 """The gateway's response caches: exact (the whole request) and semantic (a paraphrased last message).
 
-    key = cache.key("small", body.model_dump(exclude_none=True), semantic=(context, last_user_message))
+    key = cache.key("small", body.model_dump(exclude_none=True), (context, last_user_message), scope=api_key)
     hit = await cache.get(key)            # CacheHit(payload, "exact" | "semantic", similarity) or None
     ...
     await cache.put(key, response)        # skipped for answers cut by an abort, moderation or an error
 
 Only deterministic requests are cached: temperature 0 or a seed, and no logprobs/echo (`key` is None
 otherwise). The exact cache is an LRU keyed on the whole request but `stream`, `stream_options` and
-`user`. The semantic cache (chat, n = 1) keys on the request without its last message, which must be
+`user`, and on its `scope`: the API key, so one key never sees what another asked, not even through a
+paraphrase (Server.cache_scope; None when ServeConfig.shared_cache shares them). The semantic cache
+(chat, n = 1) keys on the request without its last message, and the scope, and that message must be
 within a cosine threshold of a cached one's, by the gateway's sentence embedding. A cached value is a
 response without its id and creation time, and without log-probabilities.
 """
@@ -35,9 +37,12 @@ def deterministic(body: dict) -> bool:
     return body.get("temperature", 1.0) == 0 or body.get("seed") is not None
 
 
-def request_key(model: str, body: dict, drop: tuple[str, ...] = ("stream", "stream_options", "user")) -> str:
+def request_key(
+    model: str, body: dict, scope: str | None = None, drop: tuple[str, ...] = ("stream", "stream_options", "user")
+) -> str:
+    """SHA-256 of (model, scope, the body's fields but `drop`): the scope (an API key) is hashed, never kept."""
     clean = {k: v for k, v in body.items() if k not in drop and k != "model"}
-    return hashlib.sha256(json.dumps([model, clean], sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([model, scope, clean], sort_keys=True, default=str).encode()).hexdigest()
 
 
 class ExactCache:
@@ -105,15 +110,18 @@ class ResponseCache:
     def __init__(self, exact: ExactCache | None, semantic: SemanticCache | None):
         self.exact, self.semantic = exact, semantic
 
-    def key(self, model: str, body: dict, semantic: tuple[dict, str] | None = None) -> CacheKey | None:
+    def key(
+        self, model: str, body: dict, semantic: tuple[dict, str] | None = None, scope: str | None = None
+    ) -> CacheKey | None:
         """The key of a request (its fields as sent), or None when it must not be cached. `semantic`:
-        (the request without its last message, that message), for the semantic cache."""
+        (the request without its last message, that message), for the semantic cache; `scope`: whose
+        answers it may be served (None: everyone's)."""
         if not deterministic(body) or (self.exact is None and self.semantic is None):
             return None
         context = None
         if semantic is not None and self.semantic is not None and body.get("n", 1) == 1:
-            context = (request_key(model, semantic[0]), semantic[1])
-        return CacheKey(request_key(model, body), context)
+            context = (request_key(model, semantic[0], scope), semantic[1])
+        return CacheKey(request_key(model, body, scope), context)
 
     async def get(self, key: CacheKey) -> CacheHit | None:
         if self.exact is not None and (payload := self.exact.get(key.exact)) is not None:

@@ -2,20 +2,26 @@
 serving_chat): the request is a `Completion`, each of its samples a `Choice`, and what differs between
 the two endpoints' responses a renderer.
 
-    choices, texts = text_choices(body, prompts, runner)   # chat: chat_choices(body, prompt_ids, runner)
-    completion = Completion(server, runner, TextRenderer(runner.tokenizer), body, choices, record, key)
-    return await completion.respond(request, server.cache.key(name, body.model_dump(exclude_none=True)))
+    completion = await asyncio.to_thread(text_completion, server, body, key)   # chat: chat_completion
+    return await completion.respond(request)
+
+Building a Completion counts the work before it makes any: prompts × n engine requests and the prompt
+tokens, against the server's max_jobs and max_prompt_tokens (400); routing and tokenizing (the chat
+template too) run off the event loop, which only ever does a few milliseconds of work per request.
 
 A Completion's life:
-1. a cached answer, if the cache has one, served under a new id (JSON or a replayed stream);
-2. the rate-limit budget taken up front: prompt tokens + every choice's max_tokens (429 when the key
-   has none left);
-3. one engine request per Choice, that is per (prompt, sample of n) (503 when the queue is full);
+1. every input message or prompt moderated (400 when one is blocked);
+2. a cached answer, if the cache has one for this API key, served under a new id (JSON or a replayed
+   stream);
+3. 503 at once when the model's queue has no room for all of its engine requests; then the rate-limit
+   budget taken up front: prompt tokens + every choice's max_tokens (429 when the key has none left);
+4. one engine request per Choice, that is per (prompt, sample of n), submitted together;
 4. the outputs, gathered into one JSON answer or sent as server-sent events as they come. Each choice's
    text is moderated every `moderation_every` characters and at the end; a blocked choice ends with
    finish_reason "content_filter" (withheld whole from a JSON answer, cut at the check in a stream);
-5. at the end, or when the client goes away (status 499): the unused budget goes back, the usage line
-   is written, the response is kept for feedback and, when the request is deterministic, cached.
+5. at the end, or as soon as the client goes away (status 499; its engine requests are aborted, which
+   frees their KV blocks): the unused budget goes back, the usage line is written, the response is kept
+   for feedback and, when the request is deterministic, cached.
 
 Renderers: `TextRenderer` (/v1/completions: `text`, echo, log-probabilities as tokens / token_logprobs /
 top_logprobs / text_offset) and `ChatRenderer` (/v1/chat/completions: `message`, streamed `delta`s,
@@ -38,11 +44,13 @@ from gptstack.infer.engine import RequestOutput
 from gptstack.infer.sampling import SamplingParams
 from gptstack.serve.cache import CacheHit, CacheKey
 from gptstack.serve.gateway import ApiKey
+from gptstack.serve.moderation import WINDOW_CHARS
 from gptstack.serve.protocol import ChatRequest, CompletionRequest
 from gptstack.serve.runner import EngineRunner, QueueFull, Stream, merge
 from gptstack.serve.server import APIError, Server, refused
 from gptstack.tokenizer import Tokenizer
 
+TAIL = 2 * WINDOW_CHARS  # characters of already checked output that each output check reads again
 TokenLogprob = tuple[float, list[tuple[int, float]]]  # (log-probability, [(token, log-probability)] top alternatives)
 
 
@@ -264,6 +272,48 @@ def chat_choices(body: ChatRequest, prompt: list[int], runner: EngineRunner) -> 
     return [Choice(j, prompt, params) for j, params in enumerate(samples)]
 
 
+def text_completion(server: Server, body: CompletionRequest, key: ApiKey | None) -> Completion:
+    """A /v1/completions body as its Completion: counted, routed, tokenized. Runs off the event loop."""
+    prompts = text_prompts(body)
+    server.check_work(len(prompts) * body.n, sum(len(p) for p in prompts if not isinstance(p, str)), "prompt")
+    first = prompts[0] if isinstance(prompts[0], str) else ""  # routing looks at the first prompt
+    name, score = server.resolve(body.model, first, len(first) // 4 if first else len(prompts[0]))
+    runner = server.runners[name]
+    choices, texts = text_choices(body, prompts, runner)
+    server.check_work(len(choices), sum(len(c.prompt) for c in choices[:: body.n]), "prompt")
+    cache_key = server.cache.key(name, body.model_dump(exclude_none=True), scope=server.cache_scope(key))
+    record = {"endpoint": "completions", "prompt": texts}
+    renderer = TextRenderer(runner.tokenizer)
+    return Completion(server, runner, renderer, body, choices, record, key, score, texts, cache_key)
+
+
+def chat_completion(server: Server, body: ChatRequest, key: ApiKey | None) -> Completion:
+    """A /v1/chat/completions body as its Completion: counted, routed, templated. Runs off the event loop.
+    Every message is moderated, whoever it claims to be from."""
+    if len(body.messages) > server.config.max_messages:
+        message = f"{len(body.messages)} messages; one request may send at most {server.config.max_messages}"
+        raise APIError(400, message, param="messages", code="request_too_large", reason="too_large")
+    server.check_work(body.n, 0, "n")
+    messages = chat_messages(body)
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    text = "\n".join(m["content"] for m in messages)
+    tokens = server.count_tokens("".join(m["content"] for m in messages))
+    name, score = server.resolve(body.model, text, tokens, max(0, len(users) - 1))
+    runner = server.runners[name]
+    prompt = runner.tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+    server.check_work(body.n, len(prompt), "messages")
+    choices = chat_choices(body, prompt, runner)
+    raw = body.model_dump(exclude_none=True)
+    # the semantic cache: the same conversation up to a last user message that means the same
+    semantic = ({**raw, "messages": messages[:-1]}, users[-1]) if messages[-1]["role"] == "user" else None
+    cache_key = server.cache.key(name, raw, semantic, server.cache_scope(key))
+    record = {"endpoint": "chat", "messages": messages}
+    inputs = [m["content"] for m in messages]
+    return Completion(
+        server, runner, ChatRenderer(runner.tokenizer), body, choices, record, key, score, inputs, cache_key
+    )
+
+
 # ---- one request ----------------------------------------------------------------------------------------
 
 
@@ -271,9 +321,17 @@ def sse(event: dict) -> str:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
+async def disconnected(request: Request) -> None:
+    """Return once the client has gone. The body is read, so the next ASGI message is `http.disconnect`:
+    the server sends it when the connection drops (uvicorn reads the socket again while this waits)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class Completion:
     """One request's life (module docstring). `record`: what feedback stores with the answer (the
-    endpoint, the prompt or messages, the input's moderation flags)."""
+    endpoint, the prompt or messages, the input's moderation flags); `inputs`: the texts moderated
+    before anything runs; `cache_key`: its place in the response caches (None: not cached)."""
 
     def __init__(
         self,
@@ -285,25 +343,28 @@ class Completion:
         record: dict,
         key: ApiKey | None = None,
         route_score: float | None = None,
+        inputs: list[str] | None = None,
+        cache_key: CacheKey | None = None,
     ):
         self.server, self.runner, self.renderer, self.body = server, runner, renderer, body
         self.choices, self.record, self.key, self.route_score = choices, record, key, route_score
+        self.inputs, self.cache_key = inputs or [], cache_key
         self.id = renderer.prefix + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.prompt_tokens = sum(len(c.prompt) for c in choices[:: body.n])  # each prompt once, not per sample
         self.budget = self.prompt_tokens + sum(c.params.max_tokens for c in choices)
         self.echo_only = body.max_tokens == 0  # only completions accept 0 (text_choices)
         self.flagged: list[str] = []  # output moderation's categories
-        self.cache_key: CacheKey | None = None
         self.start = time.perf_counter()
         self.headers = {"x-request-id": self.id}
         if route_score is not None:
             self.headers["x-gptstack-routed-to"] = runner.name
 
-    async def respond(self, request: Request, cache_key: CacheKey | None) -> Response:
-        if cache_key is not None and (hit := await self.server.cache.get(cache_key)) is not None:
+    async def respond(self, request: Request) -> Response:
+        self.record["input_flags"] = await asyncio.to_thread(self.server.check_input, self.inputs)
+        if self.cache_key is not None and (hit := await self.server.cache.get(self.cache_key)) is not None:
             return self._replay(hit)
-        self.cache_key = cache_key
+        self.server.check_room(self.runner, len(self.choices))
         self.server.admit(self.key, self.budget)
         self.start = time.perf_counter()
         streams = await self._submit()
@@ -312,18 +373,22 @@ class Completion:
         return await self._answer(request, streams)
 
     async def _submit(self) -> list[Stream]:
-        streams: list[Stream] = []
-        try:
-            for c in self.choices:
-                streams.append(await self.runner.submit(c.prompt, c.params))
-        except (QueueFull, ValueError) as e:
-            for s in streams:
-                s.close()
-            self.server.limiter.refund(self.key, self.budget)
-            if isinstance(e, QueueFull):
-                raise APIError(503, str(e), "server_error", code="queue_full", reason="queue_full") from None
+        """One engine request per choice, posted together (the engine thread takes them in one pass)."""
+        submits = (self.runner.submit(c.prompt, c.params) for c in self.choices)
+        results = await asyncio.gather(*submits, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if not failed:
+            return results
+        for r in results:
+            if isinstance(r, Stream):
+                r.close()
+        self.server.limiter.refund(self.key, self.budget)
+        e = failed[0]
+        if isinstance(e, QueueFull):
+            raise APIError(503, str(e), "server_error", code="queue_full", reason="queue_full") from None
+        if isinstance(e, ValueError):
             raise refused(e, self.renderer.prompt_param) from None
-        return streams
+        raise e
 
     def _take(self, i: int, out: RequestOutput) -> RequestOutput:
         """Add an output to choice i; an echo-only request drops the token generated."""
@@ -334,14 +399,15 @@ class Completion:
 
     async def _blocked(self, c: Choice, final: bool) -> bool:
         """Moderate c's text (each `moderation_every` new characters, and at the end): True when it must
-        stop. The embedding runs off the event loop."""
+        stop. Each check reads what is new since the last one and the TAIL characters before it, so a
+        window (moderation.py) that straddles two checks is still read whole. Off the event loop."""
         server = self.server
         if server.moderator is None or (not final and len(c.text) - c.checked < server.config.moderation_every):
             return False
-        c.checked = len(c.text)
-        if not c.text.strip():
+        text, c.checked = c.text[max(0, c.checked - TAIL) :], len(c.text)
+        if not text.strip():
             return False
-        verdict = (await asyncio.to_thread(server.moderate, [c.text], "output"))[0]
+        verdict = (await asyncio.to_thread(server.moderate, [text], "output"))[0]
         self.flagged.extend(verdict.hits())
         return verdict.action == "block"
 
@@ -403,26 +469,23 @@ class Completion:
         return JSONResponse(response, headers=self.headers)
 
     async def _gather(self, request: Request, streams: list[Stream]) -> bool:
-        """Every output into its Choice; False when the client went away first (checked every second)."""
-        merged = merge(streams)
-        try:
-            pending = None
-            while True:
-                pending = pending or asyncio.ensure_future(merged.__anext__())
-                done, _ = await asyncio.wait({pending}, timeout=1.0)
-                if not done:
-                    if await request.is_disconnected():
-                        pending.cancel()
-                        return False
-                    continue
-                try:
-                    i, out = pending.result()
-                except StopAsyncIteration:
-                    return True
-                pending = None
+        """Every output into its Choice; False as soon as the client goes away (its requests are aborted)."""
+
+        async def collect() -> None:
+            async for i, out in merge(streams):  # leaving it early (cancelled) aborts the rest
                 self._take(i, out)
+
+        work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await merged.aclose()
+            for task in (work, gone):
+                task.cancel()
+            await asyncio.gather(work, gone, return_exceptions=True)
+        if work.cancelled():
+            return False
+        work.result()  # an engine failure raises here
+        return True
 
     # ---- a stream -------------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gptstack.config import ConfigError
+
 
 @dataclass
 class ServeConfig:
@@ -17,13 +19,28 @@ class ServeConfig:
     tpm: float | None = None  # default tokens per minute per key (prompt + max_tokens)
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_waiting: int = 256  # waiting requests per model before 503
+    max_jobs: int = 64  # engine requests one request may start (prompts x n); more: 400
+    max_prompt_tokens: int = 65536  # prompt tokens one request may send, all prompts together; more: 400
+    max_messages: int = 512  # messages one chat request may send; more: 400
     log_dir: str | None = None  # folder for usage.jsonl and feedback.jsonl (none: no logs)
     exact_cache: bool = True  # the exact response cache (deterministic requests only)
+    shared_cache: bool = False  # share cached answers across API keys (default: each key sees only its own)
     semantic_cache: float | None = None  # semantic cache cosine threshold, e.g. 0.95 (none: off)
     moderation: str | None = None  # moderation classifier folder (gptstack moderation train)
     moderation_policy: dict[str, str] = field(default_factory=dict)  # per category: block | flag | off (default block)
     moderation_every: int = 64  # characters of streamed output between output moderation checks
     route_threshold: float = 0.25  # 'auto' difficulty at which a request goes to the largest model
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_waiting", "max_jobs", "max_prompt_tokens", "max_messages"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def body_bounds(self) -> tuple[int, int]:
+        """The most (arrays and objects, values) a request body may hold, counted before it is parsed:
+        room for max_jobs token-id prompts or max_messages messages (each with a content part), and
+        max_prompt_tokens token ids besides the sampling fields. Parsing more would hold the event loop."""
+        return 2 * (self.max_jobs + self.max_messages) + 64, self.max_prompt_tokens + 8 * self.max_messages + 256
 
 
 @dataclass

@@ -4,10 +4,13 @@ sentence embedding that the semantic cache (cache.py) and moderation share, and 
 
 Keys. `--api-keys FILE` holds one key per line, `KEY [name=NAME] [rpm=N] [tpm=N]`, or JSON
 (`[{"key": …, "name": …, "rpm": …, "tpm": …}]`); the environment variable GPTSTACK_API_KEYS adds
-comma-separated keys. With no key configured the server is open (as vLLM without --api-key).
+comma-separated keys. A line whose first non-blank character is `#` is a comment; a `#` anywhere else is
+part of the text (a key may contain one). With no key configured the server is open (as vLLM without
+--api-key).
 
 Limits. Each key has two token buckets, requests per minute and tokens per minute, each refilling
-continuously at rate/60 per second up to one minute's worth. A request takes 1 request and
+continuously at rate/60 per second up to one minute's worth (at least one unit, so rpm 0.5 is one
+request every two minutes; rpm 0 refuses every request). A request takes 1 request and
 (prompt tokens + max_tokens × n) tokens up front; what it did not generate is given back at the end.
 
 Routing (`model: "auto"`). difficulty(text) ∈ [0, 1] is a weighted sum of five cheap signals:
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -50,56 +54,80 @@ class ApiKey:
 
 
 def load_keys(path: str | Path | None = None, env: str = "GPTSTACK_API_KEYS") -> dict[str, ApiKey]:
+    """The keys of a key file (lines or JSON, module docstring) and of `env`; ValueError naming file and line."""
     keys: dict[str, ApiKey] = {}
     if path is not None:
         text = Path(path).read_text()
-        if text.lstrip().startswith(("[", "{")):
-            rows = json.loads(text)
-            rows = rows["keys"] if isinstance(rows, dict) else rows
-            for i, r in enumerate(rows):
-                if not isinstance(r, dict) or not isinstance(r.get("key"), str) or not r["key"]:
-                    raise ValueError(f"{path}: entry {i} needs a non-empty string 'key'")
-                keys[r["key"]] = ApiKey(r["key"], r.get("name", f"key{i}"), r.get("rpm"), r.get("tpm"))
-        else:
-            for n, line in enumerate(text.splitlines(), 1):
-                parts = line.split("#", 1)[0].split()
-                if not parts:
-                    continue
-                key, fields = parts[0], {}
-                for p in parts[1:]:
-                    k, sep, v = p.partition("=")
-                    if not sep or k not in ("name", "rpm", "tpm"):
-                        raise ValueError(f"{path}:{n}: expected KEY [name=NAME] [rpm=N] [tpm=N], got {p!r}")
-                    fields[k] = v
-                try:
-                    rpm = float(fields["rpm"]) if "rpm" in fields else None
-                    tpm = float(fields["tpm"]) if "tpm" in fields else None
-                except ValueError:
-                    raise ValueError(f"{path}:{n}: rpm and tpm must be numbers") from None
-                keys[key] = ApiKey(key, fields.get("name", f"key{n}"), rpm, tpm)
+        rows = _json_keys(path, text) if text.lstrip().startswith(("[", "{")) else _line_keys(path, text)
+        for where, key, name, rpm, tpm in rows:
+            keys[key] = ApiKey(key, name, per_minute(where, "rpm", rpm), per_minute(where, "tpm", tpm))
     for i, key in enumerate(k for k in os.environ.get(env, "").split(",") if k.strip()):
         keys.setdefault(key.strip(), ApiKey(key.strip(), f"env{i}"))
     return keys
 
 
+def _json_keys(path, text: str) -> list[tuple]:
+    rows = json.loads(text)
+    rows = rows["keys"] if isinstance(rows, dict) else rows
+    out = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("key"), str) or not r["key"]:
+            raise ValueError(f"{path}: entry {i} needs a non-empty string 'key'")
+        out.append((f"{path}: entry {i}", r["key"], r.get("name", f"key{i}"), r.get("rpm"), r.get("tpm")))
+    return out
+
+
+def _line_keys(path, text: str) -> list[tuple]:
+    """(where, key, name, rpm, tpm) per line; only whole lines are comments (a key may hold a '#')."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        fields = {}
+        for p in parts[1:]:
+            k, sep, v = p.partition("=")
+            if not sep or k not in ("name", "rpm", "tpm"):
+                hint = " (comments go on their own line)" if p.startswith("#") else ""
+                raise ValueError(f"{path}:{n}: expected KEY [name=NAME] [rpm=N] [tpm=N], got {p!r}{hint}")
+            fields[k] = v
+        out.append((f"{path}:{n}", parts[0], fields.get("name", f"key{n}"), fields.get("rpm"), fields.get("tpm")))
+    return out
+
+
+def per_minute(where: str, what: str, value) -> float | None:
+    """A per-minute limit: None (unlimited) or a finite number >= 0."""
+    if value is None:
+        return None
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = float("nan")
+    if isinstance(value, bool) or not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"{where}: {what} must be a number >= 0, got {value!r}")
+    return rate
+
+
 class TokenBucket:
-    """`rate` units per minute, refilled continuously, holding at most one minute's worth."""
+    """`rate` units per minute, refilled continuously, holding one minute's worth (at least one unit, so
+    that a rate below 1 still grants a unit now and then; rate 0 never grants)."""
 
     def __init__(self, rate: float, clock=time.monotonic):
         self.rate, self.clock = float(rate), clock
-        self.level, self.t = float(rate), clock()
+        self.capacity = max(1.0, self.rate) if self.rate > 0 else 0.0
+        self.level, self.t = self.capacity, clock()
         self.lock = threading.Lock()
 
     def _refill(self) -> None:
         now = self.clock()
-        self.level = min(self.rate, self.level + (now - self.t) * self.rate / 60.0)
+        self.level = min(self.capacity, self.level + (now - self.t) * self.rate / 60.0)
         self.t = now
 
     def take(self, n: float) -> float:
         """Take n units: 0.0 when granted, else the seconds until they would be (inf: never)."""
         with self.lock:
             self._refill()
-            if n > self.rate:
+            if n > self.capacity:
                 return float("inf")
             if self.level >= n:
                 self.level -= n
@@ -109,7 +137,7 @@ class TokenBucket:
     def give(self, n: float) -> None:
         with self.lock:
             self._refill()
-            self.level = min(self.rate, self.level + n)
+            self.level = min(self.capacity, self.level + n)
 
 
 class RateLimited(Exception):
@@ -142,12 +170,14 @@ class Limiter:
         tpm = key.tpm if key and key.tpm is not None else self.default_tpm
         req, tok = self._bucket(who, "requests", rpm), self._bucket(who, "tokens", tpm)
         if req is not None and (wait := req.take(1)) > 0:
+            if wait == float("inf"):
+                raise RateLimited(f"this key may make no requests (its limit is {rpm:g} requests per minute)", wait)
             raise RateLimited(f"rate limit reached: {rpm:g} requests per minute", wait)
         if tok is not None and (wait := tok.take(tokens)) > 0:
             if req is not None:
                 req.give(1)
             if wait == float("inf"):
-                raise RateLimited(f"this request needs {tokens} tokens; the limit is {tpm:g} tokens per minute", 60.0)
+                raise RateLimited(f"this request needs {tokens} tokens; the limit is {tpm:g} tokens per minute", wait)
             raise RateLimited(f"rate limit reached: {tpm:g} tokens per minute ({tokens} requested)", wait)
 
     def refund(self, key: ApiKey | None, tokens: int) -> None:

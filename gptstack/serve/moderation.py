@@ -11,6 +11,13 @@ is the default training set: a starting point, not a production filter; train on
 
 The classifier folder holds `moderation.json`: categories, weights (384 → 1 per category), thresholds,
 the policy (block | flag | off per category) and held-out metrics. No pickles.
+
+Applying it: a text is scored whole and in windows of WINDOW words (words cut to at most PIECE
+characters) every STRIDE words, and each category takes its highest score. A mean-pooled embedding of a
+whole text dilutes a short threat: six harmless words before "I am going to stab you when you leave
+work" let it through, and the embedding reads only a text's first 256 tokens. With windows, the seed
+classifier blocks that threat after 48 harmless words, before them and after them, and blocks no more of
+the seed set's safe rows than before.
 """
 
 from __future__ import annotations
@@ -38,6 +45,17 @@ _OPENAI = {
     "V2": "violence/graphic",
 }
 _SAFE = {"", "safe", "none", "ok"}
+WINDOW, STRIDE, PIECE = 12, 6, 16  # words per window, words from one window's start to the next, characters per word
+WINDOW_CHARS = WINDOW * (PIECE + 1)  # what a window spans of ordinary text, at most
+BATCH = 256  # windows embedded at once
+
+
+def windows(text: str) -> list[str]:
+    """The pieces of `text` moderation scores: the text itself and, past WINDOW words, every window."""
+    words = [w[i : i + PIECE] for w in text.split() for i in range(0, len(w), PIECE)]
+    if len(words) <= WINDOW:
+        return [text]
+    return [text] + [" ".join(words[i : i + WINDOW]) for i in range(0, len(words) - WINDOW + STRIDE, STRIDE)]
 
 
 def read_labelled(paths: list[str | Path]) -> list[tuple[str, frozenset[str]]]:
@@ -172,21 +190,24 @@ class Moderator:
         self.embedder = embedder
 
     def __call__(self, texts: list[str]) -> list[Verdict]:
-        scores = 1 / (1 + np.exp(-(self.embedder(texts) @ self.W.T + self.b)))  # (N, C)
-        out = []
-        for row in scores:
-            hit = {c: bool(s >= t) for c, s, t in zip(self.categories, row, self.thresholds, strict=True)}
-            acts = {self.policy.get(c, "block") for c, h in hit.items() if h}
-            action = "block" if "block" in acts else "flag" if "flag" in acts else "allow"
-            out.append(
-                Verdict(
-                    any(hit.values()),
-                    hit,
-                    {c: round(float(s), 6) for c, s in zip(self.categories, row, strict=True)},
-                    action,
-                )
-            )
-        return out
+        """A verdict per text: each category's highest score over the text's windows."""
+        if not texts:
+            return []
+        spans = [windows(t) for t in texts]
+        flat = [w for ws in spans for w in ws]
+        scores = np.concatenate([self._scores(flat[i : i + BATCH]) for i in range(0, len(flat), BATCH)])
+        ends = np.cumsum([len(ws) for ws in spans])
+        return [self._verdict(scores[end - len(ws) : end].max(0)) for ws, end in zip(spans, ends, strict=True)]
+
+    def _scores(self, texts: list[str]) -> np.ndarray:
+        return 1 / (1 + np.exp(-(self.embedder(texts) @ self.W.T + self.b)))  # (N, C)
+
+    def _verdict(self, row: np.ndarray) -> Verdict:
+        hit = {c: bool(s >= t) for c, s, t in zip(self.categories, row, self.thresholds, strict=True)}
+        acts = {self.policy.get(c, "block") for c, h in hit.items() if h}
+        action = "block" if "block" in acts else "flag" if "flag" in acts else "allow"
+        scores = {c: round(float(s), 6) for c, s in zip(self.categories, row, strict=True)}
+        return Verdict(any(hit.values()), hit, scores, action)
 
 
 def format_report(spec: dict) -> str:

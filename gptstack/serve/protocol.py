@@ -2,15 +2,38 @@
 
 Unknown fields are ignored, as OpenAI clients send fields a local server has no use for. Besides the
 OpenAI fields, `top_k`, `min_p`, `repetition_penalty` and `ignore_eos` are accepted, as in vLLM.
+
+A body is sized before it is parsed (`json_size`): parsing runs on the event loop and holds the GIL
+(json and pydantic-core never release it), and its cost grows with the number of values, not bytes:
+a 1 MB body of 250,000 one-token prompts took over a second to parse and validate.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
+
+
+def json_size(raw: bytes) -> tuple[int, int]:
+    """(arrays and objects, values) in a JSON text, counted outside its strings without parsing it. The
+    values are an upper bound: commas + containers + 1. Escaped backslashes and quotes go first, so each
+    remaining quote opens or closes a string (its running count is odd inside one); in the valid prefix a
+    parser would read, the counts are exact. numpy does the passes (a few ms per MB) without the GIL."""
+    bare = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    a = np.frombuffer(bare, dtype=np.uint8)
+    outside = (np.cumsum(a == ord('"'), dtype=np.int32) & 1) == 0
+    containers = int(np.count_nonzero(((a == ord("[")) | (a == ord("{"))) & outside))
+    return containers, int(np.count_nonzero((a == ord(",")) & outside)) + containers + 1
+
+
+def json_size_bound(raw: bytes) -> tuple[int, int]:
+    """json_size's counts with strings included: never below them, and ten times cheaper."""
+    containers = raw.count(b"[") + raw.count(b"{")
+    return containers, raw.count(b",") + containers + 1
 
 
 class StreamOptions(BaseModel):

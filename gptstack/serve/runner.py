@@ -100,6 +100,10 @@ class EngineRunner:
     def num_running(self) -> int:
         return self._stats.running
 
+    def room(self) -> int:
+        """How many more requests may wait now (submit raises QueueFull past it)."""
+        return self.max_waiting - self.num_waiting
+
     def check(self, prompt: list[int], params: SamplingParams) -> None:
         """ValueError (ContextLengthExceeded for the context) if the engine would refuse the request."""
         self.engine.check_request(prompt, params)

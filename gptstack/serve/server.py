@@ -13,7 +13,9 @@ ValueError for a request (ContextLengthExceeded → `context_length_exceeded`) t
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -24,9 +26,10 @@ from fastapi.responses import JSONResponse
 from gptstack.infer.engine import ContextLengthExceeded, Engine
 from gptstack.serve.cache import ExactCache, ResponseCache, SemanticCache
 from gptstack.serve.config import ServeConfig
-from gptstack.serve.gateway import ApiKey, Embedder, JsonlLog, Limiter, RateLimited, difficulty, load_keys
+from gptstack.serve.gateway import ApiKey, Embedder, JsonlLog, Limiter, RateLimited, difficulty, load_keys, per_minute
 from gptstack.serve.metrics import Metrics
 from gptstack.serve.moderation import Moderator, Verdict
+from gptstack.serve.protocol import json_size, json_size_bound
 from gptstack.serve.runner import EngineRunner
 
 RECENT = 10_000  # responses kept for /v1/feedback
@@ -129,7 +132,7 @@ class Server:
         size = {n: r.n_params for n, r in self.runners.items()}
         self.small, self.large = min(size, key=size.get), max(size, key=size.get)
         self.keys = load_keys(config.api_keys)
-        self.limiter = Limiter(config.rpm, config.tpm)
+        self.limiter = Limiter(per_minute("--rpm", "rpm", config.rpm), per_minute("--tpm", "tpm", config.tpm))
         embedder = Embedder() if (config.semantic_cache is not None or config.moderation) else None
         semantic = SemanticCache(embedder, config.semantic_cache) if config.semantic_cache else None
         self.cache = ResponseCache(ExactCache() if config.exact_cache else None, semantic)
@@ -188,12 +191,51 @@ class Server:
         """Routing's estimate of a text's length, by the first model's tokenizer."""
         return len(next(iter(self.runners.values())).tokenizer.encode(text))
 
+    async def check_body(self, raw: bytes) -> None:
+        """400 for a body that holds more arrays and objects, or values, than any request this server
+        takes (ServeConfig.body_bounds), before it is parsed: parsing holds the event loop."""
+        most = self.config.body_bounds()
+        size = json_size_bound(raw)  # about 1 ms per MB; the exact count (strings left out) only when needed
+        if size[0] > most[0] or size[1] > most[1]:
+            size = await asyncio.to_thread(json_size, raw)
+        if size[0] > most[0] or size[1] > most[1]:
+            message = (
+                f"the request body holds {size[0]} arrays and objects and up to {size[1]} values; this server takes "
+                f"at most {most[0]} and {most[1]} (its max_jobs, max_messages and max_prompt_tokens)"
+            )
+            raise APIError(400, message, code="request_too_large", reason="too_large")
+
+    def check_work(self, jobs: int, prompt_tokens: int, param: str) -> None:
+        """400 for a request that would start more engine requests (prompts × n) or send more prompt tokens
+        than one request may, counted before anything is built for them."""
+        most = min(self.config.max_jobs, self.config.max_waiting)
+        if jobs > most:
+            message = f"this request asks for {jobs} completions (prompts × n); one request may ask for at most {most}"
+            raise APIError(400, message, param=param, code="request_too_large", reason="too_large")
+        if prompt_tokens > self.config.max_prompt_tokens:
+            message = (
+                f"this request sends {prompt_tokens} prompt tokens; one request may send at most "
+                f"{self.config.max_prompt_tokens}"
+            )
+            raise APIError(400, message, param=param, code="request_too_large", reason="too_large")
+
+    def check_room(self, runner: EngineRunner, jobs: int) -> None:
+        """503 at once when the model's queue has no room for all of a request's engine requests."""
+        if jobs > (room := runner.room()):
+            message = f"{runner.name}: {jobs} requests would wait and there is room for {max(0, room)}; retry later"
+            raise APIError(503, message, "server_error", code="queue_full", reason="queue_full")
+
+    def cache_scope(self, key: ApiKey | None) -> str | None:
+        """Whose cached answers a request may see: its key's own, unless the caches are shared."""
+        return None if self.config.shared_cache or key is None else key.key
+
     def admit(self, key: ApiKey | None, tokens: int) -> None:
         """Take one request and `tokens` tokens from the key's buckets, or 429 with Retry-After."""
         try:
             self.limiter.admit(key, tokens)
         except RateLimited as e:
-            retry = {"retry-after": str(max(1, round(e.retry_after)))}
+            # no Retry-After for a request that can never pass (rpm 0, or more tokens than a minute's worth)
+            retry = {"retry-after": str(max(1, round(e.retry_after)))} if math.isfinite(e.retry_after) else {}
             raise APIError(
                 429, str(e), "requests", code="rate_limit_exceeded", reason="rate_limit", headers=retry
             ) from None
