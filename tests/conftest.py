@@ -20,6 +20,7 @@ import torch
 
 from gptstack.config import ModelConfig
 from gptstack.data.pipeline import LocalExecutor, PrepareConfig, prepare
+from gptstack.eval.execution import isolation_problem
 from gptstack.train.config import TrainConfig
 from gptstack.train.loop import pretrain
 
@@ -78,6 +79,15 @@ def shared_file(relative: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is absent: these tests read the shared data beside the repository")
     return path
+
+
+def need_sandbox() -> None:
+    """Skip when generated code cannot be isolated here (no bubblewrap); under CI=true, where .ci/run
+    installs it, fail instead."""
+    problem = isolation_problem()
+    if problem is not None and not os.environ.get("CI"):
+        pytest.skip(f"no code sandbox here: {problem} (Debian/Ubuntu: apt-get install bubblewrap)")
+    assert problem is None, f"CI must run the sandbox tests: {problem}"
 
 
 # ---- one trained checkpoint for every test that needs "a model that has learned something" ---------------

@@ -14,20 +14,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import SHARED_DATA, scramble, shared_file
+from conftest import SHARED_DATA, need_sandbox, scramble, shared_file
 
 from gptstack.checkpoint import save_checkpoint
 from gptstack.cli import main
 from gptstack.config import ModelConfig
 from gptstack.data.shards import write_token_arrays
 from gptstack.eval.calibration import plot_reliability, reliability
-from gptstack.eval.execution import pass_at_k, run_program, run_programs
+from gptstack.eval.execution import Job, Limits, pass_at_k, run_job, run_jobs
 from gptstack.eval.run import run_tasks
 from gptstack.eval.scorer import Scorer, encode_pair, rolling_windows
 from gptstack.eval.tasks import (
     TaskError,
     _item_requests,
-    code_program,
+    code_job,
     demonstration,
     extract_answer,
     load_task,
@@ -246,16 +246,17 @@ def test_gsm8k_answer_extraction():
 
 @pytest.mark.slow
 def test_humaneval_canonical_solutions_pass_and_bad_code_is_contained():
+    need_sandbox()  # the attacks on the sandbox itself are in test_sandbox.py
     task = load_task(shared_eval() / "human_eval.jsonl")
     recs = task.records[:8]
-    outcomes = run_programs([code_program(r, r["canonical_solution"]) for r in recs], timeout=20)
+    outcomes = run_jobs([code_job(r, r["canonical_solution"]) for r in recs], Limits(timeout=20))
     assert all(o.passed for o in outcomes), [o.detail for o in outcomes]
-    wrong = run_program(code_program(recs[0], "    return []\n"))
+    wrong = run_job(code_job(recs[0], "    return []\n"))
     assert wrong.status == "failed" and "AssertionError" in wrong.detail
-    assert run_program("while True:\n    pass\n", timeout=2).status == "timeout"
-    hog = run_program("x = bytearray(4 << 30)\n", memory_mb=512)
+    assert run_job(Job("while True:\n    pass\n"), Limits(timeout=2)).status == "timeout"
+    hog = run_job(Job("x = bytearray(4 << 30)\n"), Limits(memory_mb=512))
     assert hog.status == "failed" and "MemoryError" in hog.detail
-    assert run_program("import os\nprint(os.getcwd())\nopen('f', 'w').write('ok')\n").passed  # its own temp dir
+    assert run_job(Job("import os\nprint(os.getcwd())\nopen('f', 'w').write('ok')\n")).passed  # its own /tmp
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3) and pass_at_k(5, 0, 1) == 0.0 and pass_at_k(2, 2, 1) == 1.0
 
 

@@ -52,6 +52,7 @@ class EvalConfig:
     seed: int = FEWSHOT_SEED  # few-shot example sampling
     batch_tokens: int = BATCH_TOKENS  # tokens per scoring batch
     max_gen_tokens: int = MAX_GEN_TOKENS  # bound on generated tokens (GSM8K, HumanEval)
+    unsafe_exec: bool = False  # run generated code (HumanEval) WITHOUT isolation where bubblewrap is unavailable
     progress: bool = True  # progress bars on stderr
 
     def task_specs(self) -> list[str]:
@@ -70,7 +71,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     scorer = load_scorer(cfg.checkpoint, cfg.tokenizer, batch_tokens=cfg.batch_tokens, progress=cfg.progress)
     results: dict = {}
     if tasks:
-        results = run_tasks(scorer, tasks, cfg.shots, cfg.limit, cfg.seed, cfg.contamination, cfg.max_gen_tokens)
+        results = run_tasks(scorer, tasks, cfg.shots, cfg.limit, cfg.seed, cfg.contamination, cfg.max_gen_tokens,
+                            unsafe_exec=cfg.unsafe_exec)  # fmt: skip
     if cfg.perplexity:
         results["perplexity"] = {str(t): perplexity(scorer, read_documents(t), cfg.stride) for t in cfg.perplexity}
     results["checkpoint"] = str(cfg.checkpoint)
@@ -91,6 +93,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 def run_tasks(
     scorer: Scorer, tasks: list[Task], shots: int = 0, limit: int | None = None, seed: int = FEWSHOT_SEED,
     contamination: str | None = None, max_gen_tokens: int = MAX_GEN_TOKENS, exec_timeout: float = 10.0,
+    unsafe_exec: bool = False,
 ) -> dict:  # fmt: skip
     """Run `tasks` and gather the results: per task its metrics, the CORE-style centred accuracy
     averaged over tasks, calibration over the multiple-choice answers, and with a shard folder
@@ -98,7 +101,7 @@ def run_tasks(
     `items` holds every task's per-item outcomes."""
     results, items = {}, {}
     for task in tqdm(tasks, desc="tasks", unit="task", disable=not scorer.progress):
-        r = run_task(scorer, task, shots, limit, seed, max_gen_tokens, exec_timeout)
+        r = run_task(scorer, task, shots, limit, seed, max_gen_tokens, exec_timeout, unsafe_exec)
         results[task.name], items[task.name] = r.metrics | {"kind": r.kind, "shots": shots}, r.items
     out: dict = {"shots": shots, "seed": seed, "tasks": results}
     if results:

@@ -17,7 +17,8 @@ Scoring, per kind:
     language model    acc: the greedy continuation equals the gold one, token for token (LAMBADA:
                       the whole last word)
     math              acc: the number after "####" (else the last number) of a greedy generation
-    code              pass@1: the greedy completion passes the task's tests in a sandboxed process
+    code              pass@1: the greedy completion passes the task's check() (eval/execution.py: the code in
+                      a bubblewrap sandbox, the test in a process of its own)
 
 k-shot: k examples drawn from the same file, excluding the item itself, with a seeded RNG per item (so
 results do not depend on --limit or on the order of evaluation), joined by blank lines.
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptstack.eval.execution import run_programs
+from gptstack.eval.execution import Job, Limits, run_jobs, sandboxed
 from gptstack.eval.scorer import MAX_GEN_TOKENS, Scorer, encode_pair
 from gptstack.files import iter_jsonl
 
@@ -219,8 +220,10 @@ def extract_answer(text: str) -> str | None:
     return normalize_number(found[-1]) if found else None
 
 
-def code_program(rec: dict, completion: str) -> str:
-    return f"{rec['prompt']}{completion}\n\n{rec['test']}\n\ncheck({rec['entry_point']})\n"
+def code_job(rec: dict, completion: str) -> Job:
+    """A HumanEval item as a sandbox job: the prompt and the completion are the candidate's code; the test
+    runs apart from it, with the prompt's helpers, and calls check() on the entry point."""
+    return Job(rec["prompt"] + completion, rec["test"], rec["entry_point"], prelude=rec["prompt"])
 
 
 # ---- running -----------------------------------------------------------------------------------------
@@ -248,7 +251,7 @@ def _item_requests(task: Task, rec: dict, prefix: str) -> list[tuple[str, str]]:
 
 def run_task(
     scorer: Scorer, task: Task, shots: int = 0, limit: int | None = None, seed: int = FEWSHOT_SEED,
-    max_gen_tokens: int = MAX_GEN_TOKENS, exec_timeout: float = 10.0,
+    max_gen_tokens: int = MAX_GEN_TOKENS, exec_timeout: float = 10.0, unsafe_exec: bool = False,
 ) -> TaskResult:  # fmt: skip
     """Score the first `limit` items of one task at `shots` shots: its metrics and per-item outcomes."""
     indices = list(range(min(limit, len(task.records)) if limit else len(task.records)))
@@ -258,7 +261,7 @@ def run_task(
     elif task.kind == "math":
         items = _score_math(scorer, task, indices, prefixes, max_gen_tokens)
     else:
-        items = _score_code(scorer, task, indices, prefixes, max_gen_tokens, exec_timeout)
+        items = _score_code(scorer, task, indices, prefixes, max_gen_tokens, exec_timeout, unsafe_exec)
     return TaskResult(task.name, task.kind, shots, task_metrics(task, items), items)
 
 
@@ -297,15 +300,18 @@ def _score_math(scorer: Scorer, task: Task, indices: list[int], prefixes: list[s
 
 
 def _score_code(
-    scorer: Scorer, task: Task, indices: list[int], prefixes: list[str], max_gen_tokens: int, exec_timeout: float
-) -> list[dict]:
-    """HumanEval-style items: a greedy completion, run against the item's tests in a sandboxed process."""
+    scorer: Scorer, task: Task, indices: list[int], prefixes: list[str], max_gen_tokens: int, exec_timeout: float,
+    unsafe_exec: bool,
+) -> list[dict]:  # fmt: skip
+    """HumanEval-style items: a greedy completion, run against the item's tests in the sandbox (refused,
+    before anything is generated, where there is none and `unsafe_exec` is off)."""
+    sandboxed(unsafe_exec)
     tok = scorer.tokenizer
     prompts = [tok.encode(p + task.records[i]["prompt"]) for i, p in zip(indices, prefixes, strict=True)]
     gens = scorer.generate(prompts, stop=CODE_STOP, max_gen_tokens=max_gen_tokens)
-    programs = [code_program(task.records[i], g.text) for i, g in zip(indices, gens, strict=True)]
+    jobs = [code_job(task.records[i], g.text) for i, g in zip(indices, gens, strict=True)]
     items = []
-    for i, g, o in zip(indices, gens, run_programs(programs, timeout=exec_timeout), strict=True):
+    for i, g, o in zip(indices, gens, run_jobs(jobs, Limits(timeout=exec_timeout), unsafe_exec), strict=True):
         items.append({"index": i, "generation": g.text, "tokens": len(g.token_ids), "finish": g.finish_reason,
                       "status": o.status, "detail": o.detail, "correct": o.passed})  # fmt: skip
     return items
