@@ -26,6 +26,32 @@ def model_config_of(spec: str) -> ModelConfig:
     return load_config(spec)
 
 
+def _norms(cfg: ModelConfig) -> str:
+    """e.g. "pre-LN rmsnorm (1+w), sandwich"."""
+    offset = f" ({cfg.norm_offset:g}+w)" if cfg.norm_offset else ""
+    return f"{'pre' if cfg.prenorm else 'post'}-LN {cfg.norm}{offset}" + (", sandwich" if cfg.sandwich_norm else "")
+
+
+def _positions(cfg: ModelConfig) -> str:
+    if cfg.pos != "rope":
+        return f"{cfg.pos} positions"
+    local = f", local θ {cfg.rope_local_theta:g}" if cfg.rope_local_theta is not None else ""
+    scaled = f", ×{cfg.rope_scaling:g} interpolation" if cfg.rope_scaling != 1.0 else ""
+    return f"rope positions (θ {cfg.rope_theta:g}{local}{scaled})"
+
+
+def _attention_extras(cfg: ModelConfig) -> str:
+    """QK-norm, a softmax scale, q/k/v-only biases and an embedding scale, where set."""
+    extras = ["QK-norm"] if cfg.qk_norm else []
+    if cfg.attn_scale is not None:
+        extras.append(f"scale {cfg.attn_scale:.4g}")
+    if cfg.qkv_bias and not cfg.bias:
+        extras.append("q/k/v biases only")
+    if cfg.embed_scale != 1.0:
+        extras.append(f"embeddings × {cfg.embed_scale:.4g}")
+    return "".join(f", {e}" for e in extras)
+
+
 def describe_model(spec: str, context: int | None = None) -> str:
     """The table `gptstack info` prints: shape, block layout, parameters, FLOPs and KV cache per token."""
     cfg = model_config_of(spec)
@@ -48,7 +74,7 @@ def describe_model(spec: str, context: int | None = None) -> str:
             "shape",
             f"{cfg.n_layer} layers × {cfg.n_embd} wide, {heads}, context {cfg.block_size}, vocab {cfg.vocab_size}",
         ),
-        ("blocks", f"{'pre' if cfg.prenorm else 'post'}-LN {cfg.norm}, {cfg.pos} positions, {ffn}, attention {attn}"),
+        ("blocks", f"{_norms(cfg)}, {_positions(cfg)}, {ffn}, attention {attn}{_attention_extras(cfg)}"),
         ("parameters", f"{params['total']:,} ({_human(params['total'])})"),
         ("active per token", f"{params['active']:,} ({_human(params['active'])})"),
         (

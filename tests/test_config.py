@@ -39,6 +39,20 @@ def test_parameter_counts_match_the_papers(name, published, tolerance):
     assert abs(total - published) / published < tolerance, f"{name}: {total:,} vs published {published:,.0f}"
 
 
+def test_real_model_presets_have_the_released_shapes():
+    # Qwen2-0.5B: the released checkpoint holds 494,032,768 parameters (tied), 0.36B of them outside the
+    # embedding (Qwen2.5 report, Table 1, same shape).
+    qwen = get_preset("qwen2-0.5b")
+    assert count_params(qwen)["total"] == 494_032_768
+    assert round((494_032_768 - qwen.vocab_size * qwen.n_embd) / 1e9, 2) == 0.36
+    # Gemma 3 270M (Google's model card): ~170M embedding and ~100M transformer-block parameters.
+    gemma = get_preset("gemma3-270m")
+    embedding = gemma.vocab_size * gemma.n_embd
+    assert round(embedding / 1e6, -1) == 170 and round((count_params(gemma)["total"] - embedding) / 1e6, -1) == 100
+    assert gemma.attn_kinds.count("local") == 15 and gemma.attn_kinds[5::6] == ["dense"] * 3
+    assert gemma.qkv_bias is False and qwen.qkv_bias is True and not qwen.bias  # None resolves from bias
+
+
 def test_moe_preset_counts_total_and_active_parameters():
     # Mixtral 8x7B (Jiang et al. 2024): 46.7B total, 12.9B active with top-2 of 8 experts.
     counts = count_params(get_preset("moe-8x7b"))
@@ -81,6 +95,16 @@ def test_gpt3_presets_alternate_dense_and_local_layers():
         (dict(attn_pattern="dense,sparse"), "unknown kind 'sparse'"),
         (dict(n_expert=4, n_expert_active=5), "n_expert_active=5"),
         (dict(pos="rope", n_embd=60, n_head=4), "even head_dim"),
+        (dict(mlp="reglu"), "mlp='reglu' is not one of gelu, swiglu, geglu"),
+        (dict(qk_norm=True), "qk_norm and norm_offset need norm='rmsnorm'"),
+        (dict(norm_offset=1.0), "qk_norm and norm_offset need norm='rmsnorm'"),
+        (dict(norm="rmsnorm", norm_offset=float("nan")), "norm_offset must be a finite number"),
+        (dict(sandwich_norm=True, prenorm=False), "sandwich_norm needs prenorm blocks"),
+        (dict(qkv_bias="yes"), "qkv_bias must be true or false"),
+        (dict(embed_scale=0.0), "embed_scale must be a positive number, got 0.0"),
+        (dict(attn_scale=-0.1), "attn_scale must be a positive number"),
+        (dict(pos="rope", rope_local_theta=float("inf")), "rope_local_theta must be a positive number"),
+        (dict(rope_local_theta=1e4), "rope_local_theta needs pos='rope'"),
     ],
 )
 def test_inconsistent_configs_fail_with_a_clear_message(fields, message):

@@ -1,5 +1,5 @@
-"""The model: cached decoding equals uncached for every variant; MoE, banded attention and init do
-what their definitions say; bad input fails clearly."""
+"""The model: cached decoding (contiguous and paged) equals uncached for every variant; MoE, banded
+attention, the Gemma/Qwen variants and init do what their definitions say; bad input fails clearly."""
 
 import math
 
@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from conftest import SMALL, VARIANTS, scramble
 
 from gptstack.config import ModelConfig, get_preset
+from gptstack.infer.engine import Engine, EngineConfig
 from gptstack.infer.generate import generate
 from gptstack.infer.kvcache import KVCache
 from gptstack.infer.sampling import SamplingParams
-from gptstack.model import GPT, MoE, build_model, count_params
+from gptstack.model import GPT, MoE, OffsetRMSNorm, build_model, count_params
 
 
 def make(cfg: ModelConfig, seed: int = 0) -> GPT:
@@ -40,6 +41,65 @@ def test_cached_greedy_decoding_equals_the_uncached_loop(variant):
     uncached = list(generate(model, prompt, params, use_cache=False))
     assert cached == uncached
     assert len(set(cached)) > 3, f"degenerate test model: greedy output {cached}"
+
+
+@pytest.mark.parametrize("name", ["gemma3-local-global", "qwen2-qkv-bias"])
+@torch.no_grad()
+def test_paged_engine_decodes_the_new_variants_like_the_full_forward(name):
+    """Prompts shorter and longer than the band (5), chunked prefill (6 tokens a step) and batched
+    decoding: the tokens of the uncached loop, and each chosen token's log-probability from one full
+    forward over prompt + output (a float64 model, so a near-tie cannot flip a greedy choice; the engine
+    reports log-probabilities in fp32)."""
+    model = make(VARIANTS[name]).double()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (3, 9, 17, 26)]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=1)
+    engine = Engine(model, EngineConfig(kv_block_size=4, max_seqs=4, max_step_tokens=6))
+    for prompt, c in zip(prompts, engine.generate(prompts, params), strict=True):
+        assert c.token_ids == list(generate(model, prompt, params, use_cache=False))
+        logprobs = model(torch.tensor([prompt + c.token_ids]))[0].float().log_softmax(-1)  # (T, V), as the engine
+        expected = [logprobs[len(prompt) - 1 + j, t].item() for j, t in enumerate(c.token_ids)]
+        assert [lp for lp, _ in c.logprobs] == pytest.approx(expected, abs=1e-6)
+
+
+@torch.no_grad()
+def test_offset_norm_and_embed_scale_are_reparametrisations():
+    """(1+w) norms equal plain RMSNorm with weight 1+w; × embed_scale equals a scaled embedding table;
+    attn_scale=1/√hd equals the default; a second RoPE base equal to the first changes nothing."""
+    gemma = VARIANTS["gemma3-local-global"].replace(tie_embeddings=False, rope_scaling=1.0)
+    model = make(gemma)
+    idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    plain = build_model(gemma.replace(norm_offset=0.0, embed_scale=1.0), seed=0).eval()
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, OffsetRMSNorm):
+            state[name + ".weight"] = 1.0 + module.weight
+    state["transformer.wte.weight"] = state["transformer.wte.weight"] * torch.tensor(gemma.embed_scale)
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(idx), model(idx), atol=2e-5, rtol=1e-5)
+    for change in (dict(attn_scale=gemma.head_dim**-0.5), dict(rope_local_theta=gemma.rope_theta)):
+        base = {k: None for k in change}
+        a, b = make(gemma.replace(**change)), make(gemma.replace(**base))
+        torch.testing.assert_close(a(idx), b(idx), atol=1e-6, rtol=0)
+    other_base = make(gemma.replace(rope_local_theta=gemma.rope_theta * 10))
+    assert (other_base(idx) - model(idx)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_qk_norm_sandwich_and_qkv_bias_parameters():
+    """Gemma: (head_dim,) q/k norms and two output norms per block, initialised to a unit scale (w = 0
+    with the (1+w) offset), no biases; Qwen2: biases on c_attn only."""
+    gemma = build_model(get_preset("tiny-gemma", vocab_size=97), seed=0)
+    block = gemma.transformer.h[0]
+    assert block.attn.q_norm.weight.shape == block.attn.k_norm.weight.shape == (32,)
+    norms = [m for m in gemma.modules() if isinstance(m, OffsetRMSNorm)]
+    assert len(norms) == 6 * 6 + 1 and all((m.offset + m.weight == 1).all() for m in norms)
+    assert not any(n.endswith("bias") for n, _ in gemma.named_parameters())
+    assert [b.attn.window for b in gemma.transformer.h] == [64] * 5 + [None]
+    assert not torch.equal(gemma.rope_local_cos, gemma.rope_cos)  # bases 1e4 and 1e6
+    qwen = build_model(get_preset("tiny-llama", qkv_bias=True), seed=0)
+    biases = [n for n, _ in qwen.named_parameters() if n.endswith("bias")]
+    assert biases == [f"transformer.h.{i}.attn.c_attn.bias" for i in range(4)]
 
 
 @torch.no_grad()
