@@ -383,6 +383,11 @@ class StageRun:
         finally:
             bar.close()
             self.log.close()
+        if self.nonfinite == self.step:
+            raise TrainingError(
+                f"{self.stage}: all {self.step} steps had a non-finite loss, reward or gradient "
+                f"(first: {self.log.records[0].get('nonfinite')}); nothing was learned, no checkpoint written"
+            )
         return steps
 
     def _open(self) -> None:
@@ -481,11 +486,6 @@ class StageRun:
     def finish(self, summary: dict, plots: list[tuple[str, list[str]]] = ()) -> Path:
         """The final checkpoint (LoRA adapters merged in, and also saved alone), then the report section
         with the summary table and plots. Returns the checkpoint folder."""
-        if self.nonfinite == self.step:
-            raise TrainingError(
-                f"{self.stage}: all {self.step} steps had a non-finite loss, reward or gradient "
-                f"(first: {self.log.records[0].get('nonfinite')}); nothing was learned, no checkpoint written"
-            )
         summary["nonfinite_steps"] = self.nonfinite  # the caller's summary gets them too
         if self.state is not None:
             summary["resumed_at_step"] = self.state["step"]

@@ -114,14 +114,15 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
 
 
+@torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's weights with the adapters folded in, under the base model's names."""
-    was_merged = {n: m.merged for n, m in lora_modules(model).items()}
-    merge_lora(model)
+    """The model's weights with the adapters folded in, under the base model's names. The model is left
+    untouched: merging in place and back would round the frozen base weights (W + d − d ≠ W in floats),
+    and a run that saves mid-training would then no longer match one resumed from that save."""
     tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".lora_" not in k}
     for n, m in lora_modules(model).items():
-        if not was_merged[n]:
-            m.unmerge()
+        if not m.merged:
+            tensors[f"{n}.weight"] = (m.weight + m.delta()).cpu()
     return tensors
 
 
