@@ -173,7 +173,7 @@ def open_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, ReaderTensor]
     """(metadata, tensors by name) of a GGUF file; any unreadable file is a GGUFError."""
     path = Path(path)
     if not path.is_file():
-        raise GGUFError(f"{path}: no such file")
+        raise GGUFError(f"{path}: no such file (a GGUF model is one file)")
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader parses untrusted bytes with numpy: any failure means a bad file
@@ -205,7 +205,7 @@ def gguf_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], where:
         raise GGUFError(f"{where}: mixture-of-experts {name} files are not supported")
     if "token_embd.weight" not in shapes:
         raise GGUFError(f"{where}: no token_embd.weight tensor")
-    values = {ours: meta[f"{name}.{key}"] for key, ours in arch.keys.items() if f"{name}.{key}" in meta}
+    values = {ours: _plain(meta[f"{name}.{key}"]) for key, ours in arch.keys.items() if f"{name}.{key}" in meta}
     values.update(
         vocab_size=shapes["token_embd.weight"][0],
         tie_embeddings="output.weight" not in shapes,
@@ -226,10 +226,16 @@ def gguf_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], where:
     return cfg
 
 
+def _plain(value: Any) -> Any:
+    """A float32 field as the shortest decimal that rounds to it (1e-05, not 9.999999747378752e-06): the value
+    its author wrote, which export writes back as the same float32."""
+    return float(str(np.float32(value))) if isinstance(value, float) else value
+
+
 def _rope_scaling(meta: dict[str, Any], name: str, where: str) -> dict[str, float]:
     kind = meta.get(f"{name}.rope.scaling.type", "none")
     if kind == "linear":
-        return {"rope_scaling": float(meta[f"{name}.rope.scaling.factor"])}
+        return {"rope_scaling": _plain(float(meta[f"{name}.rope.scaling.factor"]))}
     if kind != "none":
         raise GGUFError(f"{where}: RoPE scaling {kind!r} is not supported (none or linear)")
     return {}
@@ -385,7 +391,7 @@ def load_gguf(
     if check is not None:
         check(gguf_config(meta, {n: _shape(t) for n, t in _untie(tensors).items()}, str(path)))
     model = gguf_model(meta, tensors, keep_quantized, where=str(path))
-    model.tokenizer = tokenizers.tokenizer_from_gguf(meta)
+    model.tokenizer = tokenizers.tokenizer_from_gguf(meta, origin=str(path))
     return model.to(device)
 
 

