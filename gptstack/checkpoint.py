@@ -371,8 +371,9 @@ def estimate_memory(cfg: ModelConfig, quantization: dict | None = None, where: s
     count free for a hostile n_layer too, whose meta model alone would take 45 KB per layer."""
     one, two = (_tensor_bytes(_meta_model(cfg.replace(n_layer=n), quantization, where)) for n in (1, 2))
     weights = one[0] + (cfg.n_layer - 1) * (two[0] - one[0])
-    # to_empty() allocates placeholders for the derived tables, init_buffers() computes new ones beside them,
-    # and rope_tables' intermediates (t·f (T, hd/2), [f; f] (T, hd)) add 1.5 tables: ≤ 1.75 × at the peak
+    # to_empty() allocates placeholders for the derived tables and init_buffers() computes new ones beside
+    # them; rope_tables' intermediate angle table adds less than the tables again: ≤ 1.75 × them at the peak
+    # (a real build is measured against this in tests/test_hardening_files.py)
     return MemoryEstimate(weights, one[1], one[1] * 7 // 4, cfg.n_layer * LAYER_OBJECT_BYTES)
 
 
