@@ -30,6 +30,7 @@ from gptstack.checkpoint import (
 )
 from gptstack.cli import main
 from gptstack.config import ModelConfig
+from gptstack.data.shards import write_texts
 from gptstack.model import build_model
 from gptstack.posttrain import demo
 from gptstack.posttrain.common import DataError, StageConfig, StageRun, optimize
@@ -73,6 +74,7 @@ def inputs(tmp_path_factory) -> Path:
     write_jsonl(root / "sft.jsonl", demo.sft_rows(96, seed=0))
     write_jsonl(root / "pairs.jsonl", pair_rows(64))
     write_jsonl(root / "prompts.jsonl", demo.prompt_rows(32, seed=1))
+    write_texts(root / "shards", TOK, [f"def f{i}(x):\n    return x + {i}\n" * 8 for i in range(16)], val_fraction=0.2)
     write_jsonl(
         root / "cls.jsonl", [{"text": f"item {i} is {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(80)]
     )
@@ -87,11 +89,28 @@ STAGES = {
     "ppo": (ppo, PPOConfig, "prompts.jsonl", {"reward": JUDGE, "max_tokens": 8, "minibatch_size": 4, "ppo_epochs": 2}),
     "finetune": (finetune, FinetuneConfig, "cls.jsonl", {}),
     "sft-lora": (sft, SFTConfig, "sft.jsonl", {"lora_rank": 4, "lora_dropout": 0.1}),
+    # PPO's own state: the adaptive β and the PPO-ptx cursor (set to the shards in stage_cfg)
+    "ppo-ptx": (
+        ppo,
+        PPOConfig,
+        "prompts.jsonl",
+        {
+            "reward": JUDGE,
+            "max_tokens": 8,
+            "minibatch_size": 4,
+            "ppo_epochs": 1,
+            "adaptive_kl": True,
+            "kl_target": 0.5,
+            "kl_horizon": 50,
+            "ptx_coef": 0.5,
+        },
+    ),
 }
 
 
 def stage_cfg(name: str, inputs: Path, out: Path, **kw):
     _, cls, data, own = STAGES[name]
+    own = {**own, "ptx_data": str(inputs / "shards")} if "ptx_coef" in own else own
     base = dict(init=str(inputs / "init"), data=str(inputs / data), out=str(out), batch_size=8, max_steps=6,
                 checkpoint_every=3, warmup_steps=2, lr=1e-3, progress=False)  # fmt: skip
     return cls(**{**base, **own, **kw})
