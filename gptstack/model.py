@@ -66,23 +66,25 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
 
 
 def rope_tables(cfg: ModelConfig, device: torch.device | None = None, local: bool = False) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (block_size, head_dim) in fp32. Global (dense) layers: base rope_theta, positions
-    divided by the scaling factor; local layers with their own base (rope_local_theta): unscaled."""
+    """cos, sin of shape (block_size, head_dim/2) in fp32: one angle per pair (i, i + head_dim/2) of the
+    rotate-half layout (HF Llama's, whose tables repeat these twice). Global (dense) layers: base
+    rope_theta, positions divided by the scaling factor; local layers with their own base
+    (rope_local_theta): unscaled."""
     theta, scaling = (cfg.rope_local_theta, 1.0) if local else (cfg.rope_theta, cfg.rope_scaling)
     half = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim
     inv_freq = 1.0 / (theta**half) / scaling  # (head_dim/2,)
     t = torch.arange(cfg.block_size, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)  # (block_size, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout, as HF Llama
-    return emb.cos(), emb.sin()
+    return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, T, h, hd); cos/sin: (T, hd) or (B, T, hd), one row per position. Rotates the two
-    halves of each head."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.unsqueeze(-2).to(x.dtype) + rotated * sin.unsqueeze(-2).to(x.dtype)
+    """x: (B, T, h, hd); cos/sin: (T, hd/2) or (B, T, hd/2), one row per position. Rotates each pair
+    (x1, x2) of the two halves of a head; the same arithmetic, element for element, as HF's
+    x·cos + rotate_half(x)·sin with its doubled tables."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, T, h, hd/2) each
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def attention_mask(T: int, S: int, pos0: int, window: int | None, device: torch.device) -> Tensor | None:
@@ -140,7 +142,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, hd)
         q, k = self.q_norm(q), self.k_norm(k)  # over hd, per head (identity without QK-norm)
         if rope is not None:
-            cos, sin = rope[self.kind]  # (T, hd) or (B, T, hd)
+            cos, sin = rope[self.kind]  # (T, hd/2) or (B, T, hd/2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h|kv, T, hd)
         if kv_cache is not None:  # the cache stores k, v and attends over everything cached
@@ -261,7 +263,7 @@ class GPT(nn.Module):
             self.register_buffer(name, table, persistent=False)
 
     def rope_buffers(self, device: torch.device | None = None) -> dict[str, Tensor]:
-        """rope_cos/rope_sin (block_size, head_dim), plus rope_local_cos/_sin when local layers have their
+        """rope_cos/rope_sin (block_size, head_dim/2), plus rope_local_cos/_sin when local layers have their
         own base; none for learned positions."""
         cfg, out = self.config, {}
         if cfg.pos == "rope":
@@ -274,7 +276,7 @@ class GPT(nn.Module):
         """cos, sin rows at `positions` (T,) or (B, T) for each attention kind ("dense", "local")."""
         if self.config.pos != "rope":
             return None
-        dense = (self.rope_cos[positions], self.rope_sin[positions])  # (T, hd) or (B, T, hd) each
+        dense = (self.rope_cos[positions], self.rope_sin[positions])  # (T, hd/2) or (B, T, hd/2) each
         if self.config.rope_local_theta is None:
             return {"dense": dense, "local": dense}
         return {"dense": dense, "local": (self.rope_local_cos[positions], self.rope_local_sin[positions])}
