@@ -74,9 +74,7 @@ class PrepareConfig:
     seed: int = 0  # seed of the val split, the mixture and the quality classifier's sampling
     keep_text: bool = False  # also write the kept documents as documents.jsonl
     chunk_bytes: int = 1_000_000  # bytes of documents per unit of work (and of resumption)
-    follow_symlinks: bool = (
-        False  # read what symbolic links in an input folder point to outside it (and linked folders)
-    )
+    follow_symlinks: bool = False  # follow symbolic links that lead out of an input folder (files and folders)
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes the output, and of the input files (names, sizes, times)."""
