@@ -24,7 +24,8 @@ Started as root (a container), bwrap makes no user namespace and the harness dro
 own before the candidate starts (RLIMIT_NPROC does not apply to root). Otherwise bwrap makes an unprivileged
 user namespace. Where bwrap is missing or cannot make namespaces, running code is refused with
 SandboxUnavailable, unless the caller allows it (`unsafe=True`, `gptstack eval --unsafe-exec`): then the
-harness runs as a plain subprocess with the same rlimits but no process limit and none of the isolation.
+harness runs as a plain subprocess with the same rlimits but no process limit and none of the isolation (its
+verdict then holds against mistakes such as an early exit, not against code that reads the evaluator's memory).
 """
 
 from __future__ import annotations
@@ -294,7 +295,9 @@ class _Run:
             if fd >= 0:
                 os.close(fd)
         if self.pidfd is not None:
-            select.select([self.pidfd], [], [], 10.0)  # readable once PID 1 has exited, after its namespace emptied
+            poll = select.poll()  # the pidfd is readable once PID 1 has exited, after its namespace emptied
+            poll.register(self.pidfd, select.POLLIN)
+            poll.poll(10_000)
             os.close(self.pidfd)
 
     def outcome(self, nonce: str, limits: Limits) -> Outcome:
