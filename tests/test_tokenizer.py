@@ -52,7 +52,7 @@ def test_stream_decoder_holds_back_partial_utf8():
 def test_tokenizer_folder_round_trips(tmp_path):
     tok = get_tokenizer("cl100k_base")
     folder = tok.save(tmp_path / "tok")
-    again = Tokenizer.from_dir(folder)
+    again = get_tokenizer(folder)
     assert again.encode(HARD) == tok.encode(HARD) and again.special_tokens == tok.special_tokens
 
 
@@ -62,4 +62,4 @@ def test_unknown_tokenizer_and_bad_rank_files_fail_clearly(tmp_path):
     byte_tokenizer().save(tmp_path / "tok")
     (tmp_path / "tok" / "ranks.tiktoken").write_text("AA== 0\nnot-a-line\n")
     with pytest.raises(ValueError, match=r"ranks\.tiktoken:2: not a `base64 rank` line"):
-        Tokenizer.from_dir(tmp_path / "tok")
+        get_tokenizer(tmp_path / "tok")

@@ -18,7 +18,7 @@ import numpy as np
 from gptstack.data.dedup import ngram_hashes, normalize, word_hashes
 from gptstack.data.shards import open_shards, read_manifest
 from gptstack.files import iter_jsonl
-from gptstack.tokenizer import Tokenizer
+from gptstack.tokenizer import get_tokenizer
 
 
 def item_text(record) -> str:
@@ -60,7 +60,7 @@ def shard_documents(folder: str | Path, splits: tuple[str, ...] = ("train",)) ->
     """The documents of a shard folder, decoded with its own tokenizer (split at <|endoftext|>)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    tok = Tokenizer.from_dir(folder / manifest["tokenizer"]["folder"])
+    tok = get_tokenizer(folder / manifest["tokenizer"]["folder"])
     for split in splits:
         carry = np.zeros(0, dtype=np.int64)
         for shard in open_shards(folder, split):

