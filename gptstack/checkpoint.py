@@ -290,6 +290,20 @@ def load_weights(model: GPT, path: str | Path, verify: bool = True) -> None:
     """Copy a checkpoint's weights into `model`, after checking every name and shape (nothing is
     copied unless everything matches)."""
     folder, meta = read_meta(path)
+    file = check_weights(model, folder, meta, verify)
+    params = model.state_dict()
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
+            for k in f.keys():  # noqa: SIM118 (safe_open is no dict)
+                params[k].copy_(f.get_tensor(k))
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+def check_weights(model: GPT, folder: Path, meta: dict, verify: bool = True) -> Path:
+    """model.safetensors of `folder`, once its sizes and checksums (`verify`) and every tensor name and
+    shape match `model`, which may be a meta-device model: a checkpoint is refused before anything is
+    allocated for it."""
     if verify:
         verify_files(folder, meta)
     file = folder / "model.safetensors"
@@ -308,11 +322,9 @@ def load_weights(model: GPT, path: str | Path, verify: bool = True) -> None:
                         f"{file}: tensor {k} has shape {shape}, the model expects {tuple(params[k].shape)} "
                         "(a checkpoint of another architecture?)"
                     )
-            with torch.no_grad():
-                for k in keys:
-                    params[k].copy_(f.get_tensor(k))
     except SafetensorError as e:
         raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+    return file
 
 
 def _check_names(file: Path, found: set[str], expected: set[str]) -> None:
@@ -455,10 +467,11 @@ def load_model(
     where, quantization = folder / "config.json", meta.get("quantization")
     check_config_memory(cfg, where=where, quantization=quantization, device=device)  # before any allocation
     model = _meta_model(cfg, quantization, where)
+    check_weights(model, folder, meta, verify)  # checksums, names and shapes against the meta model: nothing built yet
     model.to_empty(device=device)
     model.tie_weights()
     model.init_buffers()
-    load_weights(model, folder, verify=verify)
+    load_weights(model, folder, verify=False)  # verified just above
     model.tokenizer = tok
     return model.eval()
 
