@@ -35,10 +35,10 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, Re
 from gguf.constants import GGML_QUANT_SIZES, GGML_QUANT_VERSION
 from torch import Tensor, nn
 
-from gptstack import tokenizer as tokenizers  # TEMP until tokenizer_from_gguf lands
 from gptstack.config import ConfigError, ModelConfig
 from gptstack.interop.hf import Rule, _gate_up, _qkv
 from gptstack.model import GPT
+from gptstack.tokenizer import tokenizer_from_gguf, tokenizer_to_gguf
 from gptstack.transforms.quantize import quantized_structure
 
 Q = GGMLQuantizationType
@@ -391,7 +391,7 @@ def load_gguf(
     if check is not None:
         check(gguf_config(meta, {n: _shape(t) for n, t in _untie(tensors).items()}, str(path)))
     model = gguf_model(meta, tensors, keep_quantized, where=str(path))
-    model.tokenizer = tokenizers.tokenizer_from_gguf(meta, origin=str(path))
+    model.tokenizer = tokenizer_from_gguf(meta, origin=str(path))
     return model.to(device)
 
 
@@ -416,7 +416,7 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, type: str = "f16") 
     if name == "llama" and cfg.bias:
         raise GGUFError(f"{path}: llama-family GGUF files have no MLP or output-projection biases")
     tensors = file_tensors(model, ARCHS[name])
-    meta = {**arch_metadata(cfg, name), **_vocab(tokenizers.tokenizer_to_gguf(tokenizer), cfg.vocab_size)}
+    meta = {**arch_metadata(cfg, name), **_vocab(tokenizer_to_gguf(tokenizer), cfg.vocab_size)}
     _check_representable(cfg, meta, {n: a.shape for n, a in tensors.items()}, path)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
     path.parent.mkdir(parents=True, exist_ok=True)
