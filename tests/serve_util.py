@@ -1,8 +1,11 @@
-"""Helpers for the serving tests: a real uvicorn server on loopback in a thread, and small engines."""
+"""Helpers for the serving tests: a real uvicorn server on loopback in a thread, small engines, and raw
+sockets for clients that misbehave (reset mid-request)."""
 
 from __future__ import annotations
 
+import json
 import socket
+import struct
 import threading
 import time
 
@@ -66,3 +69,24 @@ def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def raw_post(port: int, path: str, body: dict | bytes, headers: dict[str, str] | None = None) -> socket.socket:
+    """Send one POST on a fresh loopback socket without reading the answer; the socket stays open."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    head = {
+        "Host": "127.0.0.1",
+        "Content-Type": "application/json",
+        "Content-Length": str(len(data)),
+        **(headers or {}),
+    }
+    lines = [f"POST {path} HTTP/1.1", *(f"{k}: {v}" for k, v in head.items()), "", ""]
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall("\r\n".join(lines).encode() + data)
+    return sock
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a client that crashes or a proxy that gives up does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
