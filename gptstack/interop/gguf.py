@@ -233,9 +233,11 @@ def _plain(value: Any) -> Any:
 
 
 def _rope_scaling(meta: dict[str, Any], name: str, where: str) -> dict[str, float]:
-    kind = meta.get(f"{name}.rope.scaling.type", "none")
+    kind, factor = meta.get(f"{name}.rope.scaling.type", "none"), meta.get(f"{name}.rope.scaling.factor")
     if kind == "linear":
-        return {"rope_scaling": _plain(float(meta[f"{name}.rope.scaling.factor"]))}
+        if not isinstance(factor, (int, float)):
+            raise GGUFError(f"{where}: linear RoPE scaling without a numeric {name}.rope.scaling.factor")
+        return {"rope_scaling": _plain(float(factor))}
     if kind != "none":
         raise GGUFError(f"{where}: RoPE scaling {kind!r} is not supported (none or linear)")
     return {}
@@ -334,13 +336,16 @@ def gguf_model(
                 raise GGUFError(f"{where}: tensor {t.name} has block type {t.tensor_type.name}, which is not "
                                 f"supported ({', '.join(q.name for q in DEQUANTIZED)})")  # fmt: skip
         layout = _keepable(model, r, sources) if keep_quantized else None
-        if layout:
-            module = r.ours.removesuffix(".weight")
-            state.update(kept_tensors(module, sources, arch, cfg))
-            kept[module] = {"method": layout, "group_size": BLOCK}
-        else:
-            parts = [dequantize(t, arch, cfg) for t in sources]
-            state[r.ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        try:
+            if layout:
+                module = r.ours.removesuffix(".weight")
+                state.update(kept_tensors(module, sources, arch, cfg))
+                kept[module] = {"method": layout, "group_size": BLOCK}
+            else:
+                parts = [dequantize(t, arch, cfg) for t in sources]
+                state[r.ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        except (ValueError, RuntimeError) as e:  # shapes the config does not fit (reshape, cat)
+            raise GGUFError(f"{where}: tensor {r.theirs[0]} does not fit {r.ours} ({str(e)[:200]})") from None
     extra = sorted(set(tensors) - used)
     if extra:
         raise GGUFError(f"{where}: tensor {extra[0]} has no counterpart in gptstack's {meta['general.architecture']}")
