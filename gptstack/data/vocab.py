@@ -1,18 +1,32 @@
-"""Training and measuring a tokenizer on a corpus (`gptstack tokenizer train|eval`).
+"""Training, measuring and using a tokenizer (`gptstack tokenizer train|eval|encode`).
 
 The corpus is read like the data pipeline reads it (data/sources.py: files, folders, JSONL,
 Parquet, HTML extracted; default the Python standard library), split into a training part and a
 held-out part by a hash of each document's name, so `eval` scores text the tokenizer never saw.
+`encode` (and `eval`) take any tokenizer a user holds: a stock name, a tokenizer or HF folder, a
+checkpoint, or a GGUF file (its tokenizer.ggml.* metadata).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
+from gptstack import checkpoint
 from gptstack.data.sources import corpus_texts
-from gptstack.tokenizer import Tokenizer, bytes_per_token, get_tokenizer, train_bpe, train_chars
+from gptstack.interop.gguf import read_gguf_metadata
+from gptstack.tokenizer import (
+    BaseTokenizer,
+    Tokenizer,
+    bytes_per_token,
+    get_tokenizer,
+    tokenizer_from_gguf,
+    train_bpe,
+    train_chars,
+)
 
 
 @dataclass
@@ -29,29 +43,60 @@ class TokenizerTrainConfig:
 @dataclass
 class TokenizerEvalConfig:
     input: list[str] = field(default_factory=list)  # files or folders (default: the Python standard library)
-    tokenizers: str = "cl100k_base,o200k_base"  # comma-separated names or folders
+    tokenizers: str = "cl100k_base,o200k_base"  # comma-separated names, folders, checkpoints or GGUF files
     max_bytes: int | None = None  # score at most this much text
     heldout: float = 0.1  # must match the value used to train
 
 
 @dataclass
 class EncodeConfig:
-    tokenizer: str  # cl100k_base | o200k_base | bytes | DIR
+    tokenizer: str  # cl100k_base | o200k_base | bytes | a tokenizer folder | an HF folder | a checkpoint | FILE.gguf
     text: str | None = None  # the text (default: standard input)
-    allow_special: bool = False  # parse special-token text as special tokens
+    allow_special: bool = False  # parse special-token text (<|im_start|>, <bos>, …) as special tokens
     show: bool = False  # also print each token's bytes on stderr
-    decode: bool = False  # the input is ids: print their text
+    decode: bool = False  # the input is ids (a JSON list, or separated by spaces or commas): print their text
+
+
+def resolve_tokenizer(spec: str) -> BaseTokenizer:
+    """The tokenizer `spec` names: a stock name, a tokenizer or HF folder, a gptstack checkpoint (or run
+    folder) or a GGUF file."""
+    path = Path(spec)
+    if path.is_file():
+        return tokenizer_from_gguf(read_gguf_metadata(path), origin=str(path))
+    if path.is_dir() and _is_checkpoint(path):
+        tok = checkpoint.load_tokenizer(path)
+        if tok is None:
+            raise checkpoint.CheckpointError(f"{path} names no tokenizer")
+        return tok
+    return get_tokenizer(spec)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A gptstack checkpoint or run folder (an HF model folder's config.json is not ours)."""
+    try:
+        checkpoint.read_meta(path)
+    except checkpoint.CheckpointError:
+        return False
+    return True
 
 
 def encode_text(cfg: EncodeConfig, text: str) -> tuple[str, str | None]:
-    """The ids of `text` space-separated (or, with cfg.decode, the text of the ids in `text`), and
-    with cfg.show each token's bytes joined by ' | ' (else None)."""
-    tok = get_tokenizer(cfg.tokenizer)
+    """The ids of `text` as a JSON list (or, with cfg.decode, the text of the ids in `text`), and with
+    cfg.show each token's bytes joined by ' | ' (else None)."""
+    tok = resolve_tokenizer(cfg.tokenizer)
     if cfg.decode:
-        return tok.decode([int(x) for x in text.replace(",", " ").split()]), None
+        return tok.decode(parse_ids(text)), None
     ids = tok.encode(text, allow_special=cfg.allow_special)
     pieces = " | ".join(repr(tok.decode_bytes([i]))[2:-1] for i in ids) if cfg.show else None
-    return " ".join(map(str, ids)), pieces
+    return json.dumps(ids), pieces
+
+
+def parse_ids(text: str) -> list[int]:
+    """Token ids from a JSON list or from numbers separated by spaces or commas."""
+    try:
+        return [int(x) for x in text.replace("[", " ").replace("]", " ").replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--decode needs token ids (a JSON list or numbers), got {text.strip()[:60]!r}") from None
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> tuple[Tokenizer, dict]:
@@ -72,4 +117,4 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> tuple[Tokenizer, dict]:
 def eval_tokenizers(cfg: TokenizerEvalConfig) -> list[dict]:
     """Bytes per token of each tokenizer on the held-out part (see tokenizer.bytes_per_token)."""
     texts = corpus_texts(cfg.input, "heldout", cfg.heldout, cfg.max_bytes)
-    return bytes_per_token([get_tokenizer(t) for t in cfg.tokenizers.split(",")], texts)
+    return bytes_per_token([resolve_tokenizer(t) for t in cfg.tokenizers.split(",")], texts)

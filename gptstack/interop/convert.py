@@ -13,19 +13,32 @@ import torch
 from gptstack.checkpoint import check_config_memory, check_destination, load_model, save_checkpoint
 from gptstack.interop.gguf import GGUFError, write_gguf
 from gptstack.interop.hf import InteropError, _transformers, from_hf_config, from_hf_model, to_hf_model
+from gptstack.tokenizer import BaseTokenizer, get_tokenizer, tokenizer_from_hf
 
 
-def hf_import(src: str | Path, dst: str | Path, tokenizer=None) -> Path:
-    """HF folder → gptstack checkpoint folder."""
+def hf_import(src: str | Path, dst: str | Path, tokenizer: str | None = None) -> Path:
+    """HF folder → gptstack checkpoint folder, with the folder's own tokenizer and chat template (its
+    tokenizer.json and tokenizer_config.json), or `tokenizer` (a name or folder) instead."""
     transformers = _transformers()
 
     if not (Path(src) / "config.json").is_file():
         raise InteropError(f"{src} is not a transformers model folder (no config.json)")
     check_destination(dst)  # before any work: never over a folder that is not ours
     cfg = from_hf_config(transformers.AutoConfig.from_pretrained(src))
+    tok = import_tokenizer(src, tokenizer)
+    if tok is not None and tok.n_vocab > cfg.vocab_size:
+        raise InteropError(f"{src}: tokenizer {tok.name} has {tok.n_vocab} tokens, the model only {cfg.vocab_size}")
     check_config_memory(cfg, where=Path(src) / "config.json", copies=2)  # theirs and ours, before either exists
     hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    return save_checkpoint(from_hf_model(hf), dst, tokenizer=tokenizer, train_config={"imported_from": str(src)})
+    return save_checkpoint(from_hf_model(hf), dst, tokenizer=tok, train_config={"imported_from": str(src)})
+
+
+def import_tokenizer(src: str | Path, spec: str | None) -> BaseTokenizer | None:
+    """`spec` when given (a name or folder, checked now: an unknown one is a TokenizerError), else the HF
+    folder's own tokenizer, or None when it has no tokenizer.json."""
+    if spec is not None:
+        return get_tokenizer(spec)
+    return tokenizer_from_hf(src) if (Path(src) / "tokenizer.json").is_file() else None
 
 
 def hf_export(src: str | Path, dst: str | Path) -> Path:

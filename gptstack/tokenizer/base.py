@@ -314,7 +314,7 @@ def content_layout(
             part = next((c for c in (s, s.strip(), s.lstrip(), s.rstrip()) if text.startswith(c + follow, at)), None)
             if part is None:
                 return None
-            if m["role"] == "assistant" and part:
+            if m["role"] == "assistant":  # an empty reply still ends with its end-of-turn token
                 spans.append((at, at + len(part)))
             pieces.append((part, True))
         at += len(part)

@@ -10,7 +10,6 @@ runs) are matched whole in any text, as the model's tokenizer does.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from functools import cached_property
@@ -61,7 +60,7 @@ class HFTokenizer(BaseTokenizer):
     def _bytes(self) -> dict[int, bytes]:
         """Each id's bytes: a byte-fallback token <0xNN> is its byte, ▁ a space (SentencePiece); a
         byte-level vocabulary is spelled in GPT-2's alphabet; an added token is its text."""
-        byte_level = "ByteLevel" in json.dumps(json.loads(self.hf.to_str()).get("decoder"))
+        byte_level = self.hf.decoder is not None and b'"ByteLevel"' in self.hf.decoder.__getstate__()
         out = {}
         for token, i in self.hf.get_vocab(with_added_tokens=False).items():
             if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token):
