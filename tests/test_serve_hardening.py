@@ -112,6 +112,16 @@ def test_a_request_larger_than_the_queue_room_gets_503_before_any_of_it_queues()
         wait_until(lambda: engine.pool.used == 0 and not engine.has_unfinished(), what="the aborts")
 
 
+def test_kept_responses_are_bounded_in_characters(monkeypatch):
+    server = create_app({"tiny": tiny_engine()}, ServeConfig()).state.server
+    monkeypatch.setattr("gptstack.serve.server.RECENT_CHARS", 10_000)
+    for i in range(50):
+        server.remember(f"r{i}", {"prompt": ["x" * 1000], "response": ["y" * 100]})
+    assert list(server.responses) == [f"r{i}" for i in range(41, 50)] and server.recent_chars == 9 * 1100
+    server.remember("huge", {"prompt": ["z" * 50_000]})  # over the bound alone: kept, as the only one
+    assert list(server.responses) == ["huge"] and server.recent_chars == 50_000
+
+
 def test_body_size_counts_what_a_parser_would_read():
     def count(value) -> tuple[int, int]:  # (containers, values) by walking the parsed value
         if isinstance(value, dict | list):

@@ -195,11 +195,12 @@ class Moderator:
             return []
         spans = [windows(t) for t in texts]
         flat = [w for ws in spans for w in ws]
-        scores = np.concatenate([self._scores(flat[i : i + BATCH]) for i in range(0, len(flat), BATCH)])
+        scores = np.concatenate([self.scores(flat[i : i + BATCH]) for i in range(0, len(flat), BATCH)])
         ends = np.cumsum([len(ws) for ws in spans])
         return [self._verdict(scores[end - len(ws) : end].max(0)) for ws, end in zip(spans, ends, strict=True)]
 
-    def _scores(self, texts: list[str]) -> np.ndarray:
+    def scores(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), categories) scores of whole texts (no windows)."""
         return 1 / (1 + np.exp(-(self.embedder(texts) @ self.W.T + self.b)))  # (N, C)
 
     def _verdict(self, row: np.ndarray) -> Verdict:

@@ -33,6 +33,16 @@ from gptstack.serve.protocol import json_size, json_size_bound
 from gptstack.serve.runner import EngineRunner
 
 RECENT = 10_000  # responses kept for /v1/feedback
+RECENT_CHARS = 64 << 20  # and the most characters they may hold together (a prompt may be a megabyte)
+
+
+def chars(value) -> int:
+    """The characters of the strings in a JSON-like value: what keeping it costs, roughly."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(chars(v) for v in value.values())
+    return sum(chars(v) for v in value) if isinstance(value, list | tuple) else 0
 
 
 class APIError(Exception):
@@ -143,6 +153,7 @@ class Server:
         self.usage = JsonlLog(log / "usage.jsonl" if log else None)
         self.feedback = JsonlLog(log / "feedback.jsonl" if log else None)
         self.responses: OrderedDict[str, dict] = OrderedDict()  # recent responses, for feedback
+        self.recent_chars = 0  # the characters they hold (chars)
         self.created = int(time.time())
 
     def start(self) -> None:
@@ -260,6 +271,8 @@ class Server:
         return flagged
 
     def remember(self, rid: str, record: dict) -> None:
-        self.responses[rid] = record
-        while len(self.responses) > RECENT:
-            self.responses.popitem(last=False)
+        """Keep a response for feedback: the last RECENT, and no more than RECENT_CHARS characters."""
+        self.responses[rid], size = record, chars(record)
+        self.recent_chars += size
+        while len(self.responses) > RECENT or (self.recent_chars > RECENT_CHARS and len(self.responses) > 1):
+            self.recent_chars -= chars(self.responses.popitem(last=False)[1])
