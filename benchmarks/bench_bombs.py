@@ -34,8 +34,8 @@ CONFIG = {  # every ModelConfig field of 95ffbcf, as a checkpoint's config.json 
     "attn_pattern": "dense", "attn_window": 256, "n_expert": 0, "n_expert_active": 2, "moe_aux_loss_coef": 0.01,
     "moe_z_loss_coef": 0.0, "dropout": 0.0,
 }  # fmt: skip
-CHILD = {
-    "floor": "import gptstack.checkpoint, gptstack.data.pipeline",
+CHILD = {  # each prints the file it imported first, so a run shows which tree it measured
+    "floor": "import gptstack.checkpoint, gptstack.data.pipeline\nprint(gptstack.checkpoint.__file__)",
     "config": """
 import sys
 from gptstack.checkpoint import load_model
@@ -69,11 +69,17 @@ def make_bombs(folder: Path, gzip_mb: int) -> dict[str, Path]:
 
 
 def peak_of_child(tree: Path, code: str, args: list[str]) -> tuple[float, float, str]:
-    """(peak RSS in GB, wall seconds, the child's last output line) of one child run in `tree`."""
+    """(peak RSS in GiB, wall seconds, the child's last output line) of one child run in `tree`."""
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_WAIT_POLICY": "PASSIVE"}
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        cwd=tree,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip (cwd: `-c` puts it first on sys.path)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -102,8 +108,8 @@ def main() -> None:
                     runs.append(peak_of_child(tree, CHILD[bomb], [str(bombs["config"])] if bomb == "config" else extra))
                 gb, wall = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
                 rows.append((bomb, name, gb, wall, runs[-1][2]))
-                print(f"| {bomb} | {name} | {gb:.3f} GB | {wall:.1f} s | {runs[-1][2][:140]} |", flush=True)
-    print(json.dumps([dict(zip(("bomb", "tree", "peak_gb", "wall_s", "message"), r, strict=True)) for r in rows]))
+                print(f"| {bomb} | {name} | {gb:.3f} GiB | {wall:.1f} s | {runs[-1][2][:140]} |", flush=True)
+    print(json.dumps([dict(zip(("bomb", "tree", "peak_gib", "wall_s", "message"), r, strict=True)) for r in rows]))
 
 
 if __name__ == "__main__":
