@@ -20,7 +20,7 @@ import codecs
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -170,38 +170,61 @@ class BaseTokenizer:
         and the end-of-turn token closing it), which SFT trains on. Special-token text inside a content
         stays ordinary text (see the module docstring)."""
         text = self.apply_chat_template(messages, add_generation_prompt)
-        layout = content_layout(self._chat(), messages, add_generation_prompt, text)
-        if layout is None:
+        pieces = content_layout(self._chat(), messages, add_generation_prompt, text)
+        if pieces is None:
             return self._encode_rewritten(messages, text)
-        pieces, spans = layout
-        cuts, at = [], 0  # the template's own special tokens: (start, end, id) in `text`
-        for piece, is_content in pieces:
-            cuts += [] if is_content else [(at + a, at + b, i) for a, b, i in self._specials_in(piece)]
-            at += len(piece)
-        ids, starts, ends = self._encode_cut(text, cuts)
-        mask = [any(s < b and e > a for a, b in spans) and i not in self.special_ids
-                for i, s, e in zip(ids, starts, ends, strict=True)]  # fmt: skip
-        for _, b in spans:  # the stop token right after the content closes the turn
-            after = next((k for k, s in enumerate(starts) if s >= b), None)
-            if after is not None and ids[after] in self.stop_ids:
-                mask[after] = True
+        present = [t for t in self.special_tokens if t in text]  # looked up once: Gemma has 6,249 of them
+        ids, mask, ends, run = [], [], [], []  # run: (text, is_assistant) pieces since the last special token
+        for piece, kind in pieces:
+            if kind != "template":
+                run.append((piece, kind == "assistant"))
+                continue
+            at = 0
+            for a, b, i in self._specials_in(piece, present):
+                run.append((piece[at:a], False))
+                self._encode_run(run, ids, mask, ends)
+                ids.append(i)
+                mask.append(False)
+                at = b
+            run.append((piece[at:], False))
+        self._encode_run(run, ids, mask, ends)
+        for k in ends:  # the stop token right after an assistant's content closes its turn
+            if k < len(ids) and ids[k] in self.stop_ids:
+                mask[k] = True
         return ids, mask
 
-    def _encode_cut(self, text: str, cuts: list[tuple[int, int, int]]) -> tuple[list[int], list[int], list[int]]:
-        """`text` encoded as ordinary runs between the special tokens `cuts`; ids with start and end
-        character of each token."""
-        ids, starts, ends, at = [], [], [], 0
-        for a, b, i in [*cuts, (len(text), len(text), None)]:
-            run, run_starts = self._encode_spans(text[at:a]) if a > at else ([], [])
-            ids += run
-            starts += [at + s for s in run_starts]
-            ends += [at + s for s in run_starts[1:]] + ([a] if run else [])
-            if i is not None:
-                ids.append(i)
-                starts.append(a)
-                ends.append(b)
-            at = b
-        return ids, starts, ends
+    def _encode_run(self, run: list[tuple[str, bool]], ids: list[int], mask: list[bool], ends: list[int]) -> None:
+        """Append the pieces of `run` encoded as one ordinary text (tokens merge across piece boundaries
+        as in the whole string), masked where an assistant wrote them; `ends` gets the index of the token
+        after each assistant piece. Empties `run`."""
+        parts = [self.encode(t) if t else [] for t, _ in run]
+        whole = self.encode("".join(t for t, _ in run))
+        if [i for p in parts for i in p] != whole:  # a token spans a boundary: place tokens by their offsets
+            parts = self._split_at_pieces(run)
+        for p, (_, assistant) in zip(parts, run, strict=True):
+            ids += p
+            mask += [assistant] * len(p)
+            if assistant:
+                ends.append(len(ids))
+        run.clear()
+
+    def _split_at_pieces(self, run: list[tuple[str, bool]]) -> list[list[int]]:
+        """The run's ids shared out to its pieces: a token goes to an assistant piece it overlaps, else to
+        the piece it starts in."""
+        ids, starts = self._encode_spans("".join(t for t, _ in run))
+        stops = [*starts[1:], sum(len(t) for t, _ in run)]
+        bounds, at = [], 0
+        for t, _ in run:
+            bounds.append((at, at + len(t)))
+            at += len(t)
+        parts = [[] for _ in run]
+        for i, s, e in zip(ids, starts, stops, strict=True):
+            owner = next((k for k, (a, b) in enumerate(bounds) if run[k][1] and s < b and e > a), None)
+            owner = (
+                owner if owner is not None else next(k for k, (a, b) in enumerate(bounds) if s < b or k == len(run) - 1)
+            )
+            parts[owner].append(i)
+        return parts
 
     def _encode_rewritten(self, messages: list[dict], text: str) -> tuple[list[int], list[bool]]:
         """For a template that rewrites contents beyond trimming (cuts a reasoning block, say): the text
@@ -215,7 +238,12 @@ class BaseTokenizer:
                     f"{self.template.origin}: message {n} holds the special token {m['content'][a:b]!r}, and this "
                     "template rewrites message contents, so it cannot be kept as text; remove it"
                 )
-        ids, starts, _ = self._encode_cut(text, self._specials_in(text))
+        ids, starts, at = [], [], 0  # ordinary runs between the text's special tokens, with start offsets
+        for a, b, i in [*self._specials_in(text), (len(text), len(text), None)]:
+            run, run_starts = self._encode_spans(text[at:a]) if a > at else ([], [])
+            ids += run if i is None else [*run, i]
+            starts += [at + s for s in run_starts] + ([] if i is None else [a])
+            at = b
         mask = [False] * len(ids)
         for n, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -229,13 +257,13 @@ class BaseTokenizer:
                     break
         return ids, mask
 
-    def _specials_in(self, text: str) -> list[tuple[int, int, int]]:
-        """(start, end, id) of each special token's text in `text`, leftmost and longest first."""
-        present = [t for t in self.special_tokens if t in text]
-        if not present:
+    def _specials_in(self, text: str, present: list[str] | None = None) -> list[tuple[int, int, int]]:
+        """(start, end, id) of each special token's text in `text`, leftmost and longest first (among
+        `present`, when the caller has narrowed the candidates down)."""
+        found = tuple(t for t in (self.special_tokens if present is None else present) if t in text)
+        if not found:
             return []
-        pattern = re.compile("|".join(re.escape(t) for t in sorted(present, key=len, reverse=True)))
-        return [(m.start(), m.end(), self.special_tokens[m.group()]) for m in pattern.finditer(text)]
+        return [(m.start(), m.end(), self.special_tokens[m.group()]) for m in _alternation(found).finditer(text)]
 
     # ---- folders -----------------------------------------------------------------------------------------
     def _meta(self, backend: str) -> dict:
@@ -288,37 +316,42 @@ def check_messages(messages: Any) -> None:
             raise ValueError(f"message {i}: need a role and a string content, got {m!r}")
 
 
+@lru_cache(maxsize=256)
+def _alternation(tokens: tuple[str, ...]) -> re.Pattern:
+    """A regex matching any of `tokens`, the longest first where one is a prefix of another."""
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
 _MARK = "\ue000{}\ue001"  # private-use characters no template trims or writes: "content i goes here"
 
 
 def content_layout(
     template: ChatTemplate, messages: list[dict], add_generation_prompt: bool, text: str
-) -> tuple[list[tuple[str, bool]], list[tuple[int, int]]] | None:
-    """`text` (the rendered conversation) cut into (piece, is_content) pieces, with the (start, end) of
-    each assistant content, found by rendering placeholders instead of the contents. None when `text`
-    is not that rendering with each content, or its trimmed form, put back: the template rewrites them."""
+) -> list[tuple[str, str]] | None:
+    """`text` (the rendered conversation) cut into (piece, kind) pieces, kind "template", "content" or
+    "assistant" (an assistant's content), found by rendering placeholders instead of the contents. None
+    when `text` is not that rendering with each content, or its trimmed form, put back: the template
+    rewrites contents."""
     marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
     try:
         skeleton = re.split("\ue000(\\d+)\ue001", template.render(marked, add_generation_prompt))
     except TemplateError:
         return None
-    pieces, spans, at = [], [], 0
+    pieces, at = [], 0
     for k, part in enumerate(skeleton):
         if k % 2 == 0:  # template text
             if not text.startswith(part, at):
                 return None
-            pieces.append((part, False))
+            pieces.append((part, "template"))
         else:  # message int(part)'s content, as the template left it
             m, follow = messages[int(part)], skeleton[k + 1]
             s = m["content"]
             part = next((c for c in (s, s.strip(), s.lstrip(), s.rstrip()) if text.startswith(c + follow, at)), None)
             if part is None:
                 return None
-            if m["role"] == "assistant":  # an empty reply still ends with its end-of-turn token
-                spans.append((at, at + len(part)))
-            pieces.append((part, True))
+            pieces.append((part, "assistant" if m["role"] == "assistant" else "content"))
         at += len(part)
-    return (pieces, spans) if at == len(text) else None
+    return pieces if at == len(text) else None
 
 
 class StreamDecoder:
