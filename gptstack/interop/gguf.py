@@ -51,7 +51,7 @@ FILE_TYPES = {
     "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0,
 }  # fmt: skip
 # config fields that change no computation at inference, so a file need not carry them
-NOT_IN_FILE = ("dropout", "moe_aux_loss_coef", "moe_z_loss_coef", "n_expert_active", "attn_window")
+NOT_IN_FILE = ("dropout", "moe_aux_loss_coef", "moe_z_loss_coef", "n_expert_active")
 
 
 class GGUFError(ValueError):
@@ -421,7 +421,11 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, type: str = "f16") 
     if name == "llama" and cfg.bias:
         raise GGUFError(f"{path}: llama-family GGUF files have no MLP or output-projection biases")
     tensors = file_tensors(model, ARCHS[name])
-    meta = {**arch_metadata(cfg, name), **_vocab(tokenizer_to_gguf(tokenizer), cfg.vocab_size)}
+    try:
+        vocab = _vocab(tokenizer_to_gguf(tokenizer), cfg.vocab_size)
+    except ValueError as e:  # TokenizerError: a vocabulary GGUF cannot describe yet
+        raise GGUFError(f"{path}: {e}") from None
+    meta = {**arch_metadata(cfg, name), **vocab}
     _check_representable(cfg, meta, {n: a.shape for n, a in tensors.items()}, path)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -475,7 +479,9 @@ def _vocab(meta: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     unused ids become `[PADi]` of type UNUSED (5), as llama.cpp's converter pads."""
     tokens = list(meta.get("tokenizer.ggml.tokens", []))
     pad = vocab_size - len(tokens)
-    if pad <= 0:
+    if pad < 0:
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens, more than the model's {vocab_size} embeddings")
+    if pad == 0:
         return meta
     meta = dict(meta)
     meta["tokenizer.ggml.tokens"] = tokens + [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
@@ -528,8 +534,10 @@ def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
     first element's type (strings, int32 token types, float32 scores)."""
     if isinstance(value, bool):
         writer.add_bool(key, value)
+    elif isinstance(value, int) and 0 <= value < 2**32:
+        writer.add_uint32(key, value)
     elif isinstance(value, int):
-        writer.add_uint32(key, value) if 0 <= value < 2**32 else writer.add_int64(key, value)
+        writer.add_int64(key, value)
     elif isinstance(value, float):
         writer.add_float32(key, value)
     elif isinstance(value, str):
