@@ -22,6 +22,8 @@ def read_json(path: str | Path, error: type[Exception] = ValueError, what: str =
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply") from None
 
 
 def iter_jsonl(
@@ -40,6 +42,8 @@ def iter_jsonl(
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:  # a hostile `[[[[…` line: an error naming it, not a traceback
+                raise error(f"{path}:{n}: JSON nested too deeply") from None
             if objects and not isinstance(row, dict):
                 raise error(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             yield f"{path}:{n}", row

@@ -374,3 +374,15 @@ def test_prepare_removes_only_the_stale_files_its_ledger_names(tmp_path):
     prepare(PrepareConfig(out=str(out), inputs=[str(d)], **PREPARE), LocalExecutor(1), progress=False)
     names = sorted(p.name for p in out.iterdir())  # train-000007 and documents.jsonl were ours: gone
     assert names == ["manifest.json", "tokenizer", "train-000000.bin", "val-000000.bin", "val-000003.bin.keep"]
+
+
+def test_a_deeply_nested_line_in_post_training_data_is_one_clear_error(tmp_path):
+    from gptstack.files import iter_jsonl, read_json
+
+    bomb = "[" * 200_000 + "]" * 200_000
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "a"}\n' + bomb + "\n")
+    (tmp_path / "one.json").write_text(bomb)
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: JSON nested too deeply"):
+        list(iter_jsonl(tmp_path / "rows.jsonl"))
+    with pytest.raises(ValueError, match=r"one\.json: JSON nested too deeply"):
+        read_json(tmp_path / "one.json")
