@@ -151,7 +151,8 @@ class BaseTokenizer:
                 raise TokenizerError(f"tokenizer {self.name!r} lacks the built-in template's chat tokens {missing}")
             return ChatTemplate(BUILTIN_TEMPLATE, origin="the built-in chat template")
         texts = {v: k for k, v in {**self.info.user_tokens, **self.special_tokens}.items()}
-        bos, eos, pad, unk = (texts.get(i) for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id))
+        named = (self.bos_id, self.eos_id, self.pad_id, self.unk_id)  # an ordinary token's text when not special
+        bos, eos, pad, unk = (texts.get(i) or (self.decode([i]) if i is not None else None) for i in named)
         return ChatTemplate(source, bos, eos, pad_token=pad, unk_token=unk, origin=self.info.template_origin)
 
     def _chat(self) -> ChatTemplate:

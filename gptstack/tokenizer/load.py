@@ -268,11 +268,13 @@ def tokenizer_from_gguf(meta: dict[str, Any], backend: str | None = None, origin
     if len(types) != len(tokens):
         raise TokenizerError(f"{origin}: {len(types)} token types for {len(tokens)} tokens")
     of = lambda *kinds: {t: i for i, (t, ty) in enumerate(zip(tokens, types, strict=True)) if ty in kinds}  # noqa: E731
-    ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown")]
+    ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown", "eot", "eom")]
+    ids = [i if isinstance(i, int) and 0 <= i < len(tokens) else None for i in ids]  # an id out of range: none
     add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")  # llama.cpp's default for SentencePiece
     template = meta.get("tokenizer.chat_template")
-    info = ModelTokens(*ids, bool(add_bos), template if isinstance(template, str) else None,
-                       f"tokenizer.chat_template of {origin}", (), of(USER_DEFINED))  # fmt: skip
+    stops = tuple(i for i in ids[4:] if i is not None)  # end of turn / of message, where a file names them
+    info = ModelTokens(*ids[:4], bool(add_bos), template if isinstance(template, str) else None,
+                       f"tokenizer.chat_template of {origin}", stops, of(USER_DEFINED))  # fmt: skip
     name = str(meta.get("general.basename") or meta.get("general.name") or Path(origin).stem)
     if kind == "gpt2":
         pre = meta.get("tokenizer.ggml.pre", "default")
@@ -360,7 +362,9 @@ def tokenizer_to_gguf(tok: BaseTokenizer) -> dict[str, Any]:
             "tokenizer.ggml.merges": merges_from_ranks(tok.ranks),
             "tokenizer.ggml.add_bos_token": bool(tok.bos_prefix),
             "tokenizer.ggml.eos_token_id": tok.eot_id}  # fmt: skip
-    for key, i in (("bos", tok.bos_id), ("padding", tok.pad_id), ("unknown", tok.unk_id)):
+    bos = tok.eot_id if tok.bos_id is None else tok.bos_id  # as GPT-2 (llama.cpp would otherwise assume id 11)
+    eot = tok.end_of_turn_id if tok.end_of_turn_id != tok.eot_id else None  # llama.cpp stops there too
+    for key, i in (("bos", bos), ("padding", tok.pad_id), ("unknown", tok.unk_id), ("eot", eot)):
         if i is not None:
             meta[f"tokenizer.ggml.{key}_token_id"] = i
     if tok.chat_template is not None:
