@@ -170,8 +170,8 @@ def moderation(root: Path) -> dict:
 
     unsafe = [p for r in held if r.get("categories") for p in padded(r["text"])]
     safe = [p for r in held if not r.get("categories") for p in padded(r["text"])] + [filler() for _ in range(60)]
-    blocked_whole = lambda texts: sum((mod.scores([t])[0] >= mod.thresholds).any() for t in texts)  # noqa: E731
-    blocked_windows = lambda texts: sum(v.flagged for v in mod(texts))  # noqa: E731
+    blocked_whole = lambda texts: int(sum((mod.scores([t])[0] >= mod.thresholds).any() for t in texts))  # noqa: E731
+    blocked_windows = lambda texts: int(sum(v.flagged for v in mod(texts)))  # noqa: E731
     return {
         "unsafe": len(unsafe), "safe": len(safe),
         "caught_whole": blocked_whole(unsafe), "caught_windows": blocked_windows(unsafe),
