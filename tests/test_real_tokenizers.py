@@ -344,6 +344,38 @@ def test_hf_folders_import_with_their_config(model, request, tmp_path):
     assert get_tokenizer(tmp_path).encode(TORTURE[0]) == tok.encode(TORTURE[0])  # HF's tokenizer.json in a folder
 
 
+LLAMA3_SPLIT = (  # Llama 3's tokenizer.json pre-tokenizer regex
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+
+@pytest.mark.parametrize("nfc", [False, True], ids=["llama3-split", "qwen2-style-nfc"])
+def test_byte_level_tokenizer_json_with_a_split_regex_maps_onto_tiktoken(corpus, tmp_path, nfc):
+    """A byte-level BPE tokenizer.json in Llama 3's shape (Split(regex) + ByteLevel, special tokens, and
+    for Qwen2 an NFC normalizer), trained here by HF tokenizers, encodes on tiktoken exactly as HF does."""
+    pre = tokenizers.pre_tokenizers
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.normalizer = tokenizers.normalizers.NFC() if nfc else None
+    hf.pre_tokenizer = pre.Sequence([pre.Split(tokenizers.Regex(LLAMA3_SPLIT), "isolated"),
+                                     pre.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    special = ["<|begin_of_text|>", "<|eot_id|>"]
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=3000, initial_alphabet=pre.ByteLevel.alphabet(), special_tokens=special, show_progress=False
+    )
+    hf.train_from_iterator([corpus[0][:300_000]], trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
+    )
+    tok = tokenizer_from_hf(tmp_path)
+    assert isinstance(tok, Tokenizer) and tok.normalize == ("NFC" if nfc else None)
+    texts = [corpus[0][300_000:500_000], corpus[1][:100_000], *TORTURE, "cafe\u0301 A\u030a"]
+    assert_same_ids(tok.encode_batch(texts), [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)], texts)
+    assert tok.encode("<|eot_id|>", allow_special=True) == [tok.eos_id] == [hf.token_to_id("<|eot_id|>")]
+
+
 def test_unsupported_tokenizers_fail_clearly(smol, tmp_path):
     for model in (tokenizers.models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"),
                   tokenizers.models.Unigram([("a", -1.0), ("<unk>", -2.0)], 1)):  # fmt: skip
