@@ -13,6 +13,7 @@ on small files written here with gguf.GGUFWriter.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from conftest import scramble, shared_file
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
+import gptstack.model
 from gptstack.checkpoint import load_model, save_checkpoint
 from gptstack.cli import main
 from gptstack.config import get_preset
@@ -32,7 +34,7 @@ from gptstack.infer.sampling import SamplingParams
 from gptstack.interop import gguf
 from gptstack.interop.gguf import GGUFError
 from gptstack.model import build_model
-from gptstack.tokenizer import get_tokenizer, tokenizer_from_gguf
+from gptstack.tokenizer import get_tokenizer, tokenizer_from_gguf, train_bpe
 from gptstack.transforms.quantize import QuantizedEmbedding, QuantizedLinear, TiedHead
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers reads only the local files
@@ -188,8 +190,14 @@ def exported(model, tmp_path: Path, qtype: str):
     return meta, gguf.gguf_model(meta, tensors, where=str(path))
 
 
+@functools.cache
+def bpe():
+    """A byte-level BPE with merges (llama.cpp's gpt2 vocabularies need them), trained on gptstack's model file."""
+    return train_bpe([Path(gptstack.model.__file__).read_text()], 320, pattern="gpt2")
+
+
 def small(preset: str, **overrides):
-    tok = get_tokenizer("bytes")
+    tok = bpe()
     model = scramble(build_model(get_preset(preset, vocab_size=tok.n_vocab, **overrides), seed=0)).eval()
     model.tokenizer = tok
     return model
@@ -236,13 +244,15 @@ def test_transformers_reads_our_export(tmp_path, preset):
 def test_export_refuses_what_the_format_cannot_say(tmp_path):
     for overrides, field in [(dict(attn_pattern="dense,local"), "attn_pattern"), (dict(qk_norm=True), "qk_norm")]:
         with pytest.raises(GGUFError, match=field):
-            gguf.write_gguf(small("tiny-llama", **overrides), get_tokenizer("bytes"), tmp_path / "x.gguf")
+            gguf.write_gguf(small("tiny-llama", **overrides), bpe(), tmp_path / "x.gguf")
     with pytest.raises(GGUFError, match="biases"):
-        gguf.write_gguf(small("tiny-llama", bias=True), get_tokenizer("bytes"), tmp_path / "x.gguf")
+        gguf.write_gguf(small("tiny-llama", bias=True), bpe(), tmp_path / "x.gguf")
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     with pytest.raises(GGUFError, match="not a GGUF file; refusing"):
-        gguf.write_gguf(small("tiny"), get_tokenizer("bytes"), notes)
+        gguf.write_gguf(small("tiny"), bpe(), notes)
+    with pytest.raises(GGUFError, match=r"tokenizer\.ggml\.merges would be an empty list"):
+        gguf.write_gguf(small("tiny"), get_tokenizer("bytes"), tmp_path / "bytes.gguf")
     assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 

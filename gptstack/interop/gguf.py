@@ -426,6 +426,9 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, type: str = "f16") 
     except ValueError as e:  # TokenizerError: a vocabulary GGUF cannot describe yet
         raise GGUFError(f"{path}: {e}") from None
     meta = {**arch_metadata(cfg, name), **vocab}
+    empty = [k for k, v in meta.items() if isinstance(v, (list, tuple)) and not v]
+    if empty:  # e.g. a byte-level vocabulary without merges: llama.cpp needs the key, the writer stores no []
+        raise GGUFError(f"{path}: metadata {empty[0]} would be an empty list, which a GGUF file cannot hold")
     _check_representable(cfg, meta, {n: a.shape for n, a in tensors.items()}, path)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
     path.parent.mkdir(parents=True, exist_ok=True)
