@@ -10,16 +10,18 @@ tokens, against the server's max_jobs and max_prompt_tokens (400); routing and t
 template too) run off the event loop, which only ever does a few milliseconds of work per request.
 
 A Completion's life:
-1. every input message or prompt moderated (400 when one is blocked);
-2. a cached answer, if the cache has one for this API key, served under a new id (JSON or a replayed
+1. the rate-limit budget taken first, so that a key's limits gate all the work after: 1 request, and
+   prompt tokens + every choice's max_tokens (429 when the key has none left);
+2. every input message or prompt moderated (400 when one is blocked);
+3. a cached answer, if the cache has one for this API key, served under a new id (JSON or a replayed
    stream);
-3. 503 at once when the model's queue has no room for all of its engine requests; then the rate-limit
-   budget taken up front: prompt tokens + every choice's max_tokens (429 when the key has none left);
-4. one engine request per Choice, that is per (prompt, sample of n), submitted together;
-4. the outputs, gathered into one JSON answer or sent as server-sent events as they come. Each choice's
+4. 503 when the model's queue has no room for all of its engine requests (nothing of it is queued);
+   after 2, 3 or 4 the tokens go back (the request still counts);
+5. one engine request per Choice, that is per (prompt, sample of n), submitted together;
+6. the outputs, gathered into one JSON answer or sent as server-sent events as they come. Each choice's
    text is moderated every `moderation_every` characters and at the end; a blocked choice ends with
    finish_reason "content_filter" (withheld whole from a JSON answer, cut at the check in a stream);
-5. at the end, or as soon as the client goes away (status 499; its engine requests are aborted, which
+7. at the end, or as soon as the client goes away (status 499; its engine requests are aborted, which
    frees their KV blocks): the unused budget goes back, the usage line is written, the response is kept
    for feedback and, when the request is deterministic, cached.
 
@@ -361,11 +363,16 @@ class Completion:
             self.headers["x-gptstack-routed-to"] = runner.name
 
     async def respond(self, request: Request) -> Response:
-        self.record["input_flags"] = await asyncio.to_thread(self.server.check_input, self.inputs)
-        if self.cache_key is not None and (hit := await self.server.cache.get(self.cache_key)) is not None:
-            return self._replay(hit)
-        self.server.check_room(self.runner, len(self.choices))
         self.server.admit(self.key, self.budget)
+        try:
+            self.record["input_flags"] = await asyncio.to_thread(self.server.check_input, self.inputs)
+            if self.cache_key is not None and (hit := await self.server.cache.get(self.cache_key)) is not None:
+                self.server.limiter.refund(self.key, self.budget)
+                return self._replay(hit)
+            self.server.check_room(self.runner, len(self.choices))
+        except APIError:
+            self.server.limiter.refund(self.key, self.budget)
+            raise
         self.start = time.perf_counter()
         streams = await self._submit()
         if self.body.stream:
