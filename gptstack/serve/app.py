@@ -122,6 +122,7 @@ async def moderations(server: ServerDep, key: KeyDep, body: ModerationBody):
     if server.moderator is None:
         message = "moderation is not configured: start the server with --moderation DIR "
         raise APIError(400, message + "(train one with `gptstack moderation train`)", param="model")
+    server.admit(key, 0)  # a request against the key's rpm: moderating a megabyte is seconds of CPU
     texts = [body.input] if isinstance(body.input, str) else body.input
     verdicts = await asyncio.to_thread(server.moderator, texts)
     results = [
