@@ -310,7 +310,7 @@ def chat_completion(server: Server, body: ChatRequest, key: ApiKey | None) -> Co
     semantic = ({**raw, "messages": messages[:-1]}, users[-1]) if messages[-1]["role"] == "user" else None
     cache_key = server.cache.key(name, raw, semantic, server.cache_scope(key))
     record = {"endpoint": "chat", "messages": messages}
-    inputs = [m["content"] for m in messages]
+    inputs = [m["content"] for m in messages if m["content"].strip()]
     return Completion(
         server, runner, ChatRenderer(runner.tokenizer), body, choices, record, key, score, inputs, cache_key
     )
