@@ -210,7 +210,7 @@ def _entries(folder: Path, prefix: str = "") -> list[str]:
 
 def _remove_written(old: Path, ours: set[str]) -> None:
     """Delete the files of `old` that are in `ours`, then its emptied folders; anything else stays."""
-    for rel in sorted(_entries(old), key=lambda r: -r.count("/")):  # deepest first
+    for rel in sorted(_entries(old), key=lambda r: (-r.count("/"), r == "config.json")):  # deepest, config last
         p = old / rel
         if p.is_dir() and not p.is_symlink():
             with contextlib.suppress(OSError):  # not empty: it holds something we did not write
@@ -219,6 +219,15 @@ def _remove_written(old: Path, ours: set[str]) -> None:
             p.unlink()
     with contextlib.suppress(OSError):
         old.rmdir()
+
+
+def remove_checkpoint(folder: str | Path) -> None:
+    """Delete a checkpoint folder: the files its config.json says we wrote (config.json last, so a kill
+    half way leaves a folder this can finish), then its emptied folders. A file someone else put there
+    stays, and so does the folder holding it; a folder that is not our checkpoint is left alone."""
+    ours = _written_files(Path(folder))
+    if ours is not None:
+        _remove_written(Path(folder), ours)
 
 
 def sha256(path: Path) -> str:

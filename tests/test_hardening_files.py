@@ -386,3 +386,24 @@ def test_a_deeply_nested_line_in_post_training_data_is_one_clear_error(tmp_path)
         list(iter_jsonl(tmp_path / "rows.jsonl"))
     with pytest.raises(ValueError, match=r"one\.json: JSON nested too deeply"):
         read_json(tmp_path / "one.json")
+
+
+def test_pruning_checkpoints_deletes_only_what_they_wrote(tmp_path):
+    from gptstack.checkpoint import remove_checkpoint
+    from gptstack.train.loop import clear_interrupted, discard_checkpoints
+
+    root = tmp_path / "checkpoints"
+    old = save_checkpoint(build_model(TINY, seed=0), root / "step-000001", tokenizer="bytes")
+    (old / "notes.txt").write_text("mine")  # a user's file inside a checkpoint that a run prunes
+    done = save_checkpoint(build_model(TINY, seed=0), root / "step-000002", tokenizer="bytes")
+    discard_checkpoints([old, done])
+    assert not (root / "step-000001").exists() and not (root / "step-000002").exists()
+    assert not (root / ".pruned-step-000002").exists()  # nothing of anyone else's: gone entirely
+    assert sorted(p.name for p in (root / ".pruned-step-000001").iterdir()) == ["notes.txt"]
+    clear_interrupted(root)  # the next run's clean-up keeps it too
+    assert (root / ".pruned-step-000001" / "notes.txt").read_text() == "mine"
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "model.safetensors").write_text("not ours")
+    remove_checkpoint(stranger)  # no config.json of ours: left alone
+    assert (stranger / "model.safetensors").exists()

@@ -40,7 +40,7 @@ from gptstack.checkpoint import (
 from gptstack.files import iter_jsonl
 from gptstack.model import GPT
 from gptstack.report import write_section
-from gptstack.train.loop import TrainingError, discard_checkpoints
+from gptstack.train.loop import TrainingError, clear_interrupted, discard_checkpoints
 from gptstack.train.metrics import MetricsLog, read_metrics
 from gptstack.train.optim import build_adamw, lr_at, param_groups
 from gptstack.transforms.lora import (
@@ -393,8 +393,7 @@ class StageRun:
     def _open(self) -> None:
         """Restore the checkpoint's state, or start clean; then open the log."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for junk in self.root.glob(".tmp-step-*"):  # a save or prune killed half way
-            shutil.rmtree(junk, ignore_errors=True)
+        clear_interrupted(self.root)  # a save or prune killed half way
         if self.state is not None:
             self._restore(self.state)
         else:

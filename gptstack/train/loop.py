@@ -370,8 +370,7 @@ class Trainer:
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)
-            for junk in self.ckpt_dir.glob(".tmp-step-*"):  # a save killed half way: never a step-* name
-                shutil.rmtree(junk, ignore_errors=True)
+            clear_interrupted(self.ckpt_dir)
             atomic_write(self.out / "train_config.json", json.dumps(self.cfg.to_dict(), indent=2).encode())
             self._announce()
         distributed.barrier()
@@ -433,13 +432,23 @@ class Trainer:
         }
 
 
+def clear_interrupted(root: Path) -> None:
+    """Finish what a killed run left in a checkpoints folder: a save's .tmp-step-* folder (written by the
+    save alone, so removed whole) and a prune's .pruned-step-* one (only the files we wrote)."""
+    for junk in root.glob(".tmp-step-*"):
+        shutil.rmtree(junk, ignore_errors=True)
+    for junk in root.glob(".pruned-step-*"):
+        checkpoint.remove_checkpoint(junk)
+
+
 def discard_checkpoints(folders: list[Path]) -> None:
-    """Delete checkpoint folders, each renamed to a .tmp-* name first: a kill mid-delete never leaves a
-    half-deleted step-* folder behind (and the next run's clean-up removes the .tmp-* one)."""
+    """Delete checkpoint folders, each renamed to a .pruned-* name first: a kill mid-delete never leaves a
+    half-deleted step-* folder behind (the next run's clean-up finishes it). Only the files a checkpoint
+    says we wrote are deleted (checkpoint.remove_checkpoint): a user's file inside one stays."""
     for old in folders:
-        trash = old.with_name(f".tmp-{old.name}-pruned")
+        trash = old.with_name(f".pruned-{old.name}")
         os.rename(old, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        checkpoint.remove_checkpoint(trash)
 
 
 def precision(
