@@ -77,10 +77,12 @@ def smol(smol_file):
 
 @pytest.fixture(scope="module")
 def hf_smol(smol_file):
+    """transformers' own GGUF loader (it undoes llama.cpp's q/k interleaving itself), in fp32."""
     transformers = pytest.importorskip("transformers")
-    load = dict(gguf_file=smol_file.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(smol_file.parent, dtype=torch.float32, **load)
-    return model.eval(), transformers.AutoTokenizer.from_pretrained(smol_file.parent, **load)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smol_file.parent, gguf_file=smol_file.name, dtype=torch.float32
+    )
+    return model.eval()
 
 
 # --- small files written here ----------------------------------------------------------------------------
@@ -280,18 +282,18 @@ def nbytes(model) -> int:
 @pytest.mark.slow
 def test_smollm2_logits_equal_transformers_gguf_loader(smol, hf_smol):
     meta, _, ours, _ = smol
-    hf, tok = hf_smol
+    tok = tokenizer_from_gguf(meta)  # the file's own tokenizer (tests/test_real_tokenizers.py holds it to HF's)
     assert meta["general.architecture"] == "llama" and ours.config.n_kv_head == 3 and ours.config.tie_embeddings
     for prompt in PROMPTS:
         ids = torch.tensor([tok.encode(prompt)])
         with torch.no_grad():
-            torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+            torch.testing.assert_close(ours(ids), hf_smol(ids).logits, atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
 def test_smollm2_greedy_64_tokens_equal_transformers(smol, hf_smol):
-    _, _, ours, _ = smol
-    hf, tok = hf_smol
+    meta, _, ours, _ = smol
+    hf, tok = hf_smol, tokenizer_from_gguf(meta)
     prompt = tok.encode(PROMPTS[2])  # a prompt whose greedy continuation runs 64 tokens without <|im_end|>
     mine = list(generate(ours, prompt, SamplingParams(temperature=0.0, max_tokens=64), stop_tokens=frozenset({2})))
     with torch.no_grad():
