@@ -20,7 +20,7 @@ def read_json(path: str | Path, error: type[Exception] = ValueError, what: str =
         raise error(f"{what} {path} does not exist")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # not JSON, not UTF-8, or an integer over Python's 4,300-digit limit
         raise error(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
     except RecursionError:
         raise error(f"{path}: JSON nested too deeply") from None
@@ -34,14 +34,14 @@ def iter_jsonl(
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                row = json.loads(line)  # bytes: UTF-8 (or -16/-32 by its first bytes), decoded by json
+            except ValueError as e:  # not JSON, not UTF-8, or an integer over Python's 4,300-digit limit
+                raise error(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})") from None
             except RecursionError:  # a hostile `[[[[…` line: an error naming it, not a traceback
                 raise error(f"{path}:{n}: JSON nested too deeply") from None
             if objects and not isinstance(row, dict):

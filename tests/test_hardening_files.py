@@ -386,6 +386,12 @@ def test_a_deeply_nested_line_in_post_training_data_is_one_clear_error(tmp_path)
         list(iter_jsonl(tmp_path / "rows.jsonl"))
     with pytest.raises(ValueError, match=r"one\.json: JSON nested too deeply"):
         read_json(tmp_path / "one.json")
+    (tmp_path / "rows.jsonl").write_bytes(b'{"prompt": "a"}\n{"n": ' + b"1" * 5000 + b'}\n{"prompt": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: not valid JSON \(Exceeds the limit"):  # 4,300 digits
+        list(iter_jsonl(tmp_path / "rows.jsonl"))
+    (tmp_path / "rows.jsonl").write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: not valid JSON \(.*can't decode byte 0xff"):
+        list(iter_jsonl(tmp_path / "rows.jsonl"))
 
 
 def test_pruning_checkpoints_deletes_only_what_they_wrote(tmp_path):

@@ -187,6 +187,17 @@ def test_a_step_folder_of_another_kind_is_never_removed(inputs, tmp_path):
     assert (foreign / "model.safetensors").is_file()
 
 
+def test_a_clean_rerun_removes_only_the_adapter_files_it_wrote(inputs, tmp_path):
+    """An earlier LoRA run's adapter is not the new run's and goes, but only its two files: a user's
+    file in adapter/ stays (the folder used to be deleted whole)."""
+    run_stage("sft-lora", inputs, tmp_path, max_steps=2)
+    adapter = tmp_path / "sft" / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    (adapter / "notes.txt").write_text("mine")
+    run_stage("sft", inputs, tmp_path, max_steps=2)  # no LoRA this time
+    assert sorted(p.name for p in adapter.iterdir()) == ["notes.txt"]
+
+
 # ---- SIGKILL -------------------------------------------------------------------------------------------
 
 

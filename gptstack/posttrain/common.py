@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from collections import Counter
@@ -49,6 +48,7 @@ from gptstack.transforms.lora import (
     apply_lora,
     has_lora,
     merged_state_dict,
+    remove_adapter,
     save_adapter,
 )
 
@@ -398,8 +398,7 @@ class StageRun:
             self._restore(self.state)
         else:
             discard_checkpoints(self.existing)
-            if (self.root / "adapter" / "adapter_config.json").is_file():
-                shutil.rmtree(self.root / "adapter")
+            remove_adapter(self.root / "adapter")  # only its files: anything else in adapter/ stays
         self.log = RunLog(self.root, self.step if self.state is not None else None)
 
     def _restore(self, s: dict) -> None:

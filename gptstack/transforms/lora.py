@@ -9,6 +9,7 @@ format. Adapters save alone (`adapter.safetensors` + `adapter_config.json`, kilo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -126,12 +127,25 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
+ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json")  # what save_adapter writes
+
+
 def save_adapter(model: nn.Module, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model), folder / "adapter.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps(asdict(model.lora_config), indent=2))
+    save_file(adapter_state_dict(model), folder / ADAPTER_FILES[0])
+    (folder / ADAPTER_FILES[1]).write_text(json.dumps(asdict(model.lora_config), indent=2))
     return folder
+
+
+def remove_adapter(folder: str | Path) -> None:
+    """Delete a saved adapter: the files save_adapter writes, then the folder if nothing else is in it
+    (a file someone else put there stays)."""
+    folder = Path(folder)
+    for name in ADAPTER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # missing, or not empty
+        folder.rmdir()
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
