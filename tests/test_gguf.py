@@ -243,6 +243,22 @@ def test_transformers_reads_our_export(tmp_path, preset):
         torch.testing.assert_close(hf.eval()(ids).logits, model(ids), atol=1e-5, rtol=0)
 
 
+def test_qwen2_files_import_as_transformers_reads_them(tmp_path):
+    """The qwen2 table (q/k/v biases, no q/k interleaving) on a file written here: it reads back as the
+    same model, and transformers' qwen2 GGUF loader computes its logits."""
+    transformers = pytest.importorskip("transformers")
+    model = small("tiny-llama", qkv_bias=True, tie_embeddings=True, rope_theta=1e6)
+    path = gguf.write_gguf(model, model.tokenizer, tmp_path / "q.gguf", "f32")  # q/k/v biases alone: qwen2
+    back = gguf.load_gguf(path)
+    assert back.config == model.config and gguf.read_gguf_metadata(path)["general.architecture"] == "qwen2"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    ids = torch.tensor([[1, 5, 7, 100, 3, 64, 200]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), atol=0, rtol=0)
+        torch.testing.assert_close(hf.eval()(ids).logits, model(ids), atol=1e-5, rtol=0)
+
+
 def test_export_refuses_what_the_format_cannot_say(tmp_path):
     for overrides, field in [(dict(attn_pattern="dense,local"), "attn_pattern"), (dict(qk_norm=True), "qk_norm")]:
         with pytest.raises(GGUFError, match=field):

@@ -403,10 +403,12 @@ def load_gguf(
 # --- writing --------------------------------------------------------------------------------------------
 
 
-def write_gguf(model: GPT, tokenizer: Any, path: str | Path, type: str = "f16") -> Path:
+def write_gguf(model: GPT, tokenizer: Any, path: str | Path, type: str = "f16", arch: str | None = None) -> Path:
     """Write a llama- or gpt2-family model as a GGUF file llama.cpp loads: 2-D weights in `type`
     (f32, f16, q8_0, q4_0; rows not a multiple of 32 fall back to f16 as llama.cpp's converter does),
-    norms and biases in f32, tokenizer metadata from `tokenizer`. Written beside `path` and renamed."""
+    norms and biases in f32, tokenizer metadata from `tokenizer`. Written beside `path` and renamed.
+    `arch`: the file's architecture (default: gpt2 for learned positions, qwen2 for q/k/v biases alone,
+    else llama); whatever it cannot describe is refused."""
     path = Path(path)
     if type not in EXPORT_TYPES:
         raise GGUFError(f"{path}: unknown type {type!r} (choose from {', '.join(EXPORT_TYPES)})")
@@ -417,8 +419,10 @@ def write_gguf(model: GPT, tokenizer: Any, path: str | Path, type: str = "f16") 
     if path.is_dir() or (path.exists() and not _is_gguf(path)):
         raise GGUFError(f"{path} exists and is not a GGUF file; refusing to write over it")
     cfg = model.config
-    name = "gpt2" if cfg.pos == "learned" else "llama"
-    if name == "llama" and cfg.bias:
+    name = arch or ("gpt2" if cfg.pos == "learned" else "qwen2" if cfg.qkv_bias and not cfg.bias else "llama")
+    if name not in ARCHS:
+        raise GGUFError(f"{path}: architecture {name!r} is not one gptstack writes ({', '.join(ARCHS)})")
+    if name != "gpt2" and cfg.bias:
         raise GGUFError(f"{path}: llama-family GGUF files have no MLP or output-projection biases")
     tensors = file_tensors(model, ARCHS[name])
     try:
