@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 
 def load(path, device="cpu", tokenizer=None):
-    """Load a checkpoint folder (or run/checkpoints folder → newest step) as a GPT in eval mode.
-    The model's `.tokenizer` is the checkpoint's tokenizer when it names one (or `tokenizer`)."""
+    """Load a checkpoint folder (or run/checkpoints folder → newest step, or a llama.cpp GGUF file) as a GPT
+    in eval mode. The model's `.tokenizer` is the checkpoint's (or the file's) when it names one (or `tokenizer`)."""
     from gptstack.checkpoint import load_model
 
     return load_model(path, device=device, tokenizer=tokenizer)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from gptstack.checkpoint import check_config_memory, check_destination, load_model, save_checkpoint
+from gptstack.checkpoint import check_config_memory, check_destination, load_model, resolve_tokenizer, save_checkpoint
 from gptstack.interop.gguf import GGUFError, write_gguf
 from gptstack.interop.hf import InteropError, _transformers, from_hf_config, from_hf_model, to_hf_model
-from gptstack.tokenizer import BaseTokenizer, get_tokenizer, tokenizer_from_hf
+from gptstack.tokenizer import BaseTokenizer, tokenizer_from_hf
 
 
 def hf_import(src: str | Path, dst: str | Path, tokenizer: str | None = None) -> Path:
@@ -34,10 +34,10 @@ def hf_import(src: str | Path, dst: str | Path, tokenizer: str | None = None) ->
 
 
 def import_tokenizer(src: str | Path, spec: str | None) -> BaseTokenizer | None:
-    """`spec` when given (a name or folder, checked now: an unknown one is a TokenizerError), else the HF
-    folder's own tokenizer, or None when it has no tokenizer.json."""
+    """`spec` when given (a name, folder, checkpoint or GGUF file, checked now: an unknown one is a
+    TokenizerError), else the HF folder's own tokenizer, or None when it has no tokenizer.json."""
     if spec is not None:
-        return get_tokenizer(spec)
+        return resolve_tokenizer(spec)
     return tokenizer_from_hf(src) if (Path(src) / "tokenizer.json").is_file() else None
 
 
@@ -58,6 +58,6 @@ def gguf_import(src: str | Path, dst: str | Path, keep_quantized: bool = False) 
 
 
 def gguf_export(src: str | Path, dst: str | Path, type: str = "f16") -> Path:
-    """gptstack checkpoint (llama or gpt2 family) → a GGUF file llama.cpp loads; `type`: f32, f16, q8_0, q4_0."""
+    """gptstack checkpoint (llama, qwen2 or gpt2 family) → a GGUF file llama.cpp loads; `type`: f32, f16, q8_0, q4_0."""
     model = load_model(src)
     return write_gguf(model, model.tokenizer, dst, type)
