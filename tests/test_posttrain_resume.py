@@ -294,6 +294,19 @@ def test_a_nonfinite_step_is_skipped_and_counted(tmp_path):
     assert all_finite(tmp_path / "sft")
 
 
+def test_a_checkpoint_with_a_nonfinite_tensor_is_never_written(tmp_path):
+    """The last line of the guard: whatever the steps did, a save with an inf or NaN tensor is refused."""
+    rows = pack([encode_example(TOK, r, 96) for r in demo.sft_rows(8, seed=3)], 96, pack=False)
+    model = tiny(seed=3)
+    run = StageRun(StageConfig(out=str(tmp_path), batch_size=8, max_steps=1, lr=1e-3, progress=False), "sft", model)
+    optimize(model, rows, lambda batch: sft_loss(model, batch), run)
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_proj.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingError, match=r"refusing to save step 1: 1 tensors are not finite .*h\.1\.attn\.c_proj"):
+        run.save()
+    assert list_checkpoints(tmp_path / "sft") == []
+
+
 def test_a_nan_checkpoint_stops_with_one_clear_line_and_saves_nothing(inputs, tmp_path, capsys):
     broken = tiny()
     with torch.no_grad():
