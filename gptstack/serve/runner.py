@@ -62,7 +62,7 @@ class EngineRunner:
     def __init__(self, engine: Engine, name: str, max_waiting: int, metrics=None):
         self.engine, self.name, self.metrics, self.max_waiting = engine, name, metrics, max_waiting
         self.tokenizer = engine.tokenizer
-        self.context = engine.context  # tokens: prompt + output
+        self.context = engine.capacity  # tokens one request spans (prompt + output): the context, or a smaller pool
         self.vocab_size = engine.vocab_size  # prompt token ids lie in [0, vocab_size)
         self.n_params = sum(p.numel() for p in engine.model.parameters())
         self.inbox: deque = deque()  # event loop → engine thread
