@@ -37,9 +37,9 @@ from safetensors.torch import save_file
 
 from gptstack.config import ConfigError, ModelConfig
 from gptstack.config import load_config as load_config_spec
-from gptstack.interop.gguf import load_gguf
+from gptstack.interop.gguf import load_gguf, read_gguf_metadata
 from gptstack.model import GPT, build_model
-from gptstack.tokenizer import get_tokenizer
+from gptstack.tokenizer import BaseTokenizer, get_tokenizer, tokenizer_from_gguf
 from gptstack.transforms.quantize import GROUP_SIZE, quantize, quantized_structure
 
 FORMAT = "gptstack-checkpoint"
@@ -465,13 +465,13 @@ def load_model(
         model = load_gguf(
             path, device, keep_quantized, check=lambda c: check_config_memory(c, where=path, device=device)
         )
-        model.tokenizer = model.tokenizer if tokenizer is None else get_tokenizer(tokenizer)
+        model.tokenizer = model.tokenizer if tokenizer is None else resolve_tokenizer(tokenizer)
         _check_tokenizer(path, model.tokenizer, model.config, require_tokenizer)
         return model
     folder = resolve(path)
     cfg = load_config(folder)
     _, meta = read_meta(folder)
-    tok = load_tokenizer(folder) if tokenizer is None else get_tokenizer(tokenizer)
+    tok = load_tokenizer(folder) if tokenizer is None else resolve_tokenizer(tokenizer)
     _check_tokenizer(path, tok, cfg, require_tokenizer)
     where, quantization = folder / "config.json", meta.get("quantization")
     check_config_memory(cfg, where=where, quantization=quantization, device=device)  # before any allocation
@@ -516,6 +516,33 @@ def load_tokenizer(path: str | Path):
     return get_tokenizer(folder / ref if ref == "tokenizer" else ref)
 
 
+def resolve_tokenizer(spec: str | Path | BaseTokenizer) -> BaseTokenizer:
+    """The tokenizer `spec` names, wherever a user holds one: a stock name, a tokenizer or HF folder
+    (tokenizer.get_tokenizer), a gptstack checkpoint or run folder (the tokenizer it names), or a GGUF
+    file (its tokenizer.ggml.* metadata). A tokenizer is returned as it is. Every `--tokenizer` option
+    reads its value through this."""
+    if isinstance(spec, BaseTokenizer):
+        return spec
+    path = Path(spec)
+    if path.is_file():
+        return tokenizer_from_gguf(read_gguf_metadata(path), origin=str(path))
+    if path.is_dir() and _is_checkpoint(path):
+        tok = load_tokenizer(path)
+        if tok is None:
+            raise CheckpointError(f"{path} names no tokenizer")
+        return tok
+    return get_tokenizer(spec)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A gptstack checkpoint or run folder (an HF model folder's config.json is not ours)."""
+    try:
+        read_meta(path)
+    except CheckpointError:
+        return False
+    return True
+
+
 def load_training_state(path: str | Path) -> dict | None:
     """optimizer.pt as saved (tensors, numbers, strings, containers), loaded with weights_only=True."""
     folder = resolve(path)
@@ -532,7 +559,7 @@ def load_training_state(path: str | Path) -> dict | None:
 class InitConfig:
     model: str  # preset name or config JSON
     out: str  # checkpoint folder to write
-    tokenizer: str = "cl100k_base"  # cl100k_base | o200k_base | bytes | DIR
+    tokenizer: str = "cl100k_base"  # cl100k_base | o200k_base | bytes | a tokenizer or HF folder | CKPT | FILE.gguf
     seed: int = 0  # initialisation seed
     overrides: dict = field(default_factory=dict)  # ModelConfig fields to change (the CLI's --set key=value)
 
@@ -540,7 +567,7 @@ class InitConfig:
 def init_checkpoint(cfg: InitConfig) -> tuple[Path, int]:
     """Write a freshly initialised model whose vocabulary fits the tokenizer: (folder, parameters)."""
     check_destination(cfg.out)  # before any work: never over a folder that is not ours
-    tok = get_tokenizer(cfg.tokenizer)
+    tok = resolve_tokenizer(cfg.tokenizer)
     model_cfg = load_config_spec(cfg.model, **{"vocab_size": tok.n_vocab, **cfg.overrides})
     if model_cfg.vocab_size < tok.n_vocab:
         raise ConfigError(f"vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tok.n_vocab}")

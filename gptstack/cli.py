@@ -283,7 +283,7 @@ COMMANDS = [  # (command, function, its options)
     ("quantize", cmd_quantize, [opts(checkpoint.QuantizeConfig, positional=("checkpoint",))]),
     ("convert", cmd_convert, [arg("direction", choices=["hf-import", "hf-export", "gguf-import", "gguf-export"]),
                               arg("src"), arg("dst"),
-                              arg("--tokenizer", help="hf-import: a tokenizer name or folder, not the one in src"),
+                              arg("--tokenizer", help="hf-import: a tokenizer (name, DIR, CKPT, FILE.gguf), not src's"),
                               arg("--keep-quantized", action="store_true",
                                   help="gguf-import: store Q4_0/Q4_1/Q8_0 tensors as codes instead of fp32"),
                               arg("--type", choices=list(gguf.EXPORT_TYPES),

@@ -34,6 +34,7 @@ from typing import Literal
 import numpy as np
 from tqdm.auto import tqdm
 
+from gptstack.checkpoint import resolve_tokenizer
 from gptstack.data.audit import PrepareError, byte_audit, check_kept, warnings_for
 from gptstack.data.dedup import MinHasher, dedup_keep
 from gptstack.data.extract import extract_html
@@ -49,7 +50,6 @@ from gptstack.data.shards import (
     tokenizer_entry,
 )
 from gptstack.data.sources import Document, Skip, default_corpus, iter_documents, list_files
-from gptstack.tokenizer import get_tokenizer
 
 Doc = list[str]  # a kept document between stages: [text, source, id]
 
@@ -58,7 +58,7 @@ Doc = list[str]  # a kept document between stages: [text, source, id]
 class PrepareConfig:
     out: str  # output folder: token shards, manifest.json and the tokenizer
     inputs: list[str] = field(default_factory=list)  # files or folders (default: the Python standard library)
-    tokenizer: str = "cl100k_base"  # cl100k_base | o200k_base | bytes | a tokenizer folder
+    tokenizer: str = "cl100k_base"  # cl100k_base | o200k_base | bytes | a tokenizer or HF folder | CKPT | FILE.gguf
     text_field: str = "text"  # JSONL/Parquet field with the text
     filters: dict = field(default_factory=dict)  # overrides: {"gopher_quality": {"min_doc_words": 20}, "c4": false}
     pii: bool = True  # mask e-mail addresses, IP addresses and phone numbers
@@ -203,7 +203,7 @@ def _quality(path: str) -> QualityClassifier:
 
 def _tokenizer(spec: str):
     if ("tok", spec) not in _CACHE:
-        _CACHE[("tok", spec)] = get_tokenizer(spec)
+        _CACHE[("tok", spec)] = resolve_tokenizer(spec)
     return _CACHE[("tok", spec)]
 
 
@@ -310,7 +310,8 @@ def prepare(cfg: PrepareConfig, executor=None, progress: bool = True) -> dict:
         atomic_write(out / ledger.record("documents.jsonl"), lines.encode())
     train, val = _split(cfg, docs, tally.read)
     parts = {"train": train, "val": val}
-    splits, train_tokens = _write_splits(cfg, out, tokenizer, parts, executor, progress, tally, ledger.record)
+    spec = _worker_spec(cfg.tokenizer, tokenizer, work)
+    splits, train_tokens = _write_splits(cfg, out, tokenizer, spec, parts, executor, progress, tally, ledger.record)
     if cfg.quality_model:
         shutil.copyfile(cfg.quality_model, out / ledger.record("quality.npz"))
     ledger.record("tokenizer")
@@ -344,7 +345,7 @@ def run_prepare(cfg: PrepareConfig, workers: int | None = None, dask: str | None
 
 def _check_settings(cfg: PrepareConfig):
     """Everything that can be wrong with the settings fails before any work; returns the tokenizer."""
-    tokenizer = get_tokenizer(cfg.tokenizer)  # fail fast on a bad name
+    tokenizer = resolve_tokenizer(cfg.tokenizer)  # fail fast on a bad name
     if cfg.dedup not in ("fuzzy", "exact", "none"):
         raise ValueError(f"dedup must be fuzzy, exact or none, not {cfg.dedup!r}")
     if not 0 <= cfg.val_fraction < 1:
@@ -478,17 +479,29 @@ def _split(cfg: PrepareConfig, docs: list[Doc], read: Counter) -> tuple[list[Doc
 
 
 # --- stage B: tokenize and write shards -----------------------------------------------------------------
+def _worker_spec(spec: str, tokenizer, work: Path) -> str:
+    """What the tokenizing workers load: `spec` itself, except for a GGUF file, whose metadata is slow to
+    read (Gemma's 262,144 tokens: ~20 s, in every worker process): then the tokenizer saved once in the
+    work folder. The calling process keeps the tokenizer it has (a one-worker run tokenizes here)."""
+    if Path(spec).is_file():
+        spec = str(tokenizer.save(work / "tokenizer"))
+    _CACHE[("tok", spec)] = tokenizer
+    return spec
+
+
 def _write_splits(
     cfg: PrepareConfig,
     out: Path,
     tokenizer,
+    spec: str,
     splits: dict[str, list[Doc]],
     executor,
     progress: bool,
     tally: Tally,
     on_write: Callable[[str], None] | None = None,
 ) -> tuple[dict, Counter]:
-    """Each split's shard entries (ShardWriter.close), and the train tokens of each source."""
+    """Each split's shard entries (ShardWriter.close), and the train tokens of each source. The workers
+    tokenize with the tokenizer `spec` names (_worker_spec)."""
     written, per_source = {}, Counter()
     seconds, nbytes = 0.0, 0  # summed over the workers' batches
     dtype = token_dtype(tokenizer.n_vocab)
@@ -496,7 +509,7 @@ def _write_splits(
         writer = ShardWriter(out, split, dtype, cfg.shard_tokens, tokenizer.eot_id, on_write)
         batches = _batches(docs, cfg.chunk_bytes)
         bar = tqdm(total=len(docs), desc=f"tokenize {split}", unit="doc", disable=not progress)
-        tasks = (([d[0] for d in b], cfg.tokenizer) for b in batches)
+        tasks = (([d[0] for d in b], spec) for b in batches)
         for b, (tokens, cpu_s, n) in zip(batches, executor.map(tokenize_chunk, tasks), strict=False):
             writer.add(tokens)
             seconds, nbytes = seconds + cpu_s, nbytes + n

@@ -4,7 +4,8 @@ The corpus is read like the data pipeline reads it (data/sources.py: files, fold
 Parquet, HTML extracted; default the Python standard library), split into a training part and a
 held-out part by a hash of each document's name, so `eval` scores text the tokenizer never saw.
 `encode` (and `eval`) take any tokenizer a user holds: a stock name, a tokenizer or HF folder, a
-checkpoint, or a GGUF file (its tokenizer.ggml.* metadata).
+checkpoint, or a GGUF file (its tokenizer.ggml.* metadata): checkpoint.resolve_tokenizer, which every
+`--tokenizer` option uses.
 """
 
 from __future__ import annotations
@@ -12,21 +13,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from gptstack import checkpoint
+from gptstack.checkpoint import resolve_tokenizer
 from gptstack.data.sources import corpus_texts
-from gptstack.interop.gguf import read_gguf_metadata
-from gptstack.tokenizer import (
-    BaseTokenizer,
-    Tokenizer,
-    bytes_per_token,
-    get_tokenizer,
-    tokenizer_from_gguf,
-    train_bpe,
-    train_chars,
-)
+from gptstack.tokenizer import Tokenizer, bytes_per_token, train_bpe, train_chars
 
 
 @dataclass
@@ -55,29 +46,6 @@ class EncodeConfig:
     allow_special: bool = False  # parse special-token text (<|im_start|>, <bos>, …) as special tokens
     show: bool = False  # also print each token's bytes on stderr
     decode: bool = False  # the input is ids (a JSON list, or separated by spaces or commas): print their text
-
-
-def resolve_tokenizer(spec: str) -> BaseTokenizer:
-    """The tokenizer `spec` names: a stock name, a tokenizer or HF folder, a gptstack checkpoint (or run
-    folder) or a GGUF file."""
-    path = Path(spec)
-    if path.is_file():
-        return tokenizer_from_gguf(read_gguf_metadata(path), origin=str(path))
-    if path.is_dir() and _is_checkpoint(path):
-        tok = checkpoint.load_tokenizer(path)
-        if tok is None:
-            raise checkpoint.CheckpointError(f"{path} names no tokenizer")
-        return tok
-    return get_tokenizer(spec)
-
-
-def _is_checkpoint(path: Path) -> bool:
-    """A gptstack checkpoint or run folder (an HF model folder's config.json is not ours)."""
-    try:
-        checkpoint.read_meta(path)
-    except checkpoint.CheckpointError:
-        return False
-    return True
 
 
 def encode_text(cfg: EncodeConfig, text: str) -> tuple[str, str | None]:

@@ -6,7 +6,10 @@
 (lm-eval's own command line, with this module imported first), or from Python:
 `lm_eval.simple_evaluate(model=GPTStackLM(checkpoint=...), tasks=[...])`. Importing this module
 registers the model name "gptstack". Scoring runs through the same Scorer as `gptstack eval`, and
-pairs are encoded the same way, so both give the same per-item log-likelihoods.
+pairs are encoded the same way, so both give the same per-item log-likelihoods. As lm-eval's HF backend
+does for a model whose tokenizer adds BOS (Gemma), a context opens with BOS and an empty context is BOS
+(`prefix_token_id`); a rolling document is its ids without BOS, predicted from the prefix (the HF backend
+also scores a second BOS there, lm-eval issue #3333; we do not).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from gptstack.eval.scorer import BATCH_TOKENS, MAX_GEN_TOKENS, Scorer, load_scorer
+from gptstack.eval.scorer import BATCH_TOKENS, MAX_GEN_TOKENS, Scorer, load_scorer, prefix_id
 
 
 @register_model("gptstack")
@@ -41,11 +44,16 @@ class GPTStackLM(TemplateLM):
         return self.tokenizer.eot_id
 
     @property
+    def prefix_token_id(self) -> int:
+        return prefix_id(self.tokenizer)
+
+    @property
     def max_length(self) -> int:
         return self.scorer.context
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string)
+        """The ids of `string`, BOS first where the tokenizer adds one, unless add_special_tokens=False."""
+        return self.tokenizer.encode(string) if add_special_tokens is False else self.tokenizer.encode_prompt(string)
 
     def tok_decode(self, tokens: list[int], **kwargs) -> str:
         return self.tokenizer.decode(tokens)
@@ -68,7 +76,7 @@ class GPTStackLM(TemplateLM):
             groups[(until, int(kw.get("max_gen_toks", MAX_GEN_TOKENS)))].append(i)
         out: list[str] = [""] * len(requests)
         for (until, max_tokens), idx in groups.items():
-            prompts = [self.tokenizer.encode(requests[i].args[0]) or [self.eot_token_id] for i in idx]
+            prompts = [self.tokenizer.encode_prompt(requests[i].args[0]) or [self.eot_token_id] for i in idx]
             max_tokens = min(max_tokens, self.scorer.context - 1)
             for i, text in zip(idx, self.scorer.generate_until(prompts, until, max_tokens), strict=True):
                 out[i] = text

@@ -1,7 +1,8 @@
 """Perplexity and bits per byte of text files or of a shard folder's held-out split (GPT-2 §3.1).
 
 Each document is scored with rolling windows (scorer.rolling_windows: lm-eval's
-loglikelihood_rolling, every token predicted once, the first from end-of-text). perplexity =
+loglikelihood_rolling, every token predicted once, the first from BOS where the model's tokenizer
+starts a sequence with it, as Gemma's does, else from end-of-text: scorer.prefix_id). perplexity =
 exp(Σ nll / tokens); bits per byte = Σ nll / (ln 2 · UTF-8 bytes), comparable across tokenizers.
 """
 

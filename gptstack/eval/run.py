@@ -42,7 +42,7 @@ class EvalConfig:
     shots: int = 0  # in-context examples per item (drawn from the same task)
     limit: int | None = None  # score only the first N items of each task
     out: str | None = None  # write the results as JSON
-    tokenizer: str | None = None  # override the checkpoint's tokenizer: cl100k_base | o200k_base | bytes | DIR
+    tokenizer: str | None = None  # override the checkpoint's tokenizer: a stock name | DIR | CKPT | FILE.gguf
     perplexity: list[str] = field(default_factory=list)  # text file, folder of texts, or shard folder (val) to score
     stride: int | None = None  # perplexity: tokens predicted per window (default: the context)
     contamination: str | None = None  # also score the items clean of this shard folder's 13-grams

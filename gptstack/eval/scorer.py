@@ -32,10 +32,10 @@ Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 def rolling_windows(tokens: list[int], prefix: int, max_len: int, stride: int | None = None):
     """lm-eval's loglikelihood_rolling windows: every token is predicted exactly once, the first from
-    `prefix` (end-of-text) alone, each window's input at most `max_len` tokens. `stride` (≤ max_len):
-    tokens newly predicted per window, the rest of the window being context (stride = max_len: disjoint
-    windows, lm-eval's default; a smaller stride gives each token more context at more compute).
-    Yields (input ids, the tokens its last positions predict)."""
+    `prefix` (prefix_id: BOS or end-of-text) alone, each window's input at most `max_len` tokens.
+    `stride` (≤ max_len): tokens newly predicted per window, the rest of the window being context
+    (stride = max_len: disjoint windows, lm-eval's default; a smaller stride gives each token more
+    context at more compute). Yields (input ids, the tokens its last positions predict)."""
     stride = stride or max_len
     if not 1 <= stride <= max_len:
         raise ValueError(f"stride must be in [1, {max_len}], got {stride}")
@@ -48,18 +48,25 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int, stride: int | 
         start = end
 
 
+def prefix_id(tokenizer) -> int:
+    """What a text with no context is predicted from: BOS for a model whose tokenizer starts every
+    sequence with it (Gemma: lm-eval's HF backend uses its prefix_token_id, BOS, there), else end-of-text."""
+    return tokenizer.bos_prefix[0] if tokenizer.bos_prefix else tokenizer.eot_id
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> Request:
-    """Token ids of a (context, continuation) pair as lm-eval encodes them: the context's trailing
-    whitespace moves to the continuation, the whole text is encoded and split after the context's
-    tokens (so the continuation is tokenized as it would be in running text); an empty context
-    becomes end-of-text."""
+    """Token ids of a (context, continuation) pair as lm-eval's HF backend encodes them: the context's
+    trailing whitespace moves to the continuation, the whole text is encoded and split after the
+    context's tokens (so the continuation is tokenized as it would be in running text); the context
+    opens with the tokenizer's bos_prefix, and an empty context is prefix_id alone."""
     if not context:
-        return [tokenizer.eot_id], tokenizer.encode(continuation)
+        return [prefix_id(tokenizer)], tokenizer.encode(continuation)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
-    return ctx, whole[len(ctx) :] or tokenizer.encode(continuation)  # (merged into the context's last token)
+    cont = whole[len(ctx) :] or tokenizer.encode(continuation)  # (merged into the context's last token)
+    return [*tokenizer.bos_prefix, *ctx], cont
 
 
 BATCH_TOKENS = 8192  # tokens per scoring batch: the one default of the scorer, EvalConfig and the lm-eval model
@@ -146,15 +153,16 @@ class Scorer:
         return [r if per_token else r[:2] for r in results]
 
     def loglikelihood_rolling(self, tokens: list[int], stride: int | None = None) -> float:
-        """Σ log p over every token of a document, with windows of the model's context (see
-        rolling_windows); the first token is predicted from end-of-text."""
+        """Σ log p over every token of a document (its ids without BOS), with windows of the model's
+        context (see rolling_windows); the first token is predicted from prefix_id (BOS or end-of-text),
+        so for Gemma this is transformers' loss on tokenizer(text), BOS first."""
         return sum(self.loglikelihood_rolling_batch([tokens], stride)[0])
 
     def loglikelihood_rolling_batch(self, docs: list[list[int]], stride: int | None = None) -> list[list[float]]:
         """Per document, the log-prob of each of its tokens (windows of all documents batched together)."""
         inputs, targets, owner = [], [], []
         for d, tokens in enumerate(docs):
-            for inp, tgt in rolling_windows(tokens, self.tokenizer.eot_id, self.context, stride):
+            for inp, tgt in rolling_windows(tokens, prefix_id(self.tokenizer), self.context, stride):
                 inputs.append(inp)
                 targets.append(tgt)
                 owner.append(d)

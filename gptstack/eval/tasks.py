@@ -289,7 +289,7 @@ def _score_choices(scorer: Scorer, task: Task, indices: list[int], prefixes: lis
 def _score_math(scorer: Scorer, task: Task, indices: list[int], prefixes: list[str], max_gen_tokens: int) -> list[dict]:
     """GSM8K-style items: a greedy generation, its extracted number against the answer."""
     tok = scorer.tokenizer
-    prompts = [tok.encode(p + math_prompt(task.records[i])) for i, p in zip(indices, prefixes, strict=True)]
+    prompts = [tok.encode_prompt(p + math_prompt(task.records[i])) for i, p in zip(indices, prefixes, strict=True)]
     gens = scorer.generate(prompts, stop=MATH_STOP, max_gen_tokens=max_gen_tokens)
     items = []
     for i, g in zip(indices, gens, strict=True):
@@ -307,7 +307,7 @@ def _score_code(
     before anything is generated, where there is none and `unsafe_exec` is off)."""
     sandboxed(unsafe_exec)
     tok = scorer.tokenizer
-    prompts = [tok.encode(p + task.records[i]["prompt"]) for i, p in zip(indices, prefixes, strict=True)]
+    prompts = [tok.encode_prompt(p + task.records[i]["prompt"]) for i, p in zip(indices, prefixes, strict=True)]
     gens = scorer.generate(prompts, stop=CODE_STOP, max_gen_tokens=max_gen_tokens)
     jobs = [code_job(task.records[i], g.text) for i, g in zip(indices, gens, strict=True)]
     items = []

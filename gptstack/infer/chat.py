@@ -26,11 +26,11 @@ def complete(
 ) -> int:
     """Stream `prompt` and its completion to `out`; token log-probabilities (when params.logprobs is
     set) and a timing line go to `err`. `allow_special`: special-token text in the prompt (a hand-typed
-    `<|im_start|>`) becomes that token, else it is encoded as plain text. Returns the number of
-    generated tokens."""
+    `<|im_start|>`) becomes that token, else it is encoded as plain text. The prompt's ids open with BOS
+    where the model's tokenizer adds one (Gemma: `encode_prompt`). Returns the number of generated tokens."""
     out.write(prompt)
     start, n = time.perf_counter(), 0
-    for piece in engine.stream(engine.tokenizer.encode(prompt, allow_special=allow_special), params):
+    for piece in engine.stream(engine.tokenizer.encode_prompt(prompt, allow_special), params):
         out.write(piece.text)
         out.flush()
         n += len(piece.token_ids)

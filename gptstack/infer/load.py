@@ -21,7 +21,7 @@ from gptstack.transforms.quantize import GROUP_SIZE, quantize
 @dataclass
 class LoadConfig:
     checkpoint: str  # checkpoint folder, run folder, or …/latest
-    tokenizer: str | None = None  # override the checkpoint's: cl100k_base | o200k_base | bytes | DIR
+    tokenizer: str | None = None  # override the checkpoint's: a stock name | DIR | CKPT | FILE.gguf
     quantize: Literal["int8", "int4"] | None = None  # quantize the weights on load
     group_size: int = GROUP_SIZE  # int4 group size (32, 64, 128)
     speculative: str | None = None  # 'ngram' (prompt lookup) or a draft model's checkpoint

@@ -72,10 +72,14 @@ class RewardModel(nn.Module):
 
 
 def render(tokenizer, prompt: str | list[dict], response: str) -> tuple[list[int], list[bool]]:
-    """prompt + response in the chat template, ending with the assistant's <|end|>: ids and the
-    mask of the response's tokens."""
+    """prompt + response in the chat template, ending with the end-of-turn token that closes the response
+    (<|end|>, <|im_end|>): ids and the mask of the response's tokens. What a template writes after it
+    (ChatML's "\n") is cut, so a reward model reads its score where PPO reads it: at the stop token that
+    ends a sampled reply (the generation prompt's ids + the reply's)."""
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return tokenizer.encode_chat([*msgs, {"role": "assistant", "content": response}])
+    ids, mask = tokenizer.encode_chat([*msgs, {"role": "assistant", "content": response}])
+    end = max((i + 1 for i, m in enumerate(mask) if m), default=len(ids))  # after the last assistant token
+    return ids[:end], mask[:end]
 
 
 @dataclass

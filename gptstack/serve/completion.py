@@ -257,7 +257,7 @@ def text_choices(
     tok = runner.tokenizer
     choices, texts = [], []
     for p in prompts:
-        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        ids = tok.encode_prompt(p) if isinstance(p, str) else list(p)  # a text starts with BOS (Gemma); ids as given
         max_tokens = 1 if body.max_tokens == 0 else body.max_tokens or max(1, runner.context - len(ids))
         samples = sampling_params(body, max_tokens, body.logprobs, body.logprobs if body.echo else None)
         checked(runner, ids, samples[0], "prompt")

@@ -1,8 +1,8 @@
 """The interface every tokenizer has, and what is the same for all of them: special ids, the chat template.
 
 A backend (tiktoken in bpe.py, HF tokenizers in hf.py) provides encode/decode and `_encode_spans`; this
-module gives it BOS/EOS/PAD/UNK, `bos_prefix`, `end_of_turn_id`, `stop_ids`, streaming decode and
-`apply_chat_template` / `encode_chat`.
+module gives it BOS/EOS/PAD/UNK, `bos_prefix` (and `encode_prompt`, which prepends it to a text),
+`end_of_turn_id`, `stop_ids`, streaming decode and `apply_chat_template` / `encode_chat`.
 
 `encode_chat` is injection-safe: only the template's own text can produce special tokens. The
 conversation is rendered twice, once as is and once with a placeholder for each message's content;
@@ -98,6 +98,13 @@ class BaseTokenizer:
     def bos_prefix(self) -> list[int]:
         """[bos_id] when the model's tokenizer starts every sequence with BOS (Gemma, Llama), else []."""
         return [self.bos_id] if self.info.add_bos and self.bos_id is not None else []
+
+    def encode_prompt(self, text: str, allow_special: bool = False) -> list[int]:
+        """`text` as a sequence the model reads from its start: `bos_prefix` + its ids, what transformers'
+        `tokenizer(text).input_ids` gives (generate, /v1/completions, eval contexts). A BOS that
+        special-token text already opens with is not doubled."""
+        ids = self.encode(text, allow_special)
+        return ids if ids[:1] == self.bos_prefix else [*self.bos_prefix, *ids]
 
     @cached_property
     def end_of_turn_id(self) -> int:

@@ -168,12 +168,8 @@ class Trainer:
         return 0.9 * float(rate)
 
     def _token_bytes(self) -> torch.Tensor:
-        """(V,) UTF-8 bytes of each token id (0 for special and unused ids), for bits per byte."""
-        out = torch.zeros(self.model_cfg.vocab_size, dtype=torch.long)
-        for piece, i in self.tokenizer.ranks.items():
-            if i < len(out):
-                out[i] = len(piece)
-        return out.to(self.d.device)
+        """(V,) UTF-8 bytes of each token id, for bits per byte (see token_byte_counts)."""
+        return token_byte_counts(self.tokenizer, self.model_cfg.vocab_size).to(self.d.device)
 
     def _sync(self) -> None:
         if self.d.device.type == "cuda":
@@ -430,6 +426,19 @@ class Trainer:
             "checkpoint": str(checkpoint.step_dir(self.ckpt_dir, self.step)),
             "config": self.cfg.to_dict(),
         }
+
+
+def token_byte_counts(tokenizer, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) int64: the bytes each id decodes to, exactly (`decode_bytes([id])`: a byte-fallback
+    token is its one byte, an added token such as Gemma's newline runs its text), 0 for special ids and
+    ids the tokenizer lacks. Every id is counted, also where two ids share bytes (a vocabulary's
+    `ranks` keeps only one of them). One pass over the vocabulary: ~1 s for Gemma's 262,144 ids."""
+    ids = torch.nonzero(tokenizer.decodable_mask(vocab_size))[:, 0].tolist()
+    special = tokenizer.special_ids
+    counts = [0 if i in special else len(tokenizer.decode_bytes([i])) for i in ids]
+    out = torch.zeros(vocab_size, dtype=torch.long)
+    out[torch.tensor(ids, dtype=torch.long)] = torch.tensor(counts, dtype=torch.long)
+    return out
 
 
 def clear_interrupted(root: Path) -> None:
