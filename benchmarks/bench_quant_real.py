@@ -120,9 +120,7 @@ def measure(name: str, path: Path, n_windows: int, reps: int) -> list[dict]:
     base = load_model(path)  # fp32, with the file's own tokenizer
     tok = base.tokenizer
     data = windows(tok, n_windows)
-    print(
-        f"{name}: loaded in {time.perf_counter() - t:.0f} s; {data.numel() - data.size(0):,} tokens scored", flush=True
-    )
+    print(f"{name}: loaded in {time.perf_counter() - t:.0f} s; {data.size(0) * WINDOW:,} tokens scored", flush=True)
     rows = []
     for method, group in SETTINGS:
         t = time.perf_counter()
