@@ -103,7 +103,7 @@ def accuracy(model, hf, hf_tok, items: int) -> list[dict]:
 
 
 def text_windows(tokenizer, n_tokens: int) -> torch.Tensor:
-    ids = tokenizer.encode((DATA / "tinyshakespeare" / "input.txt").read_text())[: n_tokens // WINDOW * WINDOW]
+    ids = tokenizer.encode((DATA / "text" / "tinyshakespeare.txt").read_text())[: n_tokens // WINDOW * WINDOW]
     return torch.tensor(ids).view(-1, WINDOW)  # (n_windows, WINDOW)
 
 
