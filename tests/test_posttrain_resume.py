@@ -225,7 +225,8 @@ def test_sigkill_mid_run_then_resume_is_exact(name, attempts, inputs, tmp_path):
     is being written, if the poll catches one), resume with --resume: the uninterrupted run's weights, bitwise."""
     stage, kw = folder_of(name), dict(max_steps=16, checkpoint_every=4)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONHASHSEED": "0"}
-    run_stage(name, inputs, tmp_path / "ref", **kw)  # in this process, with the same thread count
+    ref = subprocess.run(cli_args(name, inputs, tmp_path / "ref", **kw), env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]  # a fresh process too: no global torch state of earlier tests
     out, log = tmp_path / "killed", tmp_path / "killed" / stage / "log.jsonl"
     kills = 0
     for attempt in range(attempts):

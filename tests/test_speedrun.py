@@ -97,7 +97,7 @@ def test_speedrun_writes_every_stage_and_the_report_card(finished):
     cfg, summary = finished
     out = Path(summary["out"])
     assert summary["ran"] == [s.name for s in STAGES]
-    for path in ("tokenizer/tokenizer.json", "data/manifest.json", "metrics.jsonl", "loss.png", "eval.json",
+    for path in ("tokenizer/gptstack-tokenizer.json", "data/manifest.json", "metrics.jsonl", "loss.png", "eval.json",
                  "chat.jsonl", "chat.json", "speedrun.json", "report.md"):  # fmt: skip
         assert (out / path).exists(), path
     assert ckpt.resolve(summary["checkpoint"]).name == "step-000008"
