@@ -16,8 +16,8 @@ Q4_K_M is a fairer test: only its Q4_K tensors are 4-bit affine in sub-blocks of
 scales), the rest are Q6_K, Q5_0 or Q8_0. Each quantized model is made from a fresh copy of the
 fp32 weights with `transforms.quantize.quantize` (the output head takes int8 whatever the method, as
 it does in `gptstack quantize`), and its perplexity is divided by the fp32 model's of the same run.
-The batch-1 decode rate (the engine, 32 greedy tokens after a 16-token prompt, prefill excluded,
-median of --reps) shows what each setting costs in speed.
+Perplexity does not depend on the machine's load; decode speed does, and benchmarks/bench_infer.py
+measures it.
 
     nice python benchmarks/bench_quant_real.py [--windows 40] [--gemma]
 """
@@ -30,7 +30,6 @@ import importlib.util
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,10 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from gptstack.checkpoint import load_model
-from gptstack.infer.engine import Engine, EngineConfig
-from gptstack.infer.sampling import SamplingParams
 from gptstack.model import GPT
-from gptstack.transforms.decode import decode_layout
 from gptstack.transforms.quantize import GROUP_SIZE, quantize
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -90,21 +86,6 @@ def perplexity(model: GPT, data: torch.Tensor, skip: int) -> float:
     return math.exp(total / (data.size(0) * WINDOW))
 
 
-@torch.no_grad()
-def decode_rate(model: GPT, reps: int, n: int = 32) -> float:
-    """Batch-1 tokens/s of the engine: (n - 1) / (time for n tokens - time for 1), median of reps."""
-    engine = Engine(model, EngineConfig(max_seqs=1, prefix_caching=False))
-    prompt = list(range(100, 116))
-
-    def timed(k: int) -> float:
-        t = time.perf_counter()
-        engine.generate([prompt], SamplingParams(temperature=0, max_tokens=k, ignore_eos=True))
-        return time.perf_counter() - t
-
-    timed(2)  # warm-up: kernels built, pages touched
-    return statistics.median((n - 1) / (timed(n) - timed(1)) for _ in range(reps))
-
-
 def weight_mb(model: GPT) -> float:
     """Stored weights in MB (codes, scales and minimums; a tied table counted once)."""
     seen, total = set(), 0
@@ -115,7 +96,7 @@ def weight_mb(model: GPT) -> float:
     return total / 1e6
 
 
-def measure(name: str, path: Path, n_windows: int, reps: int) -> list[dict]:
+def measure(name: str, path: Path, n_windows: int) -> list[dict]:
     t = time.perf_counter()
     base = load_model(path)  # fp32, with the file's own tokenizer
     tok = base.tokenizer
@@ -124,15 +105,16 @@ def measure(name: str, path: Path, n_windows: int, reps: int) -> list[dict]:
     rows = []
     for method, group in SETTINGS:
         t = time.perf_counter()
-        model = copy.deepcopy(base, {id(tok): tok})  # fresh weights; the tokenizer shared, not copied
-        try:
-            model = decode_layout(model) if method == "fp32" else quantize(model, method, group or GROUP_SIZE)
+        try:  # quantize a fresh copy of the weights; the tokenizer is shared, not copied
+            model = (
+                base if method == "fp32" else quantize(copy.deepcopy(base, {id(tok): tok}), method, group or GROUP_SIZE)
+            )
         except ValueError as e:  # a group that does not divide a layer's width (SmolLM2: 576 and 128)
             rows.append(dict(method=method, group=group, skipped=str(e)))
             print(f"  {method} {group}: {e}", flush=True)
             continue
         ppl = perplexity(model, data, len(tok.bos_prefix))
-        rows.append(dict(method=method, group=group, mb=weight_mb(model), ppl=ppl, tok_s=decode_rate(model, reps)))
+        rows.append(dict(method=method, group=group, mb=weight_mb(model), ppl=ppl))
         print(f"  {method} {group or ''}: perplexity {ppl:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
         del model
     return rows
@@ -140,23 +122,20 @@ def measure(name: str, path: Path, n_windows: int, reps: int) -> list[dict]:
 
 def table(name: str, rows: list[dict]) -> str:
     fp32 = rows[0]["ppl"]
-    lines = [f"### {name}", "", "| weights | group | MB | perplexity | vs fp32 | decode tok/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [f"### {name}", "", "| weights | group | MB | perplexity | vs fp32 |",
+             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['method']} | {r['group']} | | | {r['skipped']} | |")
+            lines.append(f"| {r['method']} | {r['group']} | | | {r['skipped']} |")
             continue
         rise = "" if r["method"] == "fp32" else f"{r['ppl'] / fp32 - 1:+.2%}"
-        lines.append(
-            f"| {r['method']} | {r['group'] or ''} | {r['mb']:.0f} | {r['ppl']:.3f} | {rise} | {r['tok_s']:.1f} |"
-        )
+        lines.append(f"| {r['method']} | {r['group'] or ''} | {r['mb']:.0f} | {r['ppl']:.3f} | {rise} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=40, help="windows of 512 predicted tokens (40: 20,480 tokens)")
-    ap.add_argument("--reps", type=int, default=3, help="decode-rate repetitions (median)")
     ap.add_argument("--gemma", action="store_true", help="also Gemma 3 270M (assembled to /tmp once)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -164,7 +143,7 @@ def main() -> None:
     models = [("SmolLM2-135M-Instruct (Q4_1 file, dequantized)", smollm2_file())]
     if args.gemma:
         models.append(("Gemma 3 270M (Q4_K_M file, dequantized)", gemma_file()))
-    results = [(name, measure(name, path, args.windows, args.reps)) for name, path in models]
+    results = [(name, measure(name, path, args.windows)) for name, path in models]
     for name, rows in results:
         print("\n" + table(name, rows))
 
