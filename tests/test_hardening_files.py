@@ -413,3 +413,19 @@ def test_pruning_checkpoints_deletes_only_what_they_wrote(tmp_path):
     (stranger / "model.safetensors").write_text("not ours")
     remove_checkpoint(stranger)  # no config.json of ours: left alone
     assert (stranger / "model.safetensors").exists()
+
+
+def test_exports_never_write_over_what_is_already_there(tmp_path):
+    from gptstack.interop.convert import gguf_export, hf_export
+    from gptstack.interop.hf import InteropError
+
+    ck = save_checkpoint(build_model(TINY, seed=0), tmp_path / "ck", tokenizer="bytes")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("the user's")
+    (tmp_path / "model.gguf").write_text("the user's")
+    with pytest.raises(InteropError, match="not an empty folder"):
+        hf_export(ck, tmp_path / "hf")
+    with pytest.raises(InteropError, match="already exists"):
+        gguf_export(ck, tmp_path / "model.gguf")
+    assert (tmp_path / "hf" / "config.json").read_text() == "the user's"
+    assert (tmp_path / "model.gguf").read_text() == "the user's"

@@ -42,7 +42,10 @@ def import_tokenizer(src: str | Path, spec: str | None) -> BaseTokenizer | None:
 
 
 def hf_export(src: str | Path, dst: str | Path) -> Path:
-    """gptstack checkpoint → a folder `AutoModelForCausalLM.from_pretrained` loads."""
+    """gptstack checkpoint → a folder `AutoModelForCausalLM.from_pretrained` loads. The folder must be new
+    or empty: transformers' save_pretrained overwrites and deletes files of the names it writes."""
+    if Path(dst).exists() and (not Path(dst).is_dir() or any(Path(dst).iterdir())):
+        raise InteropError(f"{dst} exists and is not an empty folder; choose a new output folder")
     to_hf_model(load_model(src)).save_pretrained(dst)
     return Path(dst)
 
@@ -58,6 +61,9 @@ def gguf_import(src: str | Path, dst: str | Path, keep_quantized: bool = False) 
 
 
 def gguf_export(src: str | Path, dst: str | Path, type: str = "f16") -> Path:
-    """gptstack checkpoint (llama, qwen2 or gpt2 family) → a GGUF file llama.cpp loads; `type`: f32, f16, q8_0, q4_0."""
+    """gptstack checkpoint (llama, qwen2 or gpt2 family) → a GGUF file llama.cpp loads; `type`: f32, f16, q8_0, q4_0.
+    An existing file is never overwritten."""
+    if Path(dst).exists():
+        raise InteropError(f"{dst} already exists; choose a new output file")
     model = load_model(src)
     return write_gguf(model, model.tokenizer, dst, type)
