@@ -311,7 +311,9 @@ class GPT(nn.Module):
         for name, table in self.rope_buffers(self.transformer.wte.weight.device).items():
             setattr(self, name, table)
 
-    def features(self, idx: Tensor, kv_cache=None, segments: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    def features(
+        self, idx: Tensor, kv_cache=None, segments: Tensor | None = None, embeds: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
         """The final normalised hidden states (B, T, D) that the LM head reads (and a reward, value or
         task head), plus the MoE auxiliary losses. Arguments as in forward()."""
         if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
@@ -336,6 +338,11 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, D)
         if self.config.embed_scale != 1.0:  # the scale rounded to fp32, then to x's dtype, as HF Gemma does
             x = x * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(x.dtype)
+        if embeds is not None:  # rows from outside the vocabulary (image features) replace placeholder tokens
+            where, rows = embeds  # (B, T) bool, (where.sum(), D)
+            if where.shape != idx.shape or rows.shape != (int(where.sum()), x.size(-1)):
+                raise ValueError(f"embeds must be ((B, T) mask, (n, {x.size(-1)}) rows) for idx {tuple(idx.shape)}")
+            x = x.masked_scatter(where[..., None], rows.to(x.dtype))
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(positions)
         rope = self.rope_at(positions)
@@ -360,6 +367,7 @@ class GPT(nn.Module):
         kv_cache=None,
         logits_at: Tensor | None = None,
         segments: Tensor | None = None,
+        embeds: tuple[Tensor, Tensor] | None = None,
     ):
         """idx: (B, T) token ids. Returns logits (B, T, V), or (logits, loss) when targets (B, T) are
         given (targets of -1 are ignored; MoE auxiliary losses are added with their coefficients).
@@ -367,8 +375,10 @@ class GPT(nn.Module):
         row, or per row), giving (B, n, V); an engine that needs one next-token distribution per
         sequence, or a scorer that needs only the continuation's, skips the rest of the head.
         `segments` (B, T): document index of each token when several documents are packed in a row;
-        a token attends only within its document and positions restart at each document's start."""
-        x, aux = self.features(idx, kv_cache, segments)
+        a token attends only within its document and positions restart at each document's start.
+        `embeds` (where (B, T) bool, rows (n, D)): input rows that replace the (scaled) token embeddings at
+        the True positions, in row-major order; how image features enter the sequence (gptstack.vision)."""
+        x, aux = self.features(idx, kv_cache, segments, embeds)
         if logits_at is not None:
             x = (
                 x[:, logits_at]

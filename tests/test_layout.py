@@ -25,12 +25,12 @@ RANKS = {
     "gptstack.files": 0,
     "gptstack.config": 1, "gptstack.template": 1,
     "gptstack.model": 2, "gptstack.tokenizer": 2, "gptstack.report": 2, "gptstack.options": 2,
-    "gptstack.transforms": 3,
+    "gptstack.transforms": 3, "gptstack.vision": 3,  # the vision tower is applied around a built model
     "gptstack.interop.convert": 6, "gptstack.interop": 4,  # formats (hf, gguf) below checkpoint; file commands above
     "gptstack.checkpoint": 5,
     "gptstack.info": 6, "gptstack.data": 6, "gptstack.infer": 6,
-    "gptstack.train": 7, "gptstack.eval": 7,
-    "gptstack.posttrain": 8, "gptstack.serve": 8,
+    "gptstack.train": 7, "gptstack.eval": 7, "gptstack.rag": 7,
+    "gptstack.posttrain": 8, "gptstack.serve": 8, "gptstack.interp": 8,  # interp ablates heads under eval
     "gptstack.speedrun": 9,
     "gptstack.cli": 10,
 }  # fmt: skip
