@@ -17,6 +17,7 @@ from gptstack import checkpoint
 from gptstack.config import parse_overrides
 from gptstack.data import pipeline
 from gptstack.data.contamination import ContaminationConfig, contamination_of_shards
+from gptstack.data.images import ImageDataConfig, write_image_data
 from gptstack.data.quality import QualityTrainConfig, train_quality
 from gptstack.data.shards import read_manifest
 from gptstack.data.vocab import (
@@ -193,6 +194,12 @@ def cmd_data_contamination(args: argparse.Namespace) -> None:
         print(f"| {name} | {r['items']:,} | {r['ngram']} | {r['dirty']:,} | {r['dirty_fraction']:.1%} |")
 
 
+def cmd_vision_data(args: argparse.Namespace) -> None:
+    """write synthetic image question/answer sets with ground truth (scenes, charts, reading, digits)"""
+    r = write_image_data(from_args(ImageDataConfig, args))
+    print(f"wrote {r['train']:,} training and {r['test']:,} held-out items to {r['out']} (train.jsonl, test.jsonl)")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     """pretrain on token shards (GPT-3 recipe; torchrun for DDP/FSDP2)"""
     given = {k: v for k, v in vars(from_args(TrainConfig, args)).items() if k in vars(args)}
@@ -310,6 +317,7 @@ COMMANDS = [  # (command, function, its options)
     ("data stats", cmd_data_stats, [arg("dir", type=Path)]),
     ("data train-quality", cmd_data_train_quality, [opts(QualityTrainConfig)]),
     ("data contamination", cmd_data_contamination, [opts(ContaminationConfig, positional=("dir",))]),
+    ("vision data", cmd_vision_data, [opts(ImageDataConfig)]),
     ("pretrain", cmd_pretrain, [opts(TrainConfig, skip=PRETRAIN_SKIP, required=("data", "out")),
                                 one_of(arg("--preset", help="model preset (see `gptstack info`), e.g. tiny"),
                                        arg("--config", help="training config JSON (a run's train_config.json works)")),
@@ -324,7 +332,8 @@ COMMANDS = [  # (command, function, its options)
     ("speedrun", cmd_speedrun, [opts(SpeedrunConfig)]),
 ]  # fmt: skip
 GROUPS = {"moderation": "the gateway's moderation classifier", "tokenizer": "train, evaluate or use a tokenizer",
-          "data": "prepare token shards from documents, and inspect them"}  # fmt: skip
+          "data": "prepare token shards from documents, and inspect them",
+          "vision": "image data and the vision tower"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
