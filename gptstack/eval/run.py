@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 from gptstack.checkpoint import resolve
 from gptstack.data.contamination import contamination_report, item_text, shard_documents
 from gptstack.eval.calibration import choice_probs, plot_reliability, reliability
+from gptstack.eval.cot import Sampling, run_cot
 from gptstack.eval.perplexity import perplexity, read_documents
 from gptstack.eval.scorer import BATCH_TOKENS, MAX_GEN_TOKENS, Scorer, load_scorer
-from gptstack.eval.tasks import FEWSHOT_SEED, Task, resolve_task, run_task
+from gptstack.eval.tasks import FEWSHOT_SEED, Task, TaskError, TaskResult, resolve_task, run_task, task_metrics
 from gptstack.report import write_section
 
 
@@ -54,6 +55,16 @@ class EvalConfig:
     max_gen_tokens: int = MAX_GEN_TOKENS  # bound on generated tokens (GSM8K, HumanEval)
     unsafe_exec: bool = False  # run generated code (HumanEval) WITHOUT isolation where bubblewrap is unavailable
     progress: bool = True  # progress bars on stderr
+    cot: bool = False  # math tasks (GSM8K): the chain-of-thought prompt ("Let's think step by step.")
+    samples: int = 1  # math tasks: K sampled generations per item besides the greedy one (maj@K, pass@K)
+    temperature: float = 0.7  # sampling temperature of the --samples generations
+    top_p: float = 1.0  # nucleus sampling of the --samples generations
+
+    def sampling(self) -> Sampling | None:
+        """How math tasks generate: None for the plain greedy direct answer (no --cot, one sample)."""
+        if not self.cot and self.samples == 1:
+            return None
+        return Sampling(self.cot, self.samples, self.temperature, self.top_p, self.seed)
 
     def task_specs(self) -> list[str]:
         """`tasks` with comma lists split (`--tasks copa,piqa --tasks arc_easy`)."""
@@ -68,11 +79,14 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise ValueError("nothing to evaluate: give --tasks and/or --perplexity")
     if len({t.name for t in tasks}) < len(tasks):
         raise ValueError("two tasks have the same name")
+    sampling = cfg.sampling()
+    if sampling is not None and not any(t.kind == "math" for t in tasks):
+        raise TaskError("--cot and --samples apply to math tasks (e.g. --tasks gsm8k), and none was given")
     scorer = load_scorer(cfg.checkpoint, cfg.tokenizer, batch_tokens=cfg.batch_tokens, progress=cfg.progress)
     results: dict = {}
     if tasks:
         results = run_tasks(scorer, tasks, cfg.shots, cfg.limit, cfg.seed, cfg.contamination, cfg.max_gen_tokens,
-                            unsafe_exec=cfg.unsafe_exec)  # fmt: skip
+                            unsafe_exec=cfg.unsafe_exec, sampling=sampling)  # fmt: skip
     if cfg.perplexity:
         results["perplexity"] = {str(t): perplexity(scorer, read_documents(t), cfg.stride) for t in cfg.perplexity}
     results["checkpoint"] = str(cfg.checkpoint)
@@ -93,7 +107,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 def run_tasks(
     scorer: Scorer, tasks: list[Task], shots: int = 0, limit: int | None = None, seed: int = FEWSHOT_SEED,
     contamination: str | None = None, max_gen_tokens: int = MAX_GEN_TOKENS, exec_timeout: float = 10.0,
-    unsafe_exec: bool = False,
+    unsafe_exec: bool = False, sampling: Sampling | None = None,
 ) -> dict:  # fmt: skip
     """Run `tasks` and gather the results: per task its metrics, the CORE-style centred accuracy
     averaged over tasks, calibration over the multiple-choice answers, and with a shard folder
@@ -101,7 +115,11 @@ def run_tasks(
     `items` holds every task's per-item outcomes."""
     results, items = {}, {}
     for task in tqdm(tasks, desc="tasks", unit="task", disable=not scorer.progress):
-        r = run_task(scorer, task, shots, limit, seed, max_gen_tokens, exec_timeout, unsafe_exec)
+        if sampling is not None and task.kind == "math":  # chain of thought / self-consistency (cot.py)
+            m, its = run_cot(scorer, task, sampling, shots, limit, max_gen_tokens)
+            r = TaskResult(task.name, task.kind, shots, task_metrics(task, its) | m, its)
+        else:
+            r = run_task(scorer, task, shots, limit, seed, max_gen_tokens, exec_timeout, unsafe_exec)
         results[task.name], items[task.name] = r.metrics | {"kind": r.kind, "shots": shots}, r.items
     out: dict = {"shots": shots, "seed": seed, "tasks": results}
     if results:
@@ -191,6 +209,10 @@ def markdown(results: dict, title: str = "") -> str:
         norm = f"{m['acc_norm']:.4f}" if "acc_norm" in m else ""
         lines.append(f"| {name} | {m['kind']} | {m['shots']} | {m['items']} | {m['acc']:.4f} | {norm} "
                      f"| {m['random']:.4f} | {m['centered']:+.4f} |")  # fmt: skip
+    for name, m in results.get("tasks", {}).items():
+        if "pass@1" in m and m["kind"] == "math":  # self-consistency over the sampled generations
+            extra = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith(("maj@", "pass@")))
+            lines += ["", f"{name}: greedy {m['acc']:.4f}, {extra}"]
     if "core" in results:
         lines += ["", f"CORE-style centred accuracy (mean over tasks): **{results['core']:+.4f}**"]
     if "calibration" in results:

@@ -181,6 +181,12 @@ class Scorer:
         stop string, at most `max_gen_tokens` tokens each, so a generation that never stops is bounded.
         Prompts longer than the context minus `max_gen_tokens` lose tokens on the left (counted).
         Returns engine Completions (text, token_ids, finish_reason "stop" | "length")."""
+        fitted = self.fit_prompts(prompts, max_gen_tokens)
+        engine = Engine(self.model, EngineConfig(max_seqs=min(32, max(1, len(fitted)))), tokenizer=self.tokenizer)
+        return engine.generate(fitted, SamplingParams(temperature=0.0, max_tokens=max_gen_tokens, stop=tuple(stop)))
+
+    def fit_prompts(self, prompts: Sequence[list[int]], max_gen_tokens: int) -> list[list[int]]:
+        """Prompts cut from the left (counted in `truncated`) to leave `max_gen_tokens` of the context."""
         if max_gen_tokens >= self.context:
             raise ValueError(
                 f"max_gen_tokens {max_gen_tokens} leaves no room for a prompt in a {self.context}-token context"
@@ -192,8 +198,7 @@ class Scorer:
                 self.truncated += 1
                 p = p[-room:]
             fitted.append(list(p))
-        engine = Engine(self.model, EngineConfig(max_seqs=min(32, max(1, len(fitted)))), tokenizer=self.tokenizer)
-        return engine.generate(fitted, SamplingParams(temperature=0.0, max_tokens=max_gen_tokens, stop=tuple(stop)))
+        return fitted
 
     def generate_until(
         self, prompts: Sequence[list[int]], stop: Sequence[str] = (), max_gen_tokens: int = MAX_GEN_TOKENS

@@ -187,14 +187,16 @@ def demonstration(task: Task, rec: dict) -> str:
     return rec["prompt"] + rec.get("canonical_solution", "")
 
 
-def shots_prefix(task: Task, index: int, k: int, seed: int) -> str:
+def shots_prefix(task: Task, index: int, k: int, seed: int, demo=None) -> str:
+    """k solved examples drawn for item `index`, each written by `demo(rec)` (default: demonstration)."""
     if k == 0:
         return ""
     if k > len(task.records) - 1:
         raise TaskError(f"{task.name}: {k} shots asked, but only {len(task.records) - 1} other items to draw from")
     rng = random.Random(f"{seed}:{task.name}:{index}")
     pool = [j for j in rng.sample(range(len(task.records)), min(k + 1, len(task.records))) if j != index][:k]
-    return "".join(demonstration(task, task.records[j]) + EXAMPLE_SEP for j in pool)
+    demo = demo or (lambda rec: demonstration(task, rec))
+    return "".join(demo(task.records[j]) + EXAMPLE_SEP for j in pool)
 
 
 # ---- answers -----------------------------------------------------------------------------------------
