@@ -31,6 +31,17 @@ free list still named; a new request whose prompt starts with named blocks takes
 recomputing (at least one prompt token is always computed, for its logits), after checking that each
 block holds exactly its tokens. Eviction takes the least recently freed block first.
 
+Images (issue 21): a request may carry `ImageInput`s, each a run of placeholder tokens in its prompt
+(`prompt[offset : offset + n_image_tokens]`), the image bytes' digest and its pixels (or precomputed
+features). The features are computed by the engine's VisionTower the first time a step's chunk reaches
+the image's positions (so a prompt served from the prefix cache never runs the tower), kept by the
+sequence (preemption recomputes its KV, not its features) and in a bounded LRU by digest (the n samples
+of one request, or the same image sent again, run the tower once). They replace the placeholders'
+embeddings through `model(idx, kv_cache=..., embeds=(where, rows))`, the rows sliced to the chunk when
+a prompt is prefilled in chunks. A block that holds image positions is named with the image's digest
+and offset too, so two images behind the same placeholder ids never share a block, and the same image
+twice is a prefix hit. The draft model of speculative decoding sees the placeholders' own embeddings.
+
 The flattened batch: all new tokens of a step form one row (1, N) through the model, so the linear
 layers see every token at once. Attention is per sequence (`PagedKVCache.attend`): one padded
 batched call for the single-token (decode) sequences, one call per multi-token chunk.
@@ -45,7 +56,9 @@ import os
 import re
 from collections import OrderedDict, deque
 from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -54,6 +67,9 @@ from gptstack.config import ModelConfig
 from gptstack.infer.sampling import Sampler, SamplingParams, draw, top_logprobs
 from gptstack.infer.speculative import accept, ngram_propose
 from gptstack.model import GPT, attend, attention_mask, kv_cache_bytes_per_token
+
+if TYPE_CHECKING:
+    from gptstack.vision import VisionConfig, VisionTower
 
 
 @dataclass
@@ -67,6 +83,7 @@ class EngineConfig:
     speculative: str | None = None  # speculative decoding: 'ngram' (prompt lookup) or 'draft' (needs a draft model)
     num_speculative: int = 4  # tokens proposed per speculative round
     ngram_max: int = 4  # prompt lookup tries the last ngram_max..1 tokens
+    image_cache: int = 64  # images whose vision features are kept (by the image bytes' digest)
 
     def __post_init__(self) -> None:
         if self.kv_block_size < 1 or self.max_seqs < 1 or self.max_step_tokens < 1:
@@ -216,6 +233,28 @@ def block_digest(parent: bytes, tokens: tuple[int, ...], extra: bytes = b"") -> 
     return h.digest()
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a request: its placeholders are prompt[offset : offset + n_image_tokens]. Give
+    `pixels` (3, H, W), preprocessed (vision.preprocess), for the engine's VisionTower, or `features`
+    (n_image_tokens, D) computed already (then the engine needs no tower)."""
+
+    digest: bytes  # vision.image_digest of the image bytes: the feature cache's and the prefix cache's key
+    offset: int  # prompt position of its first placeholder token
+    pixels: Tensor | None = None
+    features: Tensor | None = None
+
+
+def image_extra(images: tuple[ImageInput, ...], spans: list[int], lo: int, hi: int) -> bytes:
+    """What block_digest adds for the positions [lo, hi) of a prompt: digest + offset of each image
+    (its placeholders images[i].offset + [0, spans[i])) with a position there; b"" when none has one."""
+    return b"".join(
+        im.digest + im.offset.to_bytes(8, "little")
+        for im, n in zip(images, spans, strict=True)
+        if im.offset < hi and im.offset + n > lo
+    )
+
+
 class BlockPool:
     """Block ids 0..n-1: reference counts, an LRU free list, and the prefix-cache name of each block."""
 
@@ -259,9 +298,14 @@ class BlockPool:
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, arrival: int, device, vocab: int):
+    def __init__(
+        self, request_id: str, prompt: list[int], params: SamplingParams, arrival: int, device, vocab: int, images=()
+    ):
         self.request_id, self.params, self.arrival = request_id, params, arrival
         self.prompt = list(prompt)
+        self.images: tuple[ImageInput, ...] = tuple(images)  # in prompt order; kept through preemption
+        self.spans = [0] * len(self.images)  # placeholder tokens of each image (set by the engine)
+        self.features: list[Tensor | None] = [im.features for im in self.images]  # (n, D) once computed
         self.tokens = list(prompt)  # prompt + generated
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.draft_computed = 0  # the same for the draft model's cache
@@ -279,6 +323,10 @@ class Sequence:
     @property
     def num_output(self) -> int:
         return len(self.tokens) - len(self.prompt)
+
+    def block_extra(self, i: int, bs: int) -> bytes:
+        """block_digest's `extra` for block i: the images with a position in it."""
+        return image_extra(self.images, self.spans, i * bs, (i + 1) * bs) if self.images else b""
 
 
 class PagedKVCache:
@@ -375,8 +423,18 @@ class PagedKVCache:
 
 
 class Engine:
-    def __init__(self, model: GPT, config: EngineConfig | None = None, tokenizer=None, draft: GPT | None = None):
+    def __init__(
+        self,
+        model: GPT,
+        config: EngineConfig | None = None,
+        tokenizer=None,
+        draft: GPT | None = None,
+        vision: tuple[VisionTower, VisionConfig] | None = None,
+    ):
         self.model, self.config, self.tokenizer, self.draft = model.eval(), config or EngineConfig(), tokenizer, draft
+        # the vision tower and its config (image tokens per image, the placeholder id), or None: text only
+        self.vision, self.vision_config = (vision[0].eval(), vision[1]) if vision is not None else (None, None)
+        self.image_features: OrderedDict[bytes, Tensor] = OrderedDict()  # digest → (n_image_tokens, D), LRU
         cfg = self.config
         mc = model.config
         self.context = mc.block_size
@@ -409,18 +467,19 @@ class Engine:
         self.counter = itertools.count()
         self.stats = dict(
             steps=0, prompt_tokens=0, computed_tokens=0, generated_tokens=0, prefix_queried=0, prefix_hits=0,
-            preemptions=0, spec_proposed=0, spec_accepted=0,
+            preemptions=0, spec_proposed=0, spec_accepted=0, images=0, images_encoded=0,
         )  # fmt: skip
 
     # ---- requests ----------------------------------------------------------------------------------
 
-    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt: list[int], params: SamplingParams, images: Seq[ImageInput] = ()) -> None:
         """Raise ValueError (ContextLengthExceeded for the context) if the engine cannot serve the request.
         Reads only the engine's fixed configuration, so any thread may call it."""
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         V = self.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < V for t in prompt):
+        placeholders = self.check_images(prompt, images)
+        if any(not isinstance(t, int) or not (0 <= t < V or i in placeholders) for i, t in enumerate(prompt)):
             raise ValueError(f"prompt token ids must be integers in [0, {V})")
         if len(prompt) + params.max_tokens > self.context:  # max_tokens >= 1: a prompt must leave room
             raise ContextLengthExceeded(len(prompt), params.max_tokens, self.context)
@@ -434,14 +493,53 @@ class Engine:
                 f"({self.config.kv_block_size} tokens each): lower max_tokens or raise --kv-memory"
             )
 
-    def add_request(self, prompt: list[int], params: SamplingParams | None = None, request_id: str | None = None):
-        """Queue a request; raises ValueError (nothing queued) for a request that cannot be served."""
+    def image_span(self, image: ImageInput) -> int:
+        """The placeholder tokens of one image: its features' rows, else the tower's n_image_tokens."""
+        if image.features is not None:
+            return image.features.size(0)
+        return self.vision_config.n_image_tokens if self.vision_config is not None else 0
+
+    def check_images(self, prompt: list[int], images: Seq[ImageInput]) -> set[int]:
+        """ValueError unless each image has its features or pixels for this engine's tower, and its run of
+        placeholder ids in the prompt, in order and apart. Returns the placeholder positions."""
+        positions: set[int] = set()
+        end, D = 0, self.model.config.n_embd
+        for k, im in enumerate(images):
+            if im.features is None and (im.pixels is None or self.vision is None):
+                raise ValueError(
+                    "this model has no vision tower: it takes no images"
+                    if self.vision is None
+                    else f"image {k} has neither pixels nor features"
+                )
+            if im.features is not None and (im.features.dim() != 2 or im.features.size(1) != D):
+                raise ValueError(f"image {k}: features must be (n_image_tokens, {D}), got {tuple(im.features.shape)}")
+            n = self.image_span(im)
+            if im.offset < end or im.offset + n > len(prompt):
+                raise ValueError(f"image {k}: placeholders at {im.offset}..{im.offset + n} overlap or leave the prompt")
+            token = self.vision_config.image_token_id if self.vision_config is not None else None
+            if token is not None and any(t != token for t in prompt[im.offset : im.offset + n]):
+                raise ValueError(f"image {k}: prompt[{im.offset}:{im.offset + n}] must be the image token {token}")
+            positions.update(range(im.offset, im.offset + n))
+            end = im.offset + n
+        return positions
+
+    def add_request(
+        self,
+        prompt: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        images: Seq[ImageInput] = (),
+    ):
+        """Queue a request; raises ValueError (nothing queued) for a request that cannot be served.
+        `images`: the prompt's images, in order (ImageInput)."""
         params = params or SamplingParams()
         rid = request_id if request_id is not None else f"req-{next(self.counter)}"
         if rid in self.by_id:
             raise ValueError(f"request id {rid!r} is already in use")
-        self.check_request(prompt, params)
-        seq = Sequence(rid, prompt, params, next(self.counter), self.device, self.model.config.vocab_size)
+        self.check_request(prompt, params, images)
+        seq = Sequence(rid, prompt, params, next(self.counter), self.device, self.model.config.vocab_size, images)
+        seq.spans = [self.image_span(im) for im in seq.images]
+        self.stats["images"] += len(seq.images)
         if self.tokenizer is not None:
             seq.decoder = self.tokenizer.stream_decoder()
         self.by_id[rid] = seq
@@ -506,7 +604,7 @@ class Engine:
         while (len(seq.hashes) + 1) * bs <= seq.num_computed:
             i = len(seq.hashes)
             tokens = tuple(seq.tokens[i * bs : (i + 1) * bs])
-            h = block_digest(seq.hashes[-1] if seq.hashes else b"", tokens)
+            h = block_digest(seq.hashes[-1] if seq.hashes else b"", tokens, seq.block_extra(i, bs))
             seq.hashes.append(h)
             if self.config.prefix_caching:
                 self.pool.register(seq.blocks[i], h)
@@ -521,7 +619,7 @@ class Engine:
         parent = b""
         for i in range((len(seq.tokens) - 1) // bs):
             tokens = tuple(seq.tokens[i * bs : (i + 1) * bs])
-            h = block_digest(parent, tokens)
+            h = block_digest(parent, tokens, seq.block_extra(i, bs))
             block = self.pool.take_cached(h)
             if block is None:
                 break
@@ -633,10 +731,53 @@ class Engine:
         cache.prepare(chunks)
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, N)
         at = torch.tensor(want, dtype=torch.long, device=self.device)
-        logits = model(idx, kv_cache=cache, logits_at=at)[0].float()  # (len(want), V)
+        embeds = None if draft else self._image_rows(batch, len(ids))  # the draft sees the placeholders' embeddings
+        logits = model(idx, kv_cache=cache, logits_at=at, embeds=embeds)[0].float()  # (len(want), V)
         if self.allowed is not None:
             logits = logits.masked_fill(~self.allowed, float("-inf"))
         return logits
+
+    def _image_rows(self, batch: list[tuple[Sequence, int]], N: int) -> tuple[Tensor, Tensor] | None:
+        """The step's `embeds`: where (1, N) marks the flattened positions that hold image placeholders, rows
+        (where.sum(), D) their features in order, each image sliced to the part of it this chunk computes."""
+        where = torch.zeros(1, N, dtype=torch.bool)
+        rows, offset = [], 0
+        for seq, n in batch:
+            start = seq.num_computed
+            for k, (im, span) in enumerate(zip(seq.images, seq.spans, strict=True)):
+                lo, hi = max(start, im.offset), min(start + n, im.offset + span)
+                if lo < hi:
+                    where[0, offset + lo - start : offset + hi - start] = True
+                    rows.append(self._features(seq, k)[lo - im.offset : hi - im.offset])
+            offset += n
+        if not rows:
+            return None
+        return where.to(self.device), torch.cat(rows).to(self.device, self.model.transformer.wte.weight.dtype)
+
+    def _features(self, seq: Sequence, k: int) -> Tensor:
+        """Image k's features (span, D): the sequence's own, the LRU's, or the tower's. A tower call encodes
+        every image of the sequence still without features at once."""
+        if seq.features[k] is None:
+            todo = []
+            for j, im in enumerate(seq.images):
+                if seq.features[j] is None and (cached := self.image_features.get(im.digest)) is not None:
+                    self.image_features.move_to_end(im.digest)
+                    seq.features[j] = cached
+                elif seq.features[j] is None:
+                    todo.append(j)
+            if todo:
+                pixels = torch.stack([seq.images[j].pixels for j in todo]).to(self.device)  # (n, 3, H, W)
+                out = self.vision(pixels.to(next(self.vision.parameters()).dtype))  # (n, span, D)
+                self.stats["images_encoded"] += len(todo)
+                for j, f in zip(todo, out, strict=True):
+                    seq.features[j] = self._remember(seq.images[j].digest, f)
+        return seq.features[k]
+
+    def _remember(self, digest: bytes, features: Tensor) -> Tensor:
+        self.image_features[digest] = features
+        while len(self.image_features) > self.config.image_cache:
+            self.image_features.popitem(last=False)
+        return features
 
     def _prompt_logprobs(self, seq: Sequence, start: int, n: int, logits: Tensor) -> None:
         logprobs = logits.log_softmax(dim=-1)
@@ -763,10 +904,17 @@ class Engine:
         while self.has_unfinished():
             yield from self.step()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None):
-        """Run prompts to completion (continuous batching over all of them); Completions in order."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        images: list[Seq[ImageInput]] | None = None,
+    ):
+        """Run prompts to completion (continuous batching over all of them); Completions in order.
+        `images`: each prompt's ImageInputs."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        images = images or [()] * len(prompts)
+        ids = [self.add_request(p, sp, images=im) for p, sp, im in zip(prompts, params_list, images, strict=True)]
         got = {rid: Completion(rid, list(p), [], "", "", [], None, 0) for rid, p in zip(ids, prompts, strict=True)}
         for out in self.run():
             c = got.get(out.request_id)
@@ -780,9 +928,11 @@ class Engine:
                 c.finish_reason, c.prompt_logprobs = out.finish_reason, out.prompt_logprobs
         return [got[rid] for rid in ids]
 
-    def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(
+        self, prompt: list[int], params: SamplingParams | None = None, images: Seq[ImageInput] = ()
+    ) -> Iterator[RequestOutput]:
         """Add one request and yield its outputs as they come (other requests keep running)."""
-        rid = self.add_request(prompt, params)
+        rid = self.add_request(prompt, params, images=images)
         try:
             while rid in self.by_id:
                 for out in self.step():

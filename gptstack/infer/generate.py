@@ -23,10 +23,13 @@ def generate(
     stop_tokens: frozenset[int] = frozenset(),
     use_cache: bool = True,
     allowed: torch.Tensor | None = None,
+    embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Iterator[int]:
     """Yield up to `params.max_tokens` new token ids one at a time (stops early at a stop token, which
     is not yielded). `allowed` (V,) bool: the only ids that may be sampled (Tokenizer.decodable_mask).
-    Without the cache every step re-runs the whole sequence (the reference the cache must match)."""
+    `embeds` (where (T,) bool over the prompt, rows (where.sum(), D)): image features at the prompt's
+    placeholders (GPT.forward). Without the cache every step re-runs the whole sequence (the reference
+    the cache must match)."""
     params = params or SamplingParams()
     n, ctx = params.max_tokens, model.config.block_size
     if not prompt:
@@ -38,7 +41,15 @@ def generate(
     sampler = Sampler(params, prompt, model.config.vocab_size, device, None if allowed is None else allowed.to(device))
     seq = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
     cache = KVCache(model.config, 1, len(prompt) + n, device, weight.dtype) if use_cache else None
-    logits = model(seq, kv_cache=cache)[0, -1]  # (V,): only the last position predicts
+    where, rows = embeds if embeds is not None else (torch.zeros(len(prompt), dtype=torch.bool), None)
+    where = where.to(device)
+
+    def splice(T: int):  # the prompt's image rows, for a forward over the first T positions
+        if rows is None:
+            return None
+        return torch.cat([where, where.new_zeros(T - len(prompt))])[None], rows.to(device)
+
+    logits = model(seq, kv_cache=cache, embeds=splice(len(prompt)))[0, -1]  # (V,): only the last position predicts
     for i in range(n):
         token = sampler.sample(logits.float())
         if token in stop_tokens:
@@ -48,4 +59,7 @@ def generate(
             return
         sampler.observe(token)
         seq = torch.cat([seq, torch.tensor([[token]], device=device)], dim=1)
-        logits = model(seq[:, -1:] if use_cache else seq, kv_cache=cache)[0, -1]
+        if use_cache:
+            logits = model(seq[:, -1:], kv_cache=cache)[0, -1]
+        else:
+            logits = model(seq, embeds=splice(seq.size(1)))[0, -1]
