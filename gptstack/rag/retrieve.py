@@ -139,3 +139,14 @@ def query_index(cfg: RagQueryConfig, retriever: Retriever | None = None) -> list
     """`gptstack rag query`: the cfg.k best chunks of cfg.index for cfg.text."""
     retriever = retriever or Retriever.load(cfg.index)
     return retriever.search(cfg.text, cfg.k, cfg.method)
+
+
+def format_hits(hits: list[Hit], width: int = 100) -> str:
+    """A ranked list as text: rank, score, document, span, and the chunk's start."""
+    lines = []
+    for h in hits:
+        c = h.chunk
+        preview = " ".join(c.text.split())
+        preview = preview if len(preview) <= width else preview[: width - 1] + "…"
+        lines.append(f"{h.rank:>2}. {h.score:.4f}  {c.doc} [{c.start}:{c.end}]  {c.source}\n    {preview}")
+    return "\n".join(lines) if lines else "no chunk matches"
