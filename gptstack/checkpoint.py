@@ -7,6 +7,8 @@
       optimizer.pt        optional training state (optimizer, scheduler, RNG, loader cursor),
                           loaded with torch.load(weights_only=True)
       tokenizer/          optional tokenizer folder when the model uses a trained tokenizer
+      vision.safetensors  optional vision tower (encoder + projector, gptstack/vision.py) and
+      vision.json         its VisionConfig (shape, preprocessing, placeholder id): load_vision()
 
 A quantized model (transforms/quantize.py) stores its codes, scales and minimums in model.safetensors and
 says how in config.json's "quantization" entry; `load_model` rebuilds that structure before loading.
@@ -33,18 +35,21 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from gptstack.config import ConfigError, ModelConfig
 from gptstack.config import load_config as load_config_spec
+from gptstack.files import read_json
 from gptstack.interop.gguf import load_gguf, read_gguf_metadata
 from gptstack.model import GPT, build_model
 from gptstack.tokenizer import BaseTokenizer, get_tokenizer, tokenizer_from_gguf
 from gptstack.transforms.quantize import GROUP_SIZE, quantize, quantized_structure
+from gptstack.vision import VisionConfig, VisionTower
 
 FORMAT = "gptstack-checkpoint"
 VERSION = 1
 STEP_RE = re.compile(r"^step-(\d+)$")
+VISION_WEIGHTS, VISION_CONFIG = "vision.safetensors", "vision.json"
 
 
 class CheckpointError(ValueError):
@@ -65,20 +70,22 @@ def save_checkpoint(
     training_state: dict | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
     heads: dict[str, torch.Tensor] | None = None,
+    vision: VisionTower | None = None,
 ) -> Path:
     """Write `model` (and optional training state) to the folder `path`, atomically.
     `tokenizer`: None, a stock name ('cl100k_base', 'o200k_base', 'bytes'), or a Tokenizer, whose
     files are then copied into the checkpoint (stock tokenizers are stored by name only).
     `tensors`: the weights to write instead of `model.state_dict()` (an unsharded FSDP state dict).
     `heads`: extra tensors outside the language model (a reward, value or task head), written to
-    heads.safetensors; the checkpoint still loads as a plain model, and load_heads() reads them."""
+    heads.safetensors; the checkpoint still loads as a plain model, and load_heads() reads them.
+    `vision`: the vision tower, written to vision.safetensors + vision.json (load_vision() reads them)."""
     path = Path(path)
     ours = check_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"  # a fresh name: nothing to clear
     tmp.mkdir()
     try:
-        _write_folder(tmp, model, step, tokenizer, train_config, training_state, tensors, heads)
+        _write_folder(tmp, model, step, tokenizer, train_config, training_state, tensors, heads, vision)
         _replace_dir(tmp, path, ours)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # only our own temporary folder
@@ -86,7 +93,7 @@ def save_checkpoint(
     return path
 
 
-def _write_folder(tmp: Path, model: GPT, step, tokenizer, train_config, training_state, tensors, heads) -> None:
+def _write_folder(tmp: Path, model: GPT, step, tokenizer, train_config, training_state, tensors, heads, vision) -> None:
     """The checkpoint's files inside the temporary folder `tmp`, config.json (with every file's size and
     SHA-256, the tokenizer folder's included) last."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in (tensors or model.state_dict()).items()}
@@ -95,6 +102,9 @@ def _write_folder(tmp: Path, model: GPT, step, tokenizer, train_config, training
     save_file(tensors, tmp / "model.safetensors", metadata={"format": FORMAT})
     if heads:
         save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, tmp / "heads.safetensors")
+    if vision is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in vision.state_dict().items()}, tmp / VISION_WEIGHTS)
+        _write_synced(tmp / VISION_CONFIG, json.dumps(vision.config.to_dict(), indent=2))
     if training_state is not None:
         torch.save(training_state, tmp / "optimizer.pt")
     tokenizer_ref = _save_tokenizer(tokenizer, tmp)
@@ -505,6 +515,45 @@ def load_heads(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except SafetensorError as e:
         raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+def load_vision(
+    path: str | Path, device: str | torch.device = "cpu", verify: bool = True
+) -> tuple[VisionTower, VisionConfig] | None:
+    """The checkpoint's vision tower (eval mode) and its config; None for a text-only checkpoint or a
+    GGUF file. Checksums, every tensor name and shape are checked before a weight is copied."""
+    if Path(path).is_file():
+        return None
+    folder, meta = read_meta(path)
+    if not (folder / VISION_CONFIG).is_file():
+        return None
+    if verify:
+        verify_files(folder, meta)
+    try:
+        cfg = VisionConfig.from_dict(read_json(folder / VISION_CONFIG, CheckpointError))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / VISION_CONFIG}: invalid vision config: {e}") from None
+    tower = VisionTower(cfg, pretrained=False)
+    load_vision_weights(tower, folder)
+    return tower.to(device).eval(), cfg
+
+
+def load_vision_weights(tower: VisionTower, path: str | Path) -> None:
+    """Copy vision.safetensors into `tower` when every name and shape matches (else nothing is copied)."""
+    file = resolve(path) / VISION_WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    expected = tower.state_dict()
+    try:
+        tensors = load_file(file)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+    _check_names(file, set(tensors), set(expected))
+    wrong = [k for k, v in tensors.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(f"{file}: tensor {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, the tower "
+                              f"expects {tuple(expected[wrong[0]].shape)}")  # fmt: skip
+    tower.load_state_dict(tensors, strict=True)
 
 
 def load_tokenizer(path: str | Path):

@@ -1,14 +1,19 @@
 """`gptstack info`: what a model is, in one table: its shape and block layout, parameters (total and
 active per token), training and forward FLOPs per token, and KV-cache bytes per token, for a preset,
-a ModelConfig JSON file, or a checkpoint folder."""
+a ModelConfig JSON file, or a checkpoint folder (with a vision tower: its encoder, image tokens per image
+and parameters)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from gptstack import checkpoint
 from gptstack.config import ModelConfig, load_config
+from gptstack.files import read_json
 from gptstack.model import count_params, flops_per_token, kv_cache_bytes_per_token
+from gptstack.vision import VisionConfig, VisionTower
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -52,6 +57,28 @@ def _attention_extras(cfg: ModelConfig) -> str:
     return "".join(f", {e}" for e in extras)
 
 
+def vision_rows(spec: str) -> list[tuple[str, str]]:
+    """The vision tower's rows for a checkpoint folder holding vision.json ([] otherwise)."""
+    path = Path(spec)
+    if not (path.is_dir() or path.name == "latest"):
+        return []
+    folder = checkpoint.resolve(path)
+    if not (folder / checkpoint.VISION_CONFIG).is_file():
+        return []
+    cfg = VisionConfig.from_dict(read_json(folder / checkpoint.VISION_CONFIG, checkpoint.CheckpointError))
+    with torch.device("meta"):
+        n = VisionTower(cfg, pretrained=False).num_params()
+    enc = f"{cfg.encoder} {cfg.depth}×{cfg.width}, patch {cfg.patch_size}" if cfg.encoder == "vit" else cfg.encoder
+    return [
+        ("vision", f"{enc} at {cfg.image_size}×{cfg.image_size} px → {cfg.projector} projector"),
+        ("image tokens", f"{cfg.n_image_tokens} per image ({cfg.image_token} → id {cfg.image_token_id})"),
+        (
+            "vision parameters",
+            f"{sum(n.values()):,} ({_human(n['encoder'])} encoder + {_human(n['projector'])} projector)",
+        ),
+    ]
+
+
 def describe_model(spec: str, context: int | None = None) -> str:
     """The table `gptstack info` prints: shape, block layout, parameters, FLOPs and KV cache per token."""
     cfg = model_config_of(spec)
@@ -83,6 +110,7 @@ def describe_model(spec: str, context: int | None = None) -> str:
             f"forward {_human(flops['forward'])}",
         ),
         ("KV cache per token", f"{kv:,} bytes in bf16/fp16 ({_human(kv, 'B')}), {2 * kv:,} in fp32"),
+        *vision_rows(spec),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

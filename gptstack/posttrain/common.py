@@ -30,6 +30,7 @@ from gptstack.checkpoint import (
     load_heads,
     load_model,
     load_training_state,
+    load_vision_weights,
     load_weights,
     read_meta,
     save_checkpoint,
@@ -321,8 +322,10 @@ class StageRun:
         heads: Callable[[], dict[str, Tensor]] = dict,
         head_config: dict | None = None,
         extra: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
+        vision: nn.Module | None = None,
     ):
         self.cfg, self.stage, self.lm, self.heads, self.head_config = cfg, stage, lm, heads, head_config
+        self.vision = vision  # a VisionTower saved beside the LM (vision.safetensors) and restored on resume
         self.extra = extra  # (state() -> dict, load(dict)): a stage's own state beyond the optimizer's
         self.root = Path(cfg.out) / stage
         self.existing = stage_checkpoints(self.root, stage)
@@ -412,6 +415,8 @@ class StageRun:
             _load_exact(self.lm, s["lora"], adapter_state_dict(self.lm), folder)
         else:
             load_weights(self.lm, folder, verify=False)  # verified in _read_state
+        if self.vision is not None:
+            load_vision_weights(self.vision, folder)
         _load_exact(self.module, load_heads(folder, verify=False), self.heads(), folder)
         self.opt.load_state_dict(s["optimizer"])
         self.order, self.step = list(s["order"]), s["step"]
@@ -465,6 +470,7 @@ class StageRun:
         path = save_checkpoint(
             self.lm, step_dir(self.root, self.step), step=self.step, tokenizer=self.lm.tokenizer,
             train_config=train_config, training_state=self._training_state(), tensors=tensors, heads=heads or None,
+            vision=self.vision,
         )  # fmt: skip
         discard_checkpoints(list_checkpoints(self.root)[: -self.cfg.keep_checkpoints])
         return path
