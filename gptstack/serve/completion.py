@@ -43,10 +43,11 @@ from dataclasses import dataclass, field, replace
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gptstack.infer.engine import RequestOutput
+from gptstack.infer.engine import ImageInput, RequestOutput
 from gptstack.infer.sampling import SamplingParams
 from gptstack.serve.cache import CacheHit, CacheKey
 from gptstack.serve.gateway import ApiKey
+from gptstack.serve.images import image_parts, image_prompt
 from gptstack.serve.moderation import WINDOW_CHARS
 from gptstack.serve.protocol import ChatRequest, CompletionRequest
 from gptstack.serve.runner import EngineRunner, QueueFull, Stream, merge
@@ -71,6 +72,7 @@ class Choice:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # echo + logprobs: per prompt token (None first)
     finish_reason: str | None = None
     checked: int = 0  # len(text) at the last output moderation
+    images: tuple[ImageInput, ...] = ()  # the prompt's images (chat with image_url parts)
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
@@ -239,10 +241,10 @@ def sampling_params(
     return [SamplingParams(seed=None if body.seed is None else body.seed + j, **fields) for j in range(body.n)]
 
 
-def checked(runner: EngineRunner, prompt: list[int], params: SamplingParams, prompt_param: str) -> None:
+def checked(runner: EngineRunner, prompt: list[int], params: SamplingParams, prompt_param: str, images=()) -> None:
     """400 (context_length_exceeded for the context) when the engine would refuse the request."""
     try:
-        runner.check(prompt, params)
+        runner.check(prompt, params, images)
     except ValueError as e:
         raise refused(e, prompt_param) from None
 
@@ -267,12 +269,12 @@ def text_choices(
     return choices, texts
 
 
-def chat_choices(body: ChatRequest, prompt: list[int], runner: EngineRunner) -> list[Choice]:
+def chat_choices(body: ChatRequest, prompt: list[int], runner: EngineRunner, images=()) -> list[Choice]:
     """n Choices of the templated conversation; max_tokens defaults to the rest of the context."""
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, runner.context - len(prompt))
     samples = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
-    checked(runner, prompt, samples[0], "messages")
-    return [Choice(j, prompt, params) for j, params in enumerate(samples)]
+    checked(runner, prompt, samples[0], "messages", images)
+    return [Choice(j, prompt, params, images=tuple(images)) for j, params in enumerate(samples)]
 
 
 def text_completion(server: Server, body: CompletionRequest, key: ApiKey | None) -> Completion:
@@ -303,12 +305,18 @@ def chat_completion(server: Server, body: ChatRequest, key: ApiKey | None) -> Co
     tokens = server.count_tokens("".join(m["content"] for m in messages))
     name, score = server.resolve(body.model, text, tokens, max(0, len(users) - 1))
     runner = server.runners[name]
-    prompt = runner.tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+    images = []  # image_url parts: the prompt has a placeholder run for each (serve/images.py)
+    if image_parts(body):
+        prompt, images = image_prompt(body, runner, server.config)
+    else:
+        prompt = runner.tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
     server.check_work(body.n, len(prompt), "messages")
-    choices = chat_choices(body, prompt, runner)
+    choices = chat_choices(body, prompt, runner, images)
     raw = body.model_dump(exclude_none=True)
-    # the semantic cache: the same conversation up to a last user message that means the same
+    # the semantic cache: the same conversation up to a last user message that means the same (never with
+    # images: its text alone would match another image's answer)
     semantic = ({**raw, "messages": messages[:-1]}, users[-1]) if messages[-1]["role"] == "user" else None
+    semantic = None if images else semantic
     cache_key = server.cache.key(name, raw, semantic, server.cache_scope(key))
     record = {"endpoint": "chat", "messages": messages}
     inputs = [m["content"] for m in messages if m["content"].strip()]
@@ -391,7 +399,7 @@ class Completion:
 
     async def _submit(self) -> list[Stream]:
         """One engine request per choice, posted together (the engine thread takes them in one pass)."""
-        submits = (self.runner.submit(c.prompt, c.params) for c in self.choices)
+        submits = (self.runner.submit(c.prompt, c.params, c.images) for c in self.choices)
         results = await asyncio.gather(*submits, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if not failed:

@@ -30,17 +30,23 @@ class ServeConfig:
     moderation_policy: dict[str, str] = field(default_factory=dict)  # per category: block | flag | off (default block)
     moderation_every: int = 64  # characters of streamed output between output moderation checks
     route_threshold: float = 0.25  # 'auto' difficulty at which a request goes to the largest model
+    max_images: int = 8  # images one chat request may send; more: 400
+    max_image_bytes: int = 1 << 20  # bytes of one image (decoded from base64); more: 413 (raise --max-body-bytes too)
+    max_image_pixels: int = 4096 * 4096  # pixels of one image, read from its header before decoding; more: 413
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_waiting", "max_jobs", "max_prompt_tokens", "max_messages"):
+        limits = ("max_body_bytes", "max_waiting", "max_jobs", "max_prompt_tokens", "max_messages", "max_image_bytes")
+        for name in (*limits, "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def body_bounds(self) -> tuple[int, int]:
         """The most (arrays and objects, values) a request body may hold, counted before it is parsed:
-        room for max_jobs token-id prompts or max_messages messages (each with a content part), and
-        max_prompt_tokens token ids besides the sampling fields. Parsing more would hold the event loop."""
-        return 2 * (self.max_jobs + self.max_messages) + 64, self.max_prompt_tokens + 8 * self.max_messages + 256
+        room for max_jobs token-id prompts or max_messages messages (each with a content part), max_images
+        image parts, and max_prompt_tokens token ids besides the sampling fields. Parsing more would hold
+        the event loop."""
+        containers = 2 * (self.max_jobs + self.max_messages) + 2 * self.max_images + 64
+        return containers, self.max_prompt_tokens + 8 * self.max_messages + 6 * self.max_images + 256
 
 
 @dataclass

@@ -27,9 +27,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 
-from gptstack.infer.engine import Engine, RequestOutput
+from gptstack.infer.engine import Engine, ImageInput, RequestOutput
 from gptstack.infer.sampling import SamplingParams
 
 
@@ -64,6 +65,7 @@ class EngineRunner:
         self.tokenizer = engine.tokenizer
         self.context = engine.capacity  # tokens one request spans (prompt + output): the context, or a smaller pool
         self.vocab_size = engine.vocab_size  # prompt token ids lie in [0, vocab_size)
+        self.vision_config = engine.vision_config  # the vision tower's config (None: the model takes no images)
         self.n_params = sum(p.numel() for p in engine.model.parameters())
         self.inbox: deque = deque()  # event loop → engine thread
         self.wake = threading.Event()
@@ -104,13 +106,13 @@ class EngineRunner:
         """How many more requests may wait now (submit raises QueueFull past it)."""
         return self.max_waiting - self.num_waiting
 
-    def check(self, prompt: list[int], params: SamplingParams) -> None:
+    def check(self, prompt: list[int], params: SamplingParams, images: Seq[ImageInput] = ()) -> None:
         """ValueError (ContextLengthExceeded for the context) if the engine would refuse the request."""
-        self.engine.check_request(prompt, params)
+        self.engine.check_request(prompt, params, images)
 
-    async def submit(self, prompt: list[int], params: SamplingParams) -> Stream:
-        """Queue a request; returns once the engine accepted it (ValueError if it refuses, QueueFull
-        when `max_waiting` requests already wait). Iterate the Stream for the outputs."""
+    async def submit(self, prompt: list[int], params: SamplingParams, images: Seq[ImageInput] = ()) -> Stream:
+        """Queue a request (with its ImageInputs); returns once the engine accepted it (ValueError if it
+        refuses, QueueFull when `max_waiting` requests already wait). Iterate the Stream for the outputs."""
         if self.error is not None:
             raise RuntimeError(f"the engine of {self.name} stopped: {self.error}")
         if self.num_waiting >= self.max_waiting:
@@ -121,7 +123,7 @@ class EngineRunner:
         self.pending[rid] = _Pending(loop, asyncio.Queue(), time.perf_counter())
         queue = self.pending[rid].queue
         self._submitting += 1
-        self._post(("add", rid, prompt, params, added))
+        self._post(("add", rid, prompt, params, images, added))
         try:
             await added
         except asyncio.CancelledError:
@@ -181,10 +183,10 @@ class EngineRunner:
         for loop, fut, error in answers:
             loop.call_soon_threadsafe(_resolve, fut, error)
 
-    def _add(self, rid: str, prompt: list[int], params: SamplingParams, fut: asyncio.Future):
+    def _add(self, rid: str, prompt: list[int], params: SamplingParams, images, fut: asyncio.Future):
         pending = self.pending[rid]
         try:
-            self.engine.add_request(prompt, params, request_id=rid)
+            self.engine.add_request(prompt, params, request_id=rid, images=images)
         except ValueError as e:
             self.pending.pop(rid, None)
             return pending.loop, fut, e
