@@ -117,7 +117,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     if interactive:
         print("chat: Ctrl-D to leave, /reset to clear the history", file=sys.stderr)
-    chat.chat(engine, from_args(SamplingParams, args, chat.CHAT_SAMPLING), read, sys.stdout, system=args.system)
+    images = chat.read_images(engine, args.image)
+    params = from_args(SamplingParams, args, chat.CHAT_SAMPLING)
+    chat.chat(engine, params, read, sys.stdout, system=args.system, images=images)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -318,6 +320,8 @@ COMMANDS = [  # (command, function, its options)
                                     help="special-token text in the prompt (<|im_start|>) becomes the token"),
                                 opts(SamplingParams, skip=SAMPLING_SKIP, defaults=chat.GENERATE_SAMPLING)]),
     ("chat", cmd_chat, [arg("--system", default="", help="system message, rendered by the model's chat template"),
+                        arg("--image", action="append", default=[], metavar="PATH",
+                            help="an image shown with the first message (repeatable; needs a vision tower)"),
                         LOAD, ONE_SEQUENCE,
                         opts(SamplingParams, skip=SAMPLING_SKIP, defaults=chat.CHAT_SAMPLING)]),
     ("serve", cmd_serve, [arg("checkpoints", nargs="+", help="checkpoint folders, each served under its folder's name"),

@@ -3,14 +3,22 @@ equal to uncached, the prefix cache keyed by the image, preemption that keeps th
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
+
 import pytest
 import torch
+from vision_util import COLOURS, QUESTION, png, train_colours, vision_engine
 
+from gptstack.checkpoint import save_checkpoint
 from gptstack.config import ModelConfig
+from gptstack.infer.chat import chat, read_images
 from gptstack.infer.engine import Engine, EngineConfig, ImageInput, block_digest
 from gptstack.infer.generate import generate
 from gptstack.infer.sampling import SamplingParams
 from gptstack.model import build_model
+from gptstack.vision import ImageError
 
 V, D, SPAN, IMAGE_ID = 96, 32, 12, 95  # vocabulary, width, image tokens per image, placeholder id
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -116,3 +124,45 @@ def test_bad_images_are_refused_before_anything_is_queued(model):
     with pytest.raises(ValueError, match="no vision tower"):
         engine.add_request(prompt, GREEDY, images=[ImageInput(b"x" * 16, 4, pixels=torch.zeros(3, 8, 8))])
     assert not engine.has_unfinished() and engine.pool.used == 0
+
+
+# ---- the pixel path (a real VisionTower), `gptstack chat --image` -------------------------------------------
+
+
+def test_the_tower_runs_once_per_image_and_chat_keeps_the_image_across_turns(tmp_path):
+    engine = vision_engine(num_blocks=64, kv_block_size=4)
+    (tmp_path / "red.png").write_bytes(png((220, 30, 30)))
+    images = read_images(engine, [str(tmp_path / "red.png")])
+    turns = iter(["What colour is it?", "And now?"])
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    messages = chat(engine, params, lambda: next(turns, None), io.StringIO(), images=images)
+    assert messages[0]["content"][0]["type"] == "image_url" and len(messages) == 4
+    assert engine.stats["images"] == 2 and engine.stats["images_encoded"] == 1  # the second turn: no tower run
+    assert engine.stats["prefix_hits"] >= 4 * 4  # the second turn reused the image's blocks
+    text_only = Engine(engine.model, EngineConfig(num_blocks=8), tokenizer=engine.tokenizer)
+    with pytest.raises(ImageError, match=r"red\.png: this model has no vision tower"):
+        read_images(text_only, [str(tmp_path / "red.png")])
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ImageError, match=r"bad\.png: not an image"):
+        read_images(engine, [str(tmp_path / "bad.png")])
+
+
+@pytest.mark.slow
+def test_gptstack_chat_image_answers_about_the_image(tmp_path):
+    """`gptstack chat CKPT --image PATH` on a checkpoint trained in the test to name an image's colour."""
+    model, (tower, _), _, _ = train_colours()
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tokenizer="bytes", vision=tower)
+    answers = {}
+    for name, colour in COLOURS.items():
+        (tmp_path / f"{name}.png").write_bytes(png(colour))
+        run = subprocess.run(
+            [sys.executable, "-m", "gptstack.cli", "chat", str(ckpt), "--image", str(tmp_path / f"{name}.png"),
+             "--temperature", "0", "--max-tokens", "8"],
+            input=QUESTION + "\n", capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        answers[name] = run.stdout.strip()
+    assert answers == {"red": "assistant> red", "blue": "assistant> blue"}
+    bad = subprocess.run([sys.executable, "-m", "gptstack.cli", "chat", str(ckpt), "--image", str(tmp_path / "no.png")],
+                         input="hi\n", capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "no.png" in bad.stderr and "Traceback" not in bad.stderr

@@ -58,7 +58,6 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -67,9 +66,7 @@ from gptstack.config import ModelConfig
 from gptstack.infer.sampling import Sampler, SamplingParams, draw, top_logprobs
 from gptstack.infer.speculative import accept, ngram_propose
 from gptstack.model import GPT, attend, attention_mask, kv_cache_bytes_per_token
-
-if TYPE_CHECKING:
-    from gptstack.vision import VisionConfig, VisionTower
+from gptstack.vision import VisionConfig, VisionTower, image_positions
 
 
 @dataclass
@@ -243,6 +240,15 @@ class ImageInput:
     offset: int  # prompt position of its first placeholder token
     pixels: Tensor | None = None
     features: Tensor | None = None
+
+
+def place_images(ids: list[int], images: list[tuple[bytes, Tensor]], cfg: VisionConfig) -> list[ImageInput]:
+    """The ImageInputs of a prompt whose placeholder runs (vision.render_image_chat) hold `images`,
+    (digest, pixels (3, H, W)) in order; ValueError when the runs and the images do not number the same."""
+    starts = image_positions(ids, cfg).nonzero().flatten().tolist()[:: cfg.n_image_tokens]  # each run's first
+    if len(starts) != len(images):
+        raise ValueError(f"the prompt holds {len(starts)} image placeholder runs for {len(images)} images")
+    return [ImageInput(d, at, pixels=p) for (d, p), at in zip(images, starts, strict=True)]
 
 
 def image_extra(images: tuple[ImageInput, ...], spans: list[int], lo: int, hi: int) -> bytes:

@@ -3,7 +3,8 @@
 `LoadConfig` is what `generate`, `chat`, `serve` and the library share: the checkpoint, an optional
 tokenizer override, quantization on load and speculative decoding. `load_engine` turns it into an
 Engine whose linear layers take the decode layout on CPU (transforms/decode.py) unless they are
-quantized (transforms/quantize.py).
+quantized (transforms/quantize.py). A checkpoint with a vision tower (vision.safetensors + vision.json)
+gives an engine that takes images; the tower is never quantized.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from gptstack.checkpoint import load_model
+from gptstack.checkpoint import load_model, load_vision
 from gptstack.infer.engine import Engine, EngineConfig
 from gptstack.model import GPT
 from gptstack.transforms.decode import decode_layout
@@ -51,4 +52,5 @@ def load_engine(cfg: LoadConfig, engine: EngineConfig | None = None) -> Engine:
     engine = engine or EngineConfig()
     if speculative is not None:  # else the engine config's own mode (e.g. "ngram") stands
         engine = replace(engine, speculative=speculative)
-    return Engine(prepare(model), engine, tokenizer=tok, draft=draft)
+    vision = load_vision(cfg.checkpoint, cfg.device)  # the vision tower (fp32, as saved), or None: text only
+    return Engine(prepare(model), engine, tokenizer=tok, draft=draft, vision=vision)

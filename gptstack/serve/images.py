@@ -19,12 +19,12 @@ from __future__ import annotations
 import binascii
 import re
 
-from gptstack.infer.engine import ImageInput
+from gptstack.infer.engine import ImageInput, place_images
 from gptstack.serve.config import ServeConfig
 from gptstack.serve.protocol import ChatRequest, ImagePart
 from gptstack.serve.runner import EngineRunner
 from gptstack.serve.server import APIError
-from gptstack.vision import ImageError, decode_image, image_digest, image_positions, preprocess, render_image_chat
+from gptstack.vision import ImageError, decode_image, image_digest, preprocess, render_image_chat
 
 MIME_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/gif", "image/webp", "image/bmp")
 DATA_URL = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),", re.IGNORECASE)  # data:MIME[;param…][;base64],
@@ -87,12 +87,10 @@ def image_prompt(body: ChatRequest, runner: EngineRunner, config: ServeConfig) -
         ids, n = render_image_chat(runner.tokenizer, messages, cfg)
     except ImageError as e:
         raise APIError(e.status, str(e), param="messages", code="image_count_mismatch", reason="invalid") from None
-    pixels = preprocess(pictures, cfg)  # (N, 3, H, W)
-    at = image_positions(ids, cfg).nonzero().flatten().tolist()[:: cfg.n_image_tokens]  # each run's first position
-    if n != len(parts) or len(at) != len(parts):
-        message = f"the conversation renders {len(at)} images and sends {len(parts)}"
+    if n != len(parts):
+        message = f"the conversation renders {n} images and sends {len(parts)}"
         raise APIError(400, message, param="messages", code="image_count_mismatch", reason="invalid")
-    return ids, [ImageInput(d, offset, pixels=p) for d, offset, p in zip(digests, at, pixels, strict=True)]
+    return ids, place_images(ids, list(zip(digests, preprocess(pictures, cfg), strict=True)), cfg)
 
 
 def parts_of(content) -> str | list[dict]:
