@@ -1,8 +1,10 @@
 // gptstack web chat: streams /v1/chat/completions (server-sent events), stop, model picker,
-// temperature, system prompt, thumbs feedback (/v1/feedback). No build step, no dependencies.
+// temperature, system prompt, thumbs feedback (/v1/feedback), images (attach button, paste, drop:
+// sent as OpenAI image_url parts with data: URLs). No build step, no dependencies.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const history = [];          // {role, content}
+const history = [];          // {role, content}: content a string, or [image_url parts…, text part]
+const pending = [];          // data: URLs of the images attached to the next message
 let controller = null;       // AbortController of the request in flight
 
 function headers() {
@@ -24,10 +26,38 @@ async function loadModels() {
   } catch (e) { status("could not list models: " + e.message); }
 }
 
-function addMessage(role, text) {
+function thumbnail(url) {
+  const img = document.createElement("img");
+  img.src = url; img.alt = "attached image";
+  return img;
+}
+
+function showPending() {
+  $("attachments").replaceChildren(...pending.map((url, i) => {
+    const fig = document.createElement("figure");
+    const remove = document.createElement("button");
+    remove.type = "button"; remove.textContent = "×"; remove.title = "remove this image";
+    remove.onclick = () => { pending.splice(i, 1); showPending(); };
+    fig.append(thumbnail(url), remove);
+    return fig;
+  }));
+}
+
+function attach(files) {  // image Files → data: URLs in `pending`
+  for (const file of files) {
+    if (!file.type.startsWith("image/")) { status(file.name + " is not an image"); continue; }
+    const reader = new FileReader();
+    reader.onload = () => { pending.push(reader.result); showPending(); status(pending.length + " image(s) attached"); };
+    reader.onerror = () => status("could not read " + file.name);
+    reader.readAsDataURL(file);
+  }
+}
+
+function addMessage(role, text, images = []) {
   const div = document.createElement("div");
   div.className = "msg " + role;
   div.dataset.role = role;
+  for (const url of images) div.append(thumbnail(url));
   const body = document.createElement("div");
   body.className = "body";
   body.textContent = text;
@@ -58,8 +88,12 @@ function addFeedback(div, responseId, model) {
 }
 
 async function send(text) {
-  history.push({ role: "user", content: text });
-  addMessage("user", text);
+  const images = pending.splice(0);
+  showPending();
+  const parts = images.map((url) => ({ type: "image_url", image_url: { url } }));
+  const turn = { role: "user", content: parts.length ? [...parts, { type: "text", text }] : text };
+  history.push(turn);
+  addMessage("user", text, images);
   const div = addMessage("assistant", "");
   const out = div.querySelector(".body");
   const system = $("system").value.trim();
@@ -103,7 +137,10 @@ async function send(text) {
     status(finish === "content_filter" ? "stopped by moderation" : "done (" + finish + ")");
   } catch (e) {
     if (e.name === "AbortError") { status("stopped"); finish = "stopped"; }
-    else { div.classList.add("error"); out.textContent = "error: " + e.message; status(""); }
+    else {  // a refused turn (a bad image…) leaves the history, so the next message is not refused for it
+      div.classList.add("error"); out.textContent = "error: " + e.message; status("");
+      history.splice(history.indexOf(turn), 1);
+    }
   } finally {
     controller = null;
     $("send").disabled = false; $("stop").disabled = true;
@@ -124,7 +161,21 @@ $("input").addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("form").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => { if (controller) controller.abort(); });
-$("clear").addEventListener("click", () => { history.length = 0; $("log").replaceChildren(); status(""); });
+$("clear").addEventListener("click", () => {
+  history.length = 0; pending.length = 0; showPending(); $("log").replaceChildren(); status("");
+});
+$("attach").addEventListener("click", () => $("image-file").click());
+$("image-file").addEventListener("change", () => { attach($("image-file").files); $("image-file").value = ""; });
+$("input").addEventListener("paste", (ev) => {
+  const files = [...(ev.clipboardData ? ev.clipboardData.files : [])].filter((f) => f.type.startsWith("image/"));
+  if (files.length) { ev.preventDefault(); attach(files); }
+});
+document.addEventListener("dragover", (ev) => { ev.preventDefault(); document.body.classList.add("dropping"); });
+document.addEventListener("dragleave", () => document.body.classList.remove("dropping"));
+document.addEventListener("drop", (ev) => {
+  ev.preventDefault(); document.body.classList.remove("dropping");
+  if (ev.dataTransfer) attach(ev.dataTransfer.files);
+});
 $("api-key").addEventListener("change", () => { localStorage.setItem("gptstack-key", $("api-key").value); loadModels(); });
 $("api-key").value = localStorage.getItem("gptstack-key") || "";
 loadModels();
