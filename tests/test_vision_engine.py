@@ -142,6 +142,8 @@ def test_the_tower_runs_once_per_image_and_chat_keeps_the_image_across_turns(tmp
     text_only = Engine(engine.model, EngineConfig(num_blocks=8), tokenizer=engine.tokenizer)
     with pytest.raises(ImageError, match=r"red\.png: this model has no vision tower"):
         read_images(text_only, [str(tmp_path / "red.png")])
+    with pytest.raises(ValueError, match=r"pixels must be \(3, 16, 16\)"):
+        engine.add_request([1, 2], GREEDY, images=[ImageInput(b"x" * 16, 0, pixels=torch.zeros(3, 8, 8))])
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ImageError, match=r"bad\.png: not an image"):
         read_images(engine, [str(tmp_path / "bad.png")])

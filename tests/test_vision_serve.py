@@ -52,6 +52,8 @@ def test_the_openai_client_sends_an_image_and_image_tokens_are_counted(served):
     assert engine.stats["images_encoded"] == encoded  # and the tower did not run again
     other = chat(server, image_message(data_url(png((200, 10, 10)))))  # another image, the same text
     assert other.status_code == 200 and engine.stats["images_encoded"] == encoded + 1
+    samples = chat(server, image_message(data_url(png((9, 9, 9)))), n=3, temperature=1.0)
+    assert len(samples.json()["choices"]) == 3 and engine.stats["images_encoded"] == encoded + 2  # once for 3
     stream = client.chat.completions.create(model="vis", messages=messages, max_tokens=3, temperature=0, stream=True)
     chunks = [c.choices[0] for c in stream if c.choices]
     assert chunks[-1].finish_reason in ("length", "stop") and chunks[0].delta.role == "assistant"

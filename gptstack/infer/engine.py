@@ -519,6 +519,10 @@ class Engine:
                 )
             if im.features is not None and (im.features.dim() != 2 or im.features.size(1) != D):
                 raise ValueError(f"image {k}: features must be (n_image_tokens, {D}), got {tuple(im.features.shape)}")
+            if im.features is None and tuple(im.pixels.shape) != (3, S := self.vision_config.image_size, S):
+                raise ValueError(
+                    f"image {k}: pixels must be (3, {S}, {S}) (vision.preprocess), got {tuple(im.pixels.shape)}"
+                )
             n = self.image_span(im)
             if im.offset < end or im.offset + n > len(prompt):
                 raise ValueError(f"image {k}: placeholders at {im.offset}..{im.offset + n} overlap or leave the prompt")
