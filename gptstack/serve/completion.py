@@ -28,6 +28,11 @@ A Completion's life:
 Renderers: `TextRenderer` (/v1/completions: `text`, echo, log-probabilities as tokens / token_logprobs /
 top_logprobs / text_offset) and `ChatRenderer` (/v1/chat/completions: `message`, streamed `delta`s,
 log-probabilities as `content` entries with bytes).
+
+Retrieval (a chat body's `retrieval`, on a server started with --rag-index): rag/cite.py numbers the
+index's best chunks as sources in front of the last user message; each choice's text passes through its
+CitationFilter in `_take` (JSON and stream alike, so no `[n]` naming a missing source is ever sent), and
+the response, or a stream's opening and final chunks, carries the same `citations` list. Not cached.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gptstack.infer.engine import ImageInput, RequestOutput
 from gptstack.infer.sampling import SamplingParams
+from gptstack.rag.cite import Grounding, ground
 from gptstack.serve.cache import CacheHit, CacheKey
 from gptstack.serve.gateway import ApiKey
 from gptstack.serve.images import image_parts, image_prompt
@@ -219,6 +225,19 @@ def chat_messages(body: ChatRequest) -> list[dict[str, str]]:
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
 
 
+def grounding(server: Server, body: ChatRequest, messages: list[dict[str, str]]) -> Grounding | None:
+    """`retrieval`: the server index's best chunks for the last user message, numbered as sources."""
+    if body.retrieval is None:
+        return None
+    if server.retriever is None:
+        message = "this server has no retrieval index (start it with --rag-index INDEX)"
+        raise APIError(400, message, param="retrieval")
+    try:
+        return ground(server.retriever, messages, body.retrieval.k, body.retrieval.method)
+    except ValueError as e:  # no user text to search for; dense search on an index without embeddings
+        raise APIError(400, str(e), param="retrieval") from None
+
+
 def sampling_params(
     body: CompletionRequest | ChatRequest, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
 ) -> list[SamplingParams]:
@@ -300,6 +319,8 @@ def chat_completion(server: Server, body: ChatRequest, key: ApiKey | None) -> Co
         raise APIError(400, message, param="messages", code="request_too_large", reason="too_large")
     server.check_work(body.n, 0, "n")
     messages = chat_messages(body)
+    grounded = grounding(server, body, messages)  # retrieval: the sources go in front of the last user message
+    messages = grounded.messages if grounded else messages
     users = [m["content"] for m in messages if m["role"] == "user"]
     text = "\n".join(m["content"] for m in messages)
     tokens = server.count_tokens("".join(m["content"] for m in messages))
@@ -320,8 +341,9 @@ def chat_completion(server: Server, body: ChatRequest, key: ApiKey | None) -> Co
     cache_key = server.cache.key(name, raw, semantic, server.cache_scope(key))
     record = {"endpoint": "chat", "messages": messages}
     inputs = [m["content"] for m in messages if m["content"].strip()]
+    cache_key = None if grounded else cache_key  # a replayed stream would come without its citations
     return Completion(
-        server, runner, ChatRenderer(runner.tokenizer), body, choices, record, key, score, inputs, cache_key
+        server, runner, ChatRenderer(runner.tokenizer), body, choices, record, key, score, inputs, cache_key, grounded
     )
 
 
@@ -365,10 +387,11 @@ class Completion:
         route_score: float | None = None,
         inputs: list[str] | None = None,
         cache_key: CacheKey | None = None,
+        grounding: Grounding | None = None,
     ):
         self.server, self.runner, self.renderer, self.body = server, runner, renderer, body
         self.choices, self.record, self.key, self.route_score = choices, record, key, route_score
-        self.inputs, self.cache_key = inputs or [], cache_key
+        self.inputs, self.cache_key, self.grounding = inputs or [], cache_key, grounding
         self.id = renderer.prefix + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.prompt_tokens = sum(len(c.prompt) for c in choices[:: body.n])  # each prompt once, not per sample
@@ -419,6 +442,8 @@ class Completion:
         """Add an output to choice i; an echo-only request drops the token generated."""
         if self.echo_only:
             out = replace(out, text="", token_ids=[], logprobs=[], finish_reason="length" if out.finished else None)
+        if self.grounding is not None:  # [n] markers that name no source are taken out as the text streams
+            out = replace(out, text=self.grounding.filter(i, out.text, out.finished))
         self.choices[i].add(out)
         return out
 
@@ -468,11 +493,17 @@ class Completion:
 
     def _response(self, choices: list[dict], usage: dict) -> dict:
         head = {"id": self.id, "object": self.renderer.object, "created": self.created, "model": self.runner.name}
-        return {**head, "choices": choices, "usage": usage}
+        return {**head, "choices": choices, "usage": usage, **self._citations()}
 
-    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+    def _citations(self) -> dict:
+        """The numbered sources of a grounded request (`citations`, as in Perplexity's API), else nothing."""
+        return {} if self.grounding is None else {"citations": self.grounding.citations()}
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None, cite: bool = False) -> str:
+        """An SSE chunk; `cite`: the opening and each choice's last carry the citations (the same list)."""
         chunk = {"id": self.id, "object": self.renderer.chunk_object, "created": self.created}
         chunk |= {"model": self.runner.name, "choices": choices, "system_fingerprint": "gptstack"}
+        chunk |= self._citations() if cite else {}
         return sse(chunk if usage is None else {**chunk, "usage": usage})
 
     @property
@@ -521,13 +552,13 @@ class Completion:
         status, merged = 499, merge(streams)
         try:
             for pieces in self.renderer.opening(self.choices):
-                yield self._chunk(pieces)
+                yield self._chunk(pieces, cite=True)
             async for i, out in merged:
                 if self.choices[i].finish_reason is not None:
                     continue  # stopped by moderation; its abort is on the way
                 piece = await self._piece(self.choices[i], self._take(i, out), streams[i])
                 if piece is not None:
-                    yield self._chunk([piece])
+                    yield self._chunk([piece], cite=piece["finish_reason"] is not None)
                 if all(c.finish_reason is not None for c in self.choices):
                     break
             status = 200

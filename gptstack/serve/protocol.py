@@ -97,8 +97,18 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class Retrieval(BaseModel):
+    """A chat request's `retrieval` field (gptstack's own): ground the answer in the server's --rag-index."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(4, ge=1, le=20)
+    method: Literal["bm25", "dense", "hybrid"] = "hybrid"
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    retrieval: Retrieval | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

@@ -24,6 +24,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from gptstack.infer.engine import ContextLengthExceeded, Engine
+from gptstack.rag.retrieve import Retriever
 from gptstack.serve.cache import ExactCache, ResponseCache, SemanticCache
 from gptstack.serve.config import ServeConfig
 from gptstack.serve.gateway import ApiKey, Embedder, JsonlLog, Limiter, RateLimited, difficulty, load_keys, per_minute
@@ -143,7 +144,8 @@ class Server:
         self.small, self.large = min(size, key=size.get), max(size, key=size.get)
         self.keys = load_keys(config.api_keys)
         self.limiter = Limiter(per_minute("--rpm", "rpm", config.rpm), per_minute("--tpm", "tpm", config.tpm))
-        embedder = Embedder() if (config.semantic_cache is not None or config.moderation) else None
+        embedder = Embedder() if (config.semantic_cache is not None or config.moderation or config.rag_index) else None
+        self.retriever = Retriever.load(config.rag_index, embedder) if config.rag_index else None
         semantic = SemanticCache(embedder, config.semantic_cache) if config.semantic_cache else None
         self.cache = ResponseCache(ExactCache() if config.exact_cache else None, semantic)
         self.moderator = None
