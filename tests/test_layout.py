@@ -34,7 +34,8 @@ RANKS = {
     "gptstack.speedrun": 9,
     "gptstack.cli": 10,
 }  # fmt: skip
-ALLOWED = {("gptstack.train.sweep", "gptstack.eval.scaling")}  # the sweep trains runs and hands them to the fits
+# the sweep trains runs and hands them to the fits and the capability scorer
+ALLOWED = {("gptstack.train.sweep", "gptstack.eval.scaling"), ("gptstack.train.sweep", "gptstack.eval.capability")}
 
 
 def module_name(path: Path) -> str:

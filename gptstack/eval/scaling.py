@@ -11,6 +11,9 @@ What is fitted and reported are pure functions of the runs' (N, D, C, loss):
 - `L(N, D) = E + A/N^α + B/D^β` (Chinchilla form) over all runs: L-BFGS from a grid of starts on the
   Huber loss of log-loss residuals (Hoffmann et al., appendix D.2);
 - `predict`, and the table and plot of the fits against the held-out run.
+
+Capabilities (a task family's -E[log pass rate], pass rate and exact match) are fitted and predicted the
+same way by gptstack.eval.capability.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class ScalingConfig:
     lr: float = 3e-3  # peak learning rate
     eval_batches: int = 300  # × batch_size × context tokens of the val split: ~300k, so the loss is not a few files
     seed: int = 1337  # initialisation and data order of every run
+    # capability prediction (GPT-4 §3.1): gptstack.eval.capability scores every run on generated test items
+    capability: list[str] = field(default_factory=list)  # families to score and predict (add, copy), taught by the data
+    capability_items: int = 200  # test items per family (never in training), the same for every run
+    capability_shots: int = 2  # training-split example lines before each test item's prompt
     progress: bool = True  # a progress bar over the sweep's FLOPs
 
     def model(self, width: int, vocab: int) -> ModelConfig:
