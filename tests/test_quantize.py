@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shared_file, smollm2_file
+from conftest import shared_file
 
 from gptstack import checkpoint
 from gptstack.infer.engine import Engine
@@ -134,10 +134,10 @@ def test_cli_quantize_generate_and_chat(trained, tmp_path):
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_the_default_int4_group_keeps_a_real_models_perplexity():
+def test_the_default_int4_group_keeps_a_real_models_perplexity(smollm2):
     """SmolLM2-135M-Instruct on Tiny Shakespeare (2 windows of 512 tokens): the default group stays within 1%
     of fp32; groups of 64, the former default, cost far more (28-38% in the benchmark)."""
-    model = checkpoint.load_model(smollm2_file())
+    model = smollm2
     text = shared_file("text/tinyshakespeare.txt").read_text()[:8000]
     windows = torch.tensor(model.tokenizer.encode(text)[: 2 * 513]).view(2, 513)
 

@@ -26,12 +26,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
-def reference() -> tuple[str, bool]:
+def reference(smollm2_hf, smollm2_hf_tokenizer) -> tuple[str, bool]:
     """transformers' reply to the conversation, and whether it ended at <|im_end|> (not max_tokens)."""
-    transformers = pytest.importorskip("transformers")
-    path = smollm2_file()
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    hf, tok = smollm2_hf, smollm2_hf_tokenizer
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     end = tok.convert_tokens_to_ids("<|im_end|>")

@@ -24,13 +24,12 @@ from pathlib import Path
 import pytest
 import tokenizers
 import torch
-from conftest import SHARED_DATA, gemma3_file, need, smollm2_file
+from conftest import SHARED_DATA, gemma3_file, smollm2_file
 from test_chat_template import GEMMA3_TEMPLATE, conversations
 
 from gptstack.checkpoint import load_model, save_checkpoint
 from gptstack.cli import main
 from gptstack.config import ModelConfig
-from gptstack.interop.gguf import read_gguf_metadata
 from gptstack.model import build_model
 from gptstack.template import TemplateSecurityError
 from gptstack.tokenizer import (
@@ -95,8 +94,8 @@ def hf_oracle(meta: dict) -> tokenizers.Tokenizer:
 class Real:
     """One model's file, metadata, our tokenizer and transformers' oracle, loaded once per module."""
 
-    def __init__(self, path: Path, template: str | None = None):
-        self.path, self.meta = path, read_gguf_metadata(path)
+    def __init__(self, path: Path, meta: dict, template: str | None = None):
+        self.path, self.meta = path, dict(meta)  # a copy: the session's metadata stays the file's
         if template is not None:
             self.meta["tokenizer.chat_template"] = template
         self.tok = tokenizer_from_gguf(self.meta, origin=str(path))
@@ -108,15 +107,13 @@ class Real:
 
 
 @pytest.fixture(scope="module")
-def smol() -> Real:
-    path = smollm2_file()
-    need(path.is_file(), path.name)
-    return Real(path)
+def smol(smollm2_gguf) -> Real:
+    return Real(smollm2_file(), smollm2_gguf[0])
 
 
 @pytest.fixture(scope="module")
-def gemma() -> Real:
-    return Real(gemma3_file(), GEMMA3_TEMPLATE)  # the 270M file ships no template; Gemma 3's own
+def gemma(gemma3_gguf) -> Real:
+    return Real(gemma3_file(), gemma3_gguf[0], GEMMA3_TEMPLATE)  # the 270M file ships no template; Gemma 3's own
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from gptstack.data.shards import open_shards, read_manifest
 from gptstack.eval.perplexity import perplexity
 from gptstack.eval.scorer import Scorer, encode_pair, prefix_id
 from gptstack.infer.engine import Engine, EngineConfig
-from gptstack.interop.gguf import read_gguf_metadata
 from gptstack.model import build_model
 from gptstack.posttrain.reward import RewardModel, render
 from gptstack.serve.app import create_app
@@ -42,18 +41,10 @@ PROMPT = "The capital of France is"
 GREEDY = 12  # tokens of greedy continuation compared
 
 
-def transformers_or_skip():
-    try:
-        import transformers
-    except ImportError:
-        need(False, "the transformers package")
-    return transformers
-
-
 # ---- SmolLM2's tokenizer (49,152 ids, ChatML, no BOS) -----------------------------------------------------
 @pytest.fixture(scope="module")
-def smol_meta() -> dict:
-    return read_gguf_metadata(smollm2_file())
+def smol_meta(smollm2_gguf) -> dict:
+    return smollm2_gguf[0]
 
 
 @pytest.fixture(scope="module")
@@ -149,22 +140,21 @@ def test_data_prepare_and_init_take_a_gguf_file_as_the_tokenizer(smol_tok, tmp_p
 
 # ---- Gemma 3 270M: BOS through generate, serve and eval, against transformers ----------------------------
 @pytest.fixture(scope="module")
-def gemma():
-    """(our model, transformers' model, transformers' tokenizer, a running `gptstack generate` on the file),
-    loaded once (~100 s on two cores; the CLI process starts first and loads alongside)."""
-    transformers = transformers_or_skip()
-    path = gemma3_file()
-    cmd = [sys.executable, "-m", "gptstack.cli", "generate", str(path), "--prompt", PROMPT, "--temperature", "0",
-           "--max-tokens", str(GREEDY)]  # fmt: skip
+def gemma_generate():
+    """A running `gptstack generate` on the Gemma file, started before the session's models load."""
+    cmd = [sys.executable, "-m", "gptstack.cli", "generate", str(gemma3_file()), "--prompt", PROMPT,
+           "--temperature", "0", "--max-tokens", str(GREEDY)]  # fmt: skip
     generate = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        yield load_model(path), hf.eval(), hf_tok, generate
-    finally:
-        if generate.poll() is None:  # the test that reads it did not run
-            generate.kill()
-            generate.communicate()
+    yield generate
+    if generate.poll() is None:  # the test that reads it did not run
+        generate.kill()
+        generate.communicate()
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_generate, gemma3, gemma3_hf, gemma3_hf_tokenizer):
+    """(our model, transformers' model, transformers' tokenizer, the running `gptstack generate`)."""
+    return gemma3, gemma3_hf, gemma3_hf_tokenizer, gemma_generate
 
 
 def hf_logprobs(hf, ids: list[int]) -> list[float]:
