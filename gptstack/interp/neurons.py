@@ -184,11 +184,16 @@ def activations_at(model: GPT, idx: Tensor, name: str) -> Tensor:
     return got["value"]
 
 
-def check_layer(model: GPT, layer: int) -> None:
+def check_layer(model: GPT, layer: int, seq_len: int, skip: int, dense: bool = True) -> None:
+    """Refuse a layer the model lacks (or, with `dense`, one without dense MLP neurons), and rows it cannot read."""
     n = model.config.n_layer
     if not 0 <= layer < n:
         raise ValueError(f"--layer {layer} is outside the model's {n} layers (0..{n - 1})")
-    if isinstance(model.transformer.h[layer].mlp, MoE):
+    if seq_len > model.config.block_size:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {model.config.block_size}")
+    if not 0 <= skip < seq_len:
+        raise ValueError(f"--skip {skip} must be below --seq-len {seq_len}")
+    if dense and isinstance(model.transformer.h[layer].mlp, MoE):
         raise ValueError(f"layer {layer} is a mixture of experts: it has no dense MLP neurons")
 
 
@@ -256,13 +261,11 @@ class RunningTopK:
 
 def stream_neurons(model: GPT, cfg: NeuronsConfig) -> tuple[RunningTopK, list[int], dict]:
     """Stream cfg.data through `model` and keep the top examples of layer cfg.layer's neurons."""
-    check_layer(model, cfg.layer)
+    check_layer(model, cfg.layer, cfg.seq_len, cfg.skip)
     F = model.config.d_ff
     chosen = list(range(F)) if cfg.neurons is None else list(cfg.neurons)
     if bad := [i for i in chosen if not 0 <= i < F]:
         raise ValueError(f"--neurons {bad[0]} is outside layer {cfg.layer}'s {F} neurons (0..{F - 1})")
-    if not 0 <= cfg.skip < cfg.seq_len:
-        raise ValueError(f"--skip {cfg.skip} must be below --seq-len {cfg.seq_len}")
     name = f"blocks.{cfg.layer}.mlp.post"
     top = RunningTopK(cfg.top, len(chosen), cfg.before, cfg.after, cfg.skip)
     pieces = token_pieces(cfg.data, model.tokenizer, model.config.vocab_size, cfg.split, cfg.val_fraction)

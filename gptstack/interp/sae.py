@@ -356,8 +356,10 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Sp
 def train_and_measure(cfg: SAEConfig) -> dict:
     """Train an SAE on one layer's activation, measure it on held-out text, and save it to cfg.out."""
     model = load_model(cfg.checkpoint, cfg.device)
-    check_layer(model, cfg.layer)
+    check_layer(model, cfg.layer, cfg.seq_len, cfg.skip, dense=False)
     point = point_name(cfg.layer, cfg.site)
+    D = model.config.n_embd
+    sae = SparseAutoencoder(D, cfg.expansion * D, cfg.kind, cfg.k)  # refuses a bad kind or k before any work
     if cfg.batch_tokens > cfg.buffer_tokens:
         raise ValueError(f"--batch-tokens {cfg.batch_tokens} exceeds --buffer-tokens {cfg.buffer_tokens}")
     for p in model.parameters():
@@ -365,14 +367,10 @@ def train_and_measure(cfg: SAEConfig) -> dict:
     torch.manual_seed(cfg.seed)
     stream = activation_stream(model, cfg)
     first = next(stream)
-    D = first.size(-1)
-    sae = SparseAutoencoder(D, cfg.expansion * D, cfg.kind, cfg.k)
     sae.init_weights(first.cpu(), cfg.seed)
     sae.to(first.device)
     g = torch.Generator().manual_seed(cfg.seed)
-    t0 = time.perf_counter()
     trained = train_sae(sae, shuffled(_chain(first, stream), cfg.buffer_tokens, cfg.batch_tokens, g), cfg)
-    trained["wall_seconds"] = time.perf_counter() - t0
     metrics = evaluate_sae(sae, model, cfg)
     meta = {"checkpoint": cfg.checkpoint, "layer": cfg.layer, "site": cfg.site, "point": point,
             "config": dataclasses.asdict(cfg), "metrics": metrics, "training": trained}  # fmt: skip
