@@ -37,6 +37,8 @@ from gptstack.infer.load import LoadConfig, load_engine
 from gptstack.infer.sampling import SamplingParams
 from gptstack.info import describe_model
 from gptstack.interop import convert, gguf
+from gptstack.interp.neurons import NeuronsConfig, neurons
+from gptstack.interp.sae import SAEConfig, train_and_measure
 from gptstack.options import add_options, from_args
 from gptstack.posttrain import dpo, finetune, ppo, reward, sft
 from gptstack.rag.retrieve import RagIndexConfig, RagQueryConfig, build_index, format_hits, query_index
@@ -154,6 +156,21 @@ def cmd_rag_query(args: argparse.Namespace) -> None:
     cfg = from_args(RagQueryConfig, args)
     hits = query_index(cfg)
     print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1) if cfg.json else format_hits(hits))
+
+
+def cmd_interp_neurons(args: argparse.Namespace) -> None:
+    """top-activating dataset examples and statistics of one layer's MLP neurons (JSON + HTML heat map)"""
+    cfg = from_args(NeuronsConfig, args)
+    r = neurons(cfg)
+    print(f"{len(r['neurons']):,} neurons of layer {cfg.layer} over {r['tokens']:,} tokens; "
+          f"wrote {cfg.json} and {Path(cfg.json).with_suffix('.html')}")  # fmt: skip
+
+
+def cmd_interp_sae(args: argparse.Namespace) -> None:
+    """train a sparse autoencoder on one layer's activation: FVU, L0, dead latents, CE loss recovered"""
+    cfg = from_args(SAEConfig, args)
+    print_summary(train_and_measure(cfg))
+    print(f"wrote {Path(cfg.out) / 'sae.safetensors'} and sae.json")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -332,6 +349,8 @@ COMMANDS = [  # (command, function, its options)
     ("moderation train", cmd_moderation_train, [opts(ModerationTrainConfig)]),
     ("rag index", cmd_rag_index, [opts(RagIndexConfig, positional=("src",))]),
     ("rag query", cmd_rag_query, [opts(RagQueryConfig, positional=("index",))]),
+    ("interp neurons", cmd_interp_neurons, [opts(NeuronsConfig, positional=("checkpoint",))]),
+    ("interp sae", cmd_interp_sae, [opts(SAEConfig, positional=("checkpoint",))]),
     ("tokenizer train", cmd_tokenizer_train, [opts(TokenizerTrainConfig)]),
     ("tokenizer eval", cmd_tokenizer_eval, [opts(TokenizerEvalConfig)]),
     ("tokenizer encode", cmd_tokenizer_encode, [opts(EncodeConfig, positional=("tokenizer",))]),
@@ -358,7 +377,8 @@ COMMANDS = [  # (command, function, its options)
 GROUPS = {"moderation": "the gateway's moderation classifier", "tokenizer": "train, evaluate or use a tokenizer",
           "data": "prepare token shards from documents, and inspect them",
           "vision": "image data and the vision tower",
-          "rag": "retrieval with citations: index documents, search an index"}  # fmt: skip
+          "rag": "retrieval with citations: index documents, search an index",
+          "interp": "look inside a model: lens, heads, neurons, sparse autoencoders"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
