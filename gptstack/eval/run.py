@@ -33,6 +33,7 @@ from gptstack.eval.cot import Sampling, run_cot
 from gptstack.eval.perplexity import perplexity, read_documents
 from gptstack.eval.scorer import BATCH_TOKENS, MAX_GEN_TOKENS, Scorer, load_scorer
 from gptstack.eval.tasks import FEWSHOT_SEED, Task, TaskError, TaskResult, resolve_task, run_task, task_metrics
+from gptstack.eval.vqa import load_vqa, run_vqa, split_specs, vqa_markdown
 from gptstack.report import write_section
 
 
@@ -59,6 +60,7 @@ class EvalConfig:
     samples: int = 1  # math tasks: K sampled generations per item besides the greedy one (maj@K, pass@K)
     temperature: float = 0.7  # sampling temperature of the --samples generations
     top_p: float = 1.0  # nucleus sampling of the --samples generations
+    blind: bool = False  # vqa:FILE tasks: also answer every item with its images removed (the text-only baseline)
 
     def sampling(self) -> Sampling | None:
         """How math tasks generate: None for the plain greedy direct answer (no --cot, one sample)."""
@@ -74,8 +76,12 @@ class EvalConfig:
 def evaluate(cfg: EvalConfig) -> dict:
     """`gptstack eval`: tasks and/or perplexity on a checkpoint, written as JSON (+ per-item JSONL,
     reliability PNG) and as a section of the run report. Every task file is checked before any scoring."""
-    tasks = [resolve_task(t) for t in cfg.task_specs()]
-    if not tasks and not cfg.perplexity:
+    vqa_files, specs = split_specs(cfg.task_specs())  # vqa:FILE tasks (eval/vqa.py) are read here, run below
+    tasks = [resolve_task(t) for t in specs]
+    if cfg.blind and not vqa_files:
+        raise TaskError("--blind applies to vqa tasks (--tasks vqa:FILE.jsonl), and none was given")
+    vqa = load_vqa(cfg.checkpoint, vqa_files, cfg.blind, cfg.limit) if vqa_files else None
+    if not tasks and not cfg.perplexity and vqa is None:
         raise ValueError("nothing to evaluate: give --tasks and/or --perplexity")
     if len({t.name for t in tasks}) < len(tasks):
         raise ValueError("two tasks have the same name")
@@ -91,6 +97,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         results["perplexity"] = {str(t): perplexity(scorer, read_documents(t), cfg.stride) for t in cfg.perplexity}
     results["checkpoint"] = str(cfg.checkpoint)
     items = results.pop("items", {})
+    if vqa is not None:
+        results["vqa"], vqa_items = run_vqa(scorer.model, scorer.tokenizer, vqa, cfg.max_gen_tokens, cfg.progress)
+        items |= vqa_items
     if cfg.log_samples:
         write_samples(items, cfg.log_samples)
     if cfg.calibration_plot and "calibration" in results:
@@ -230,6 +239,7 @@ def markdown(results: dict, title: str = "") -> str:
         for name, p in results["perplexity"].items():
             lines.append(f"| {name} | {p['documents']} | {p['tokens']:,} | {p['bytes']:,} | {p['nll']:.4f} "
                          f"| {p['perplexity']:.3f} | {p['bpb']:.4f} |")  # fmt: skip
+    lines += vqa_markdown(results.get("vqa", {}))
     if results.get("truncated_requests"):
         lines += ["", f"{results['truncated_requests']} requests were longer than the context and lost tokens "
                       "on the left."]  # fmt: skip
