@@ -16,14 +16,14 @@ and activation frequency (the fraction of tokens where it is > 0). The first `sk
 are left out of both: a row's first token is the attention sink, whose activations are outliers that would
 crowd every neuron's top list with meaningless first tokens.
 
-Written: the JSON (`--json OUT`) and beside it a self-contained HTML page (OUT with .html) that shows each
-neuron's top examples as a token heat map of its activation.
+Written (interp.report.write_outputs, each file through a temporary name): the JSON (`--json OUT`) and beside
+it a self-contained HTML page (OUT with .html) that shows each neuron's top examples as a token heat map of
+its activation.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,8 +36,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gptstack.checkpoint import load_model
-from gptstack.data.shards import atomic_write, open_shards, read_manifest
+from gptstack.data.shards import open_shards, read_manifest
 from gptstack.interp.hooks import HookError, patched
+from gptstack.interp.report import token_heat, write_outputs
 from gptstack.model import GPT, MoE
 
 TEXT_BLOCK = 1 << 20  # bytes of a text file read (and tokenized) at a time
@@ -315,29 +316,18 @@ def neuron_records(top: RunningTopK, chosen: list[int], tokenizer, seq_len: int)
 
 
 def heatmap_html(result: dict) -> str:
-    """A self-contained page: per neuron its statistics and each top example's tokens shaded by the neuron's
-    activation (relative to its largest top activation; the example's own token outlined)."""
-    head = (f"<h1>Layer {result['layer']} MLP neurons</h1><p>{html.escape(result['checkpoint'])} on "
-            f"{html.escape(result['data'])} ({result['tokens']:,} tokens, {result['rows']:,} rows of "
-            f"{result['seq_len']})</p>")  # fmt: skip
-    parts = []
+    """The page's body: per neuron its statistics and each top example's tokens shaded by the neuron's
+    activation relative to its largest top activation (hover a token for its value)."""
+    parts = [f"<p>{html.escape(result['checkpoint'])} on {html.escape(result['data'])}: {result['tokens']:,} tokens "
+             f"in {result['rows']:,} rows of {result['seq_len']}</p>"]  # fmt: skip
     for rec in result["neurons"]:
-        peak = max((e["activation"] for e in rec["examples"]), default=1.0) or 1.0
-        lines = []
-        for e in rec["examples"]:
-            spans = []
-            for k, (tok, a) in enumerate(zip(e["tokens"], e["acts"], strict=True)):
-                alpha = max(0.0, min(1.0, a / peak)) if peak > 0 else 0.0
-                outline = ' class="c"' if k == e["center"] else ""
-                spans.append(f'<span{outline} style="background:rgba(255,80,0,{alpha:.2f})" '
-                             f'title="{a:.3f}">{html.escape(tok)}</span>')  # fmt: skip
-            lines.append(f'<div class="ex"><b>{e["activation"]:.3f}</b> {"".join(spans)}</div>')
-        freq = rec["frequency"] or 0.0
+        peak = max((e["activation"] for e in rec["examples"]), default=0.0)
         parts.append(f'<h2 id="n{rec["neuron"]}">neuron {rec["neuron"]}</h2><p>mean {rec["mean"]:.4f}, '
-                     f'max {rec["max"] or 0:.3f}, active on {freq:.1%} of tokens</p>' + "".join(lines))  # fmt: skip
-    style = ("body{font-family:sans-serif;margin:2em}.ex{font-family:monospace;white-space:pre-wrap;margin:2px 0}"
-             ".c{outline:1px solid #000}b{display:inline-block;width:5em}")  # fmt: skip
-    return f"<!doctype html><meta charset=utf-8><title>neurons</title><style>{style}</style>{head}{''.join(parts)}"
+                     f'max {rec["max"] or 0:.3f}, active on {rec["frequency"] or 0:.1%} of tokens</p>')  # fmt: skip
+        for e in rec["examples"]:
+            shade = [a / peak if peak > 0 else 0.0 for a in e["acts"]]
+            parts.append(f"<b>{e['activation']:.3f}</b>" + token_heat(e["tokens"], shade))
+    return "".join(parts)
 
 
 def neurons(cfg: NeuronsConfig) -> dict:
@@ -347,8 +337,5 @@ def neurons(cfg: NeuronsConfig) -> dict:
     result = {"checkpoint": cfg.checkpoint, "data": cfg.data, "split": cfg.split, "layer": cfg.layer,
               "seq_len": cfg.seq_len, "skip": cfg.skip, **info,
               "neurons": neuron_records(top, chosen, model.tokenizer, cfg.seq_len)}  # fmt: skip
-    out = Path(cfg.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, json.dumps(result).encode())
-    atomic_write(out.with_suffix(".html"), heatmap_html(result).encode())
+    write_outputs(cfg.json, result, f"layer {cfg.layer} MLP neurons", heatmap_html(result), {})
     return result
