@@ -9,16 +9,17 @@ import sys
 
 import pytest
 import torch
-from vision_util import COLOURS, QUESTION, png, train_colours, vision_engine
+from PIL import Image
+from vision_util import COLOURS, QUESTION, image_message, png, train_colours, vision_engine
 
 from gptstack.checkpoint import save_checkpoint
 from gptstack.config import ModelConfig
 from gptstack.infer.chat import chat, read_images
-from gptstack.infer.engine import Engine, EngineConfig, ImageInput, block_digest
+from gptstack.infer.engine import Engine, EngineConfig, ImageInput, block_digest, place_images
 from gptstack.infer.generate import generate
 from gptstack.infer.sampling import SamplingParams
 from gptstack.model import build_model
-from gptstack.vision import ImageError
+from gptstack.vision import ImageError, preprocess, render_image_chat
 
 V, D, SPAN, IMAGE_ID = 96, 32, 12, 95  # vocabulary, width, image tokens per image, placeholder id
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -147,6 +148,22 @@ def test_the_tower_runs_once_per_image_and_chat_keeps_the_image_across_turns(tmp
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ImageError, match=r"bad\.png: not an image"):
         read_images(engine, [str(tmp_path / "bad.png")])
+
+
+def test_pixels_through_the_tower_equal_generate_with_its_features():
+    engine = vision_engine(num_blocks=64, kv_block_size=4, max_step_tokens=5)  # chunks cut the image
+    vcfg, tok = engine.vision_config, engine.tokenizer
+    ids, _ = render_image_chat(tok, image_message("unused", "hi"), vcfg)
+    pixels = preprocess([Image.open(io.BytesIO(png((30, 60, 90), noise=30)))], vcfg)  # (1, 3, 16, 16)
+    [im] = place_images(ids, [(b"d" * 16, pixels[0])], vcfg)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    out = engine.generate([ids], params, images=[[im]])[0]
+    with torch.no_grad():
+        rows = engine.vision(pixels)[0]  # (n_image_tokens, D)
+    where = torch.tensor(ids) == vcfg.image_token_id
+    reference = list(generate(engine.model, ids, params, use_cache=False, embeds=(where, rows)))
+    assert out.token_ids == reference
+    assert engine.stats["images_encoded"] == 1
 
 
 @pytest.mark.slow
