@@ -58,10 +58,11 @@ def messages_of(row: dict) -> list[dict]:
     return msgs
 
 
-def encode_example(tokenizer, row: dict, max_len: int) -> tuple[list[int], list[int]]:
-    """(inputs, targets) of one conversation; targets are -1 where the loss does not apply."""
+def encode_example(tokenizer, row: dict, max_len: int, encode_chat=None) -> tuple[list[int], list[int]]:
+    """(inputs, targets) of one conversation; targets are -1 where the loss does not apply.
+    `encode_chat(messages) -> (ids, assistant mask)`: another encoding (images: vision.encode_image_chat)."""
     try:
-        ids, mask = tokenizer.encode_chat(messages_of(row))
+        ids, mask = (encode_chat or tokenizer.encode_chat)(messages_of(row))
     except ValueError as e:
         raise SkipRow(f"bad message ({str(e).split(':')[0]})") from None
     if len(ids) - 1 > max_len:
@@ -106,10 +107,11 @@ def collate(rows: list[tuple], device) -> tuple[torch.Tensor, torch.Tensor, torc
     return idx, tgt, seg
 
 
-def sft_loss(model: GPT, rows: list[tuple]) -> tuple[torch.Tensor, float, dict[str, float]]:
-    """Summed cross-entropy over the assistant tokens of the rows, their count, and metrics."""
+def sft_loss(model: GPT, rows: list[tuple], embeds=None) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """Summed cross-entropy over the assistant tokens of the rows, their count, and metrics. `embeds`
+    (where, rows): rows spliced in at the collated batch's placeholder positions (image features)."""
     idx, tgt, seg = collate(rows, model.lm_head.weight.device)
-    logits = model(idx, segments=seg)  # (B, T, V)
+    logits = model(idx, segments=seg, embeds=embeds)  # (B, T, V)
     loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-1, reduction="sum")
     n = int((tgt >= 0).sum())
     correct = ((logits.argmax(-1) == tgt) & (tgt >= 0)).sum()
