@@ -41,6 +41,7 @@ from gptstack.interp.neurons import NeuronsConfig, neurons
 from gptstack.interp.sae import SAEConfig, train_and_measure
 from gptstack.options import add_options, from_args
 from gptstack.posttrain import dpo, finetune, ppo, reward, sft
+from gptstack.posttrain.vision import VisionTrainConfig, vision_train
 from gptstack.rag.retrieve import RagIndexConfig, RagQueryConfig, build_index, format_hits, query_index
 from gptstack.serve.config import ModerationTrainConfig, ServeConfig
 from gptstack.speedrun import SpeedrunConfig, results_table, speedrun
@@ -237,6 +238,12 @@ def cmd_vision_data(args: argparse.Namespace) -> None:
     print(f"wrote {r['train']:,} training and {r['test']:,} held-out items to {r['out']} (train.jsonl, test.jsonl)")
 
 
+def cmd_vision_train(args: argparse.Namespace) -> None:
+    cfg = from_args(VisionTrainConfig, args)
+    print_summary(vision_train(cfg))
+    print(f"checkpoint: {Path(cfg.out) / f'vision-{cfg.stage}'}\nreport:     {Path(cfg.out) / 'report.md'}")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     """pretrain on token shards (GPT-3 recipe; torchrun for DDP/FSDP2)"""
     given = {k: v for k, v in vars(from_args(TrainConfig, args)).items() if k in vars(args)}
@@ -361,6 +368,7 @@ COMMANDS = [  # (command, function, its options)
     ("data train-quality", cmd_data_train_quality, [opts(QualityTrainConfig)]),
     ("data contamination", cmd_data_contamination, [opts(ContaminationConfig, positional=("dir",))]),
     ("vision data", cmd_vision_data, [opts(ImageDataConfig)]),
+    ("vision train", cmd_vision_train, [opts(VisionTrainConfig, skip=("init",), required=("lm", "data"))]),
     ("pretrain", cmd_pretrain, [opts(TrainConfig, skip=PRETRAIN_SKIP, required=("data", "out")),
                                 one_of(arg("--preset", help="model preset (see `gptstack info`), e.g. tiny"),
                                        arg("--config", help="training config JSON (a run's train_config.json works)")),
