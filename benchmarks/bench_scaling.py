@@ -7,8 +7,8 @@ With `--capability add copy` the generated task families of gptstack.eval.capabi
 training text (`--task-share` of its bytes; their test items never are) and every run is also scored
 and predicted on them (issue 23):
 
-    python benchmarks/bench_scaling.py --out runs/bench-capability --corpus-mb 8 --capability add copy \\
-        --widths 16 24 32 48 --extra-ratios 2.5 20 --eval-batches 100
+    python benchmarks/bench_scaling.py --out runs/bench-capability --corpus-mb 4 --capability add copy \\
+        --task-share 0.5 --widths 12 16 24 32 --extra-ratios 2.5 --eval-batches 50
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--widths", type=int, nargs="+", help="the ladder's widths (default: ScalingConfig's)")
     p.add_argument("--extra-ratios", type=float, nargs="+", help="the extra runs' D/N (default: ScalingConfig's)")
     p.add_argument("--eval-batches", type=int, help="val batches per run (default: ScalingConfig's)")
+    p.add_argument("--heldout-compute", type=float, help="held-out / largest fitted compute (default: ScalingConfig's)")
     args = p.parse_args()
     shards = args.out / "shards"
     if not (shards / "manifest.json").is_file():
@@ -78,7 +79,8 @@ def main() -> None:
     print(
         f"shards: {manifest['splits']['train']['tokens']:,} train / {manifest['splits']['val']['tokens']:,} val tokens"
     )
-    given = {"widths": args.widths, "extra_ratios": args.extra_ratios, "eval_batches": args.eval_batches}
+    given = {"widths": args.widths, "extra_ratios": args.extra_ratios, "eval_batches": args.eval_batches,
+             "heldout_compute": args.heldout_compute}  # fmt: skip
     cfg = ScalingConfig(data=str(shards), out=str(args.out / "sweep"), capability=args.capability,
                         **{k: v for k, v in given.items() if v is not None})  # fmt: skip
     start, load = time.perf_counter(), os.getloadavg()

@@ -123,7 +123,7 @@ def test_tiny_sweep_predicts_capabilities_before_training_the_heldout_run(tmp_pa
     rng.shuffle(docs)
     write_texts(tmp_path / "shards", byte_tokenizer(), docs)
     args = ["scaling", "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "sweep"), "--widths", "8", "12",
-            "16", "--n-layer", "1", "--context", "32", "--tokens-per-param", "2", "--extra-ratios", "1", "4",
+            "16", "--n-layer", "1", "--context", "32", "--tokens-per-param", "2", "--extra-ratios", "1",
             "--heldout-compute", "2", "--eval-batches", "5", "--capability", "add", "copy", "--capability-items",
             "20", "--no-progress"]  # fmt: skip
     assert main(args) == 0

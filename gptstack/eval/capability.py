@@ -169,11 +169,11 @@ def score_capability(predicted: dict, actual: dict) -> None:
         reasons = []
         if metric == "exact_match" and np.sum(y >= 1.0) >= math.ceil(len(y) / 2):  # accuracy 0
             reasons.append("0 at most fitted runs")
-        if not np.all(np.diff(y) < 0):
-            reasons.append("not monotone in C")
         if entry["fit"] is None:
             reasons.append("flat: no fit")
-        elif entry["fit"]["rmse_rel"] > SMOOTH_RMSE:
+        elif not np.all(np.diff(y) < 0):
+            reasons.append("not monotone in C")
+        if entry["fit"] is not None and entry["fit"]["rmse_rel"] > SMOOTH_RMSE:
             reasons.append(f"fit RMSE {entry['fit']['rmse_rel']:.1%}")
         entry["smooth"] = not reasons
         entry["why_not"] = "; ".join(reasons)
@@ -186,7 +186,7 @@ def capability_markdown(results: dict) -> str:
     head = "| run | role | C (FLOPs) | " + " | ".join(f"{f} -E[log pass] | {f} pass rate | {f} exact" for f in families)
     lines = ["### Capability", "", head + " |", "|---|---|---:|" + "---:|" * 3 * len(families)]
     for r in results["runs"]:
-        cells = [f"{r['capability'][f][m]:.4f}" for f in families for m in METRICS]
+        cells = [f"{r['capability'][f][m]:.4g}" for f in families for m in METRICS]
         lines.append(f"| {r['name']} | {r['role']} | {r['C']:.3g} | " + " | ".join(cells) + " |")
     started = results["runs"][-1].get("started_at", "?")
     order = "before" if cap["predicted_at"] < started else "AFTER"  # ISO times in UTC sort as strings
@@ -196,7 +196,7 @@ def capability_markdown(results: dict) -> str:
     for key, e in cap["metrics"].items():
         family, metric = key.split("/")
         smooth = "yes" if e["smooth"] else f"no ({e['why_not']})"
-        lines.append(f"| {family}: {names[metric]} | {e['predicted']:.4f} | {e['actual']:.4f} | {e['error']:.2%} "
+        lines.append(f"| {family}: {names[metric]} | {e['predicted']:.4g} | {e['actual']:.4g} | {e['error']:.2%} "
                      f"| {smooth} |")  # fmt: skip
     return "\n".join(lines)
 
