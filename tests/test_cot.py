@@ -185,3 +185,17 @@ def test_gptstack_eval_gsm8k_cot_samples_end_to_end(tmp_path, tiny, capsys):
     assert [majority(v, ties="first") for v in votes] == lm_eval_majority(votes)
     assert main(["eval", str(ckpt), "--tasks", "copa", "--cot", "--no-progress"]) == 2  # no math task: refused
     assert "math tasks" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_gsm8k_cot_samples_are_real_answers_and_match_lm_eval(smollm2, gsm8k):
+    """SmolLM2-135M-Instruct, 3 GSM8K items, 4 samples: the samples reason to numbers, share the prompt's
+    blocks, and lm-eval's majority_vote agrees with ours on the logged votes (on its tie rule)."""
+    scorer = Scorer(smollm2, smollm2.tokenizer)
+    metrics, items = run_cot(scorer, first(gsm8k, 3), Sampling(cot=True, samples=4), max_gen_tokens=96)
+    votes = [[s["extracted"] for s in it["samples"]] for it in items]
+    assert sum(v is not None for row in votes for v in row) >= 9  # most samples end in a number
+    assert len({s["text"] for it in items for s in it["samples"]}) == 12  # sampled, not greedy copies
+    assert [majority(v, ties="first") for v in votes] == lm_eval_majority(votes)
+    assert [it["majority"] for it in items] == [None if tied(v) else majority(v, "first") for v in votes]
+    assert metrics["prefix_shared"] >= 4 * 3 * 16  # every sample took at least one block of its prompt
