@@ -105,6 +105,10 @@ def test_capability_fits_recover_a_known_power_law_and_flag_the_metrics_that_jum
     em = pred["add/exact_match"]
     assert not em["smooth"] and "0 at most fitted runs" in em["why_not"] and em["actual"] == pytest.approx(0.6)
     assert em["error"] > 0.5  # the jump was not predicted: 1 - 0.4 actual against ~0.98
+    pure = {"a": 3e3, "alpha": 0.3, "L_inf": 0.0}  # GPT-4's form: the log-log line is recovered exactly
+    got = predict_capability(ladder_of(C, power_law(pure, C), acc), held)["add/neg_log_pass"]
+    assert got["fit_pure"]["alpha"] == pytest.approx(0.3, rel=1e-9) and got["fit_pure"]["rmse_rel"] < 1e-9
+    assert got["predicted_pure"] == pytest.approx(power_law(pure, held["C"]), rel=1e-9)
     flat = predict_capability(ladder_of(C, power_law(truth, C), np.zeros(5)), held)["add/exact_match"]
     score_capability({"add/exact_match": flat}, actual)
     assert flat["fit"] is None and flat["predicted"] == 1.0 and "flat: no fit" in flat["why_not"]

@@ -20,10 +20,10 @@ HumanEval. A run is scored three ways (`capability_metrics`):
     pass_rate      mean pass rate (= expected sampled pass@1)  bounded, S-shaped
     exact_match    greedy decoding writes the answer           a threshold: 0 until it jumps
 
-`predict_capability` fits L(C) = a·C^-α + L∞ (gptstack.eval.scaling.fit_power_law) on the ladder to the
-lower-is-better form of each metric (neg_log_pass, -log pass_rate, 1 - exact_match) and extrapolates it to
-the held-out run; `score_capability` adds the actual values and says which metrics did not scale
-smoothly (not monotone over the ladder, a poor fit, or stuck at 0).
+`predict_capability` fits L(C) = a·C^-α + L∞ (gptstack.eval.scaling.fit_power_law) and GPT-4's pure
+a·C^-α on the ladder to the lower-is-better form of each metric (neg_log_pass, -log pass_rate,
+1 - exact_match) and extrapolates both to the held-out run; `score_capability` adds the actual values
+and says which metrics did not scale smoothly (not monotone over the ladder, a poor fit, or stuck at 0).
 """
 
 from __future__ import annotations
@@ -140,9 +140,22 @@ def score_checkpoint(checkpoint: str | Path, families: list[str], n_items: int, 
 # ---- fits across the sweep ---------------------------------------------------------------------------
 
 
+def fit_pure_power_law(C: np.ndarray, y: np.ndarray) -> dict:
+    """y = a·C^-α (GPT-4's form for -E[log pass rate]): least squares on log y against log C."""
+    slope, intercept = np.polyfit(np.log(C), np.log(y), 1)
+    rel = y / np.exp(intercept + slope * np.log(C)) - 1
+    return {
+        "a": float(np.exp(intercept)),
+        "alpha": float(-slope),
+        "L_inf": 0.0,
+        "rmse_rel": float(np.sqrt(np.mean(rel**2))),
+    }
+
+
 def predict_capability(ladder: list[dict], heldout: dict) -> dict:
-    """Per family and metric: the L(C) fit of its lower-is-better form over the ladder runs (each with
-    C and capability) and the prediction for the held-out run (whose capability is not used)."""
+    """Per family and metric: two fits of its lower-is-better form over the ladder runs (each with C and
+    capability), a·C^-α + L∞ (`fit`, as the loss) and a·C^-α (`fit_pure`, GPT-4's), and their predictions
+    for the held-out run (whose capability is not used)."""
     C = np.array([r["C"] for r in ladder])
     out: dict = {}
     for family in ladder[0]["capability"]:
@@ -150,10 +163,11 @@ def predict_capability(ladder: list[dict], heldout: dict) -> dict:
             y = np.array([lower(r["capability"][family][metric]) for r in ladder])
             entry: dict = {"ladder": y.tolist()}
             if np.all(y > 0) and np.ptp(y) > 0:
-                fit = fit_power_law(C, y)
-                entry |= {"fit": fit, "predicted": float(power_law(fit, heldout["C"]))}
+                fit, pure = fit_power_law(C, y), fit_pure_power_law(C, y)
+                entry |= {"fit": fit, "predicted": float(power_law(fit, heldout["C"])),
+                          "fit_pure": pure, "predicted_pure": float(power_law(pure, heldout["C"]))}  # fmt: skip
             else:  # a flat ladder (every run at 0 accuracy) or a perfect one: nothing to extrapolate
-                entry |= {"fit": None, "predicted": float(y[-1])}
+                entry |= {"fit": None, "predicted": float(y[-1]), "fit_pure": None, "predicted_pure": float(y[-1])}
             out[f"{family}/{metric}"] = entry
     return out
 
@@ -166,6 +180,7 @@ def score_capability(predicted: dict, actual: dict) -> None:
         y = np.array(entry["ladder"])
         entry["actual"] = float(METRICS[metric](actual[family][metric]))
         entry["error"] = abs(entry["predicted"] - entry["actual"]) / max(entry["actual"], 1e-12)
+        entry["error_pure"] = abs(entry["predicted_pure"] - entry["actual"]) / max(entry["actual"], 1e-12)
         reasons = []
         if metric == "exact_match" and np.sum(y >= 1.0) >= math.ceil(len(y) / 2):  # accuracy 0
             reasons.append("0 at most fitted runs")
@@ -191,13 +206,14 @@ def capability_markdown(results: dict) -> str:
     started = results["runs"][-1].get("started_at", "?")
     order = "before" if cap["predicted_at"] < started else "AFTER"  # ISO times in UTC sort as strings
     lines += ["", f"Predicted at {cap['predicted_at']}, {order} the held-out run started training ({started}).", ""]
-    lines += ["| metric (lower is better) | predicted | actual | error | smooth |", "|---|---:|---:|---:|---|"]
+    lines += ["| metric (lower is better) | actual | a·C^-α + L∞ | error | a·C^-α (GPT-4) | error | smooth |"]
+    lines += ["|---|---:|---:|---:|---:|---:|---|"]
     names = {"neg_log_pass": "-E[log pass rate]", "pass_rate": "-log E[pass rate]", "exact_match": "1 - exact match"}
     for key, e in cap["metrics"].items():
         family, metric = key.split("/")
         smooth = "yes" if e["smooth"] else f"no ({e['why_not']})"
-        lines.append(f"| {family}: {names[metric]} | {e['predicted']:.4g} | {e['actual']:.4g} | {e['error']:.2%} "
-                     f"| {smooth} |")  # fmt: skip
+        lines.append(f"| {family}: {names[metric]} | {e['actual']:.4g} | {e['predicted']:.4g} | {e['error']:.2%} "
+                     f"| {e['predicted_pure']:.4g} | {e['error_pure']:.2%} | {smooth} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -221,6 +237,8 @@ def plot_capability(results: dict, path: Path) -> Path:
             ax.scatter([r["C"] for r in ladder], e["ladder"], label="ladder runs (fitted)")
             if e["fit"] is not None:
                 ax.plot(cs, power_law(e["fit"], cs), "--", color="gray", label="a·C^-α + L∞ fit")
+                ax.plot(cs, power_law(e["fit_pure"], cs), ":", color="tab:purple", label="a·C^-α fit (GPT-4)")
+                ax.scatter([held["C"]], [e["predicted_pure"]], marker="+", s=80, color="tab:purple", zorder=3)
             ax.scatter([held["C"]], [e["actual"]], marker="*", s=200, color="tab:red", label="held-out (actual)")
             ax.scatter([held["C"]], [e["predicted"]], marker="x", s=80, color="tab:green", label="prediction")
             ax.set_xscale("log")
