@@ -50,7 +50,10 @@ def repeated_tokens(model: GPT, n: int, batch: int, seed: int = 0) -> Tensor:
 def induction_scores(model: GPT, n: int = 50, batch: int = 4, seed: int = 0) -> dict:
     """Per head (n_layer, h) on repeated random tokens: the induction score (attention from each
     second-copy token to the token after its first occurrence) and the previous-token score (attention
-    to the key just before); the mean loss on the first and the second copy."""
+    to the key just before); the mean loss on the first and the second copy. n is capped so that both
+    copies fit the context."""
+    bos = len(model.tokenizer.bos_prefix) if model.tokenizer is not None else 0
+    n = min(n, (model.config.block_size - bos) // 2)  # both copies fit the context
     idx = repeated_tokens(model, n, batch, seed).to(model.lm_head.weight.device)
     off = idx.size(1) - 2 * n  # the BOS prefix
     with torch.no_grad():

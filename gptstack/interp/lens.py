@@ -76,7 +76,7 @@ class TunedLens(nn.Module):
         """The lens in `path`, checked against `model`'s depth and width."""
         try:
             with safe_open(str(path), "pt") as f:
-                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f}
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except (OSError, SafetensorError) as e:
             raise LensError(f"{path}: not a tuned-lens file ({e})") from None
         want = (model.config.n_layer, model.config.n_embd)
@@ -98,6 +98,12 @@ def lens_logits(model: GPT, idx: Tensor, lens: TunedLens | None = None, at: int 
         return decode(model, h).float(), logits[:, at].float()
 
 
+def token_texts(tok, ids: list[int], vocab_size: int) -> list[str]:
+    """Each id's text; ids the tokenizer cannot decode (padding rows of the embedding) as <id>."""
+    ok = tok.decodable_mask(vocab_size)
+    return [tok.decode([i]) if ok[i] else f"<{i}>" for i in ids]
+
+
 def _token(tok, text: str) -> int:
     ids = tok.encode(text)
     if not ids:
@@ -116,7 +122,8 @@ def lens_table(model: GPT, prompt: str, target: str | None = None, lens: TunedLe
     rows = []
     for i, p in enumerate(probs):
         vals, ids = p.topk(k)
-        row = {"layer": i, "top": [[tok.decode([int(t)]), float(v)] for v, t in zip(vals, ids, strict=True)]}
+        texts = token_texts(tok, ids.tolist(), probs.size(-1))
+        row = {"layer": i, "top": [[t, float(v)] for v, t in zip(vals, texts, strict=True)]}
         if tid is not None:
             row["target_rank"], row["target_prob"] = int((p > p[tid]).sum()), float(p[tid])
         rows.append(row)
@@ -126,7 +133,7 @@ def lens_table(model: GPT, prompt: str, target: str | None = None, lens: TunedLe
         out["target"], out["target_id"] = tok.decode([tid]), tid
         ranks = [r["target_rank"] for r in rows]
         out["first_top1_layer"] = next((i for i in range(len(ranks)) if all(r == 0 for r in ranks[i:])), None)
-    out["final_top"] = tok.decode([int(final[0].argmax())])
+    out["final_top"] = token_texts(tok, [int(final[0].argmax())], probs.size(-1))[0]
     return out
 
 
@@ -135,28 +142,17 @@ def lens_table(model: GPT, prompt: str, target: str | None = None, lens: TunedLe
 
 @dataclass
 class TunedLensConfig:
-    checkpoint: str = ""
-    # checkpoint folder or .gguf file whose residual stream the lens reads
-    data: list[str] = field(default_factory=list)
-    # text files to train on (their last `held_out` fraction of windows is kept for the KL report)
-    out: str = "lens.safetensors"
-    # where to write the lens (a JSON of the held-out KL per layer goes beside it)
-    seq_len: int = 128
-    # tokens per training window
-    max_windows: int = 64
-    # windows read from the data in all (training and held out)
-    held_out: float = 0.25
-    # fraction of the windows held out for the per-layer KL
-    steps: int = 30
-    # KL fine-tuning minibatches after the least-squares start (0: the closed form alone)
-    batch_size: int = 2
-    # windows per KL minibatch
-    lr: float = 1e-3
-    # Adam learning rate of the KL fine-tuning
-    ridge: float = 1e-2
-    # ridge penalty of the least-squares start, relative to the mean squared residual
-    seed: int = 0
-    # minibatch order
+    checkpoint: str  # checkpoint folder or .gguf file whose residual stream the lens reads
+    data: list[str] = field(default_factory=list)  # text files to train on (the last windows are held out)
+    out: str = "lens.safetensors"  # the lens file to write (its held-out KL report goes to OUT.json)
+    seq_len: int = 128  # tokens per window
+    max_windows: int = 64  # windows read from the data in all, training and held out
+    held_out: float = 0.25  # fraction of the windows held out for the per-layer KL report
+    steps: int = 30  # KL fine-tuning minibatches after the least-squares start (0: the closed form alone)
+    batch_size: int = 2  # windows per minibatch
+    lr: float = 1e-3  # Adam learning rate of the KL fine-tuning
+    ridge: float = 1e-2  # ridge penalty of the least-squares start, relative to the mean squared residual
+    seed: int = 0  # minibatch order
 
 
 def text_windows(model: GPT, files: list[str], seq_len: int, max_windows: int) -> Tensor:

@@ -167,9 +167,10 @@ def run_lens(cfg: LensConfig, model: GPT | None = None) -> dict:
     model = model if model is not None else _load(cfg.checkpoint)
     if not cfg.prompt:
         raise ValueError("interp lens needs --prompt TEXT")
+    tuned = TunedLens.load(cfg.tuned, model) if cfg.tuned else None  # a bad file fails before any work
     tables = {"logit": lens_table(model, cfg.prompt, cfg.target, None, cfg.top)}
-    if cfg.tuned:
-        tables["tuned"] = lens_table(model, cfg.prompt, cfg.target, TunedLens.load(cfg.tuned, model), cfg.top)
+    if tuned is not None:
+        tables["tuned"] = lens_table(model, cfg.prompt, cfg.target, tuned, cfg.top)
     data = {"checkpoint": cfg.checkpoint, **tables}
     write_outputs(cfg.json, data, f"lens: {cfg.prompt}", lens_html(tables), {"lens": lens_plot(tables)})
     return data
