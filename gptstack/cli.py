@@ -37,7 +37,9 @@ from gptstack.infer.load import LoadConfig, load_engine
 from gptstack.infer.sampling import SamplingParams
 from gptstack.info import describe_model
 from gptstack.interop import convert, gguf
+from gptstack.interp.lens import TunedLensConfig, train_tuned_lens
 from gptstack.interp.neurons import NeuronsConfig, neurons
+from gptstack.interp.report import HeadsConfig, LensConfig, PatchConfig, run_heads, run_lens, run_patch
 from gptstack.interp.sae import SAEConfig, train_and_measure
 from gptstack.options import add_options, from_args
 from gptstack.posttrain import dpo, finetune, ppo, reward, sft
@@ -157,6 +159,42 @@ def cmd_rag_query(args: argparse.Namespace) -> None:
     cfg = from_args(RagQueryConfig, args)
     hits = query_index(cfg)
     print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1) if cfg.json else format_hits(hits))
+
+
+def cmd_interp_lens(args: argparse.Namespace) -> None:
+    """logit lens (and a tuned lens): each layer's top tokens and the target's rank at the last token"""
+    cfg = from_args(LensConfig, args)
+    r = run_lens(cfg)
+    for name in ("logit", "tuned"):
+        if name in r and "target" in r[name]:
+            print(f"{name} lens: {r[name]['target']!r} is top-1 from layer {r[name]['first_top1_layer']}")
+    print(f"wrote {cfg.json} (and .html, .lens.png beside it)")
+
+
+def cmd_interp_tuned_lens(args: argparse.Namespace) -> None:
+    """train a tuned lens (one affine translator per layer, minimising KL to the final distribution)"""
+    cfg = from_args(TunedLensConfig, args)
+    r = train_tuned_lens(cfg)
+    print("layer | held-out KL logit lens | tuned lens")
+    for i, (a, b) in enumerate(zip(r["kl_logit_lens"], r["kl_tuned_lens"], strict=True)):
+        print(f"{i} | {a:.3f} | {b:.3f}")
+    print(f"wrote {cfg.out} and {cfg.out}.json")
+
+
+def cmd_interp_heads(args: argparse.Namespace) -> None:
+    """per-head induction scores on repeated random tokens, and attention patterns on --prompt"""
+    cfg = from_args(HeadsConfig, args)
+    r = run_heads(cfg)
+    if "induction" in r:
+        print("strongest induction heads: " + ", ".join(f"L{L}.H{h} {s:.3f}" for L, h, s in r["induction"]["top"][:5]))
+    print(f"wrote {cfg.json} (and .html, .png beside it)")
+
+
+def cmd_interp_patch(args: argparse.Namespace) -> None:
+    """activation patching: the clean run's activation per layer x position into the corrupted run"""
+    cfg = from_args(PatchConfig, args)
+    r = run_patch(cfg)
+    print(f"metric clean {r['metric_clean']:.3f}, corrupted {r['metric_corrupt']:.3f}; wrote {cfg.json}")
 
 
 def cmd_interp_neurons(args: argparse.Namespace) -> None:
@@ -356,6 +394,10 @@ COMMANDS = [  # (command, function, its options)
     ("moderation train", cmd_moderation_train, [opts(ModerationTrainConfig)]),
     ("rag index", cmd_rag_index, [opts(RagIndexConfig, positional=("src",))]),
     ("rag query", cmd_rag_query, [opts(RagQueryConfig, positional=("index",))]),
+    ("interp lens", cmd_interp_lens, [opts(LensConfig, positional=("checkpoint",))]),
+    ("interp tuned-lens", cmd_interp_tuned_lens, [opts(TunedLensConfig, positional=("checkpoint",))]),
+    ("interp heads", cmd_interp_heads, [opts(HeadsConfig, positional=("checkpoint",))]),
+    ("interp patch", cmd_interp_patch, [opts(PatchConfig, positional=("checkpoint",))]),
     ("interp neurons", cmd_interp_neurons, [opts(NeuronsConfig, positional=("checkpoint",))]),
     ("interp sae", cmd_interp_sae, [opts(SAEConfig, positional=("checkpoint",))]),
     ("tokenizer train", cmd_tokenizer_train, [opts(TokenizerTrainConfig)]),
