@@ -776,8 +776,9 @@ class Engine:
                 elif seq.features[j] is None:
                     todo.append(j)
             if todo:
-                pixels = torch.stack([seq.images[j].pixels for j in todo]).to(self.device)  # (n, 3, H, W)
-                out = self.vision(pixels.to(next(self.vision.parameters()).dtype))  # (n, span, D)
+                weight = next(self.vision.parameters())  # the tower's device and dtype (fp32 beside a bf16 LM)
+                pixels = torch.stack([seq.images[j].pixels for j in todo]).to(weight.device, weight.dtype)
+                out = self.vision(pixels)  # (n, span, D)
                 self.stats["images_encoded"] += len(todo)
                 for j, f in zip(todo, out, strict=True):
                     seq.features[j] = self._remember(seq.images[j].digest, f)
