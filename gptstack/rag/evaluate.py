@@ -1,15 +1,15 @@
 """Measuring retrieval and citation against questions whose answer is known by construction.
 
-A question is a sentence of a document with one word left blank ("Fill in the blank: …"), where the
-blanked word occurs (as a whole word) in exactly one document of the corpus. So the relevant chunks are
+A question is the start of a sentence of a document, to be completed with its next word, where that
+word occurs (as a whole word) in exactly one document of the corpus. So the relevant chunks are
 exactly the chunks whose text contains the answer, and every measure is exact, with no judge:
 
 - retrieval recall@k: the fraction of questions with a relevant chunk among the top k; MRR: the mean
   reciprocal rank of the first relevant chunk (0 past DEPTH);
 - citation precision: of the `[n]` ids a reply cites (after the CitationFilter), the fraction whose
   source contains the answer; citation recall: the fraction of questions whose reply cites one that does;
-- answer match: the reply contains the answer as a whole word (case-insensitive); exact match: the reply,
-  stripped of markers, punctuation and case, is the answer.
+- answer match: the reply contains the answer as a whole word (case-insensitive); exact match: the reply's
+  first word, markers, punctuation and case aside, is the answer.
 
 The reader is any chat model behind our engine; `read` asks it each question with and without the
 sources, so the difference in answer match is the hallucination that retrieval removes, measured.
@@ -32,15 +32,14 @@ from gptstack.infer.sampling import SamplingParams
 from gptstack.rag.cite import MARKER, Grounding, grounded_messages, marker_ids
 from gptstack.rag.retrieve import Hit, Method, Retriever
 
-WORD = re.compile(r"[A-Za-z][A-Za-z'-]{4,}|\d{3,}")  # answer candidates: 5+ letter words, 3+ digit numbers
+WORD = re.compile(r"\b[A-Za-z]+(?:['-][A-Za-z]+)*\b|\b\d+\b")  # inner ' or - allowed: "don't", "pretty-printed"
 SENTENCE = re.compile(r"(?:[^.!?\n]|[.!?](?!\s|$))+[.!?](?=\s|$)")  # a period inside "0.5" does not end one
-BLANK = "____"
 
 
 @dataclass(frozen=True)
 class Question:
     id: str
-    question: str  # the sentence with the answer blanked
+    question: str  # the start of a sentence, up to the answer (its next word)
     answer: str
     doc: str  # the one document the answer occurs in
 
@@ -67,9 +66,15 @@ def _word_counts(docs: list[tuple[str, str]]) -> Counter:
     return counts
 
 
+def _candidate(word: str) -> bool:
+    """An answer worth asking for: a word of 5+ characters or a number of 3+ digits."""
+    return len(word) >= (3 if word.isdigit() else 5)
+
+
 def cloze_questions(docs: list[tuple[str, str]], n: int, seed: int = 0, max_words: int = 40) -> list[Question]:
-    """Up to `n` questions, at most one per document: a sentence of 8 to `max_words` words whose blanked
-    word occurs in that document only (module docstring). Deterministic for a seed."""
+    """Up to `n` questions, at most one per document: the start of a sentence (8 to `max_words` words)
+    up to a word that occurs in that document only and not earlier in the sentence, after at least 6
+    words; the answer is that next word. Deterministic for a seed."""
     counts, rng = _word_counts(docs), random.Random(seed)
     order = list(range(len(docs)))
     rng.shuffle(order)
@@ -79,10 +84,12 @@ def cloze_questions(docs: list[tuple[str, str]], n: int, seed: int = 0, max_word
         sentences = [s.strip() for s in SENTENCE.findall(text) if 8 <= len(s.split()) <= max_words]
         rng.shuffle(sentences)
         for s in sentences:
-            words = [w for w in WORD.findall(s)[1:] if counts[w] == 1 and len(re.findall(rf"\b{w}\b", s)) == 1]
-            if words:
-                answer = rng.choice(words)
-                out.append(Question(f"q{len(out)}", re.sub(rf"\b{re.escape(answer)}\b", BLANK, s), answer, doc))
+            found = [m for m in WORD.finditer(s) if counts[m.group()] == 1 and _candidate(m.group())]
+            found = [m for m in found if len(s[: m.start()].split()) >= 6]
+            found = [m for m in found if not re.search(rf"\b{re.escape(m.group())}\b", s[: m.start()])]
+            if found:
+                m = rng.choice(found)
+                out.append(Question(f"q{len(out)}", s[: m.start()].rstrip(), m.group(), doc))
                 break
         if len(out) == n:
             break
@@ -114,13 +121,14 @@ def normalize(text: str) -> str:
 
 
 def answer_scores(reply: str, answer: str) -> tuple[bool, bool]:
-    """(exact match, the answer occurs in the reply as a whole word), both case-insensitive."""
+    """(exact match: the reply's first word is the answer; answer match: the answer occurs in the reply as
+    a whole word), both case-insensitive, markers and punctuation aside."""
     found = re.search(rf"\b{re.escape(answer.lower())}\b", reply.lower()) is not None
-    return normalize(reply) == normalize(answer), found
+    return normalize(reply).split()[:1] == [normalize(answer)], found
 
 
 def question_prompt(q: Question) -> str:
-    return f"Fill in the blank ({BLANK}) with one word. Reply with that word only.\n\n{q.question}"
+    return f"Complete the sentence with its next word.\n\n{q.question}"
 
 
 def read(
