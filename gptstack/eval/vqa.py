@@ -101,12 +101,14 @@ def strip_images(messages: list[dict], marker: str) -> list[dict]:
 # ---- answering ------------------------------------------------------------------------------------------------
 
 
-def prompts(tokenizer, rows: list[dict], vision: tuple[VisionTower, VisionConfig] | None) -> list[tuple]:
+def prompts(
+    tokenizer, rows: list[dict], vision: tuple[VisionTower, VisionConfig] | None, marker: str = IMAGE_MARKER
+) -> list[tuple]:
     """Per row, (prompt ids, its ImageInputs for the engine): the conversation without its answer, the
     assistant turn opened. With `vision` each marker is a placeholder run for the image's preprocessed
-    pixels (keyed by the digest of its bytes); without it the images and their markers are removed."""
+    pixels (keyed by the digest of its bytes); without it the images and their `marker`s are removed."""
     if vision is None:
-        strip = [strip_images(r["messages"][:-1], IMAGE_MARKER) for r in rows]
+        strip = [strip_images(r["messages"][:-1], marker) for r in rows]
         return [(tokenizer.encode_chat(m, add_generation_prompt=True)[0], []) for m in strip]
     cfg, out = vision[1], []
     for r in rows:
@@ -124,7 +126,7 @@ def prompts(tokenizer, rows: list[dict], vision: tuple[VisionTower, VisionConfig
 
 def answers(
     model: GPT, tokenizer, rows: list[dict], vision: tuple[VisionTower, VisionConfig] | None, max_tokens: int,
-    progress: bool = False, desc: str = "vqa",
+    marker: str = IMAGE_MARKER, progress: bool = False, desc: str = "vqa",
 ) -> list[Completion]:  # fmt: skip
     """Greedy answers of at most `max_tokens` tokens to every row through the inference engine (continuous
     batching; the tower runs once per distinct image), CHUNK rows at a time so that only a chunk's
@@ -134,7 +136,7 @@ def answers(
     out: list[Completion] = []
     with tqdm(total=len(rows), desc=desc, unit="item", disable=not progress, leave=False) as bar:
         for k in range(0, len(rows), CHUNK):
-            ids, images = zip(*prompts(tokenizer, rows[k : k + CHUNK], vision), strict=True)
+            ids, images = zip(*prompts(tokenizer, rows[k : k + CHUNK], vision, marker), strict=True)
             out += engine.generate(list(ids), params, images=list(images))
             bar.update(len(ids))
     return out
@@ -166,6 +168,7 @@ class VQATasks:
     vision: tuple[VisionTower, VisionConfig] | None  # the checkpoint's tower, None for a text-only one
     files: dict[str, list[dict]]  # task name (vqa:STEM) → its rows
     blind: bool  # also answer with the images removed
+    marker: str = IMAGE_MARKER  # the image marker in the messages (the tower's VisionConfig.image_token)
 
 
 def load_vqa(checkpoint: str | Path, files: list[str], blind: bool = False, limit: int | None = None) -> VQATasks:
@@ -181,7 +184,7 @@ def load_vqa(checkpoint: str | Path, files: list[str], blind: bool = False, limi
         if name in named:
             raise TaskError(f"two vqa files are named {Path(f).stem!r}")
         named[name] = limit_rows(read_image_rows(f, marker), limit)
-    return VQATasks(vision, named, blind)
+    return VQATasks(vision, named, blind, marker)
 
 
 def run_vqa(
@@ -195,7 +198,8 @@ def run_vqa(
         runs = [("", tasks.vision)] if tasks.vision else []
         runs += [("blind_", None)] if tasks.blind else []
         for key, vision in runs:
-            got = answers(model, tokenizer, rows, vision, min(max_tokens, VQA_MAX_TOKENS), progress, f"{name} {key}")
+            n = min(max_tokens, VQA_MAX_TOKENS)
+            got = answers(model, tokenizer, rows, vision, n, tasks.marker, progress, f"{name} {key}")
             for it, c in zip(its, got, strict=True):
                 it[f"{key}generation"], it[f"{key}finish"] = c.text, c.finish_reason
                 it[f"{key}correct"] = normalize_answer(c.text) == normalize_answer(it["answer"])
