@@ -185,3 +185,14 @@ def test_gptstack_chat_image_answers_about_the_image(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gptstack.cli", "chat", str(ckpt), "--image", str(tmp_path / "no.png")],
                          input="hi\n", capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "no.png" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_feature_cache_is_bounded():
+    engine = vision_engine(num_blocks=64, kv_block_size=4, image_cache=1, prefix_caching=False)
+    vcfg = engine.vision_config
+    ids, _ = render_image_chat(engine.tokenizer, image_message("unused"), vcfg)
+    pictures = {c: preprocess([Image.open(io.BytesIO(png(c)))], vcfg)[0] for c in ((200, 0, 0), (0, 0, 200))}
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    for colour in [(200, 0, 0), (200, 0, 0), (0, 0, 200), (200, 0, 0)]:  # hit, then evicted by the other
+        engine.generate([ids], params, images=[place_images(ids, [(bytes(colour) * 6, pictures[colour])], vcfg)])
+    assert engine.stats["images_encoded"] == 3 and len(engine.image_features) == 1
