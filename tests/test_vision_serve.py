@@ -6,6 +6,7 @@ bad image gets an OpenAI error object with its status while every KV block is fr
 from __future__ import annotations
 
 import base64
+import json
 import os
 
 import httpx
@@ -108,6 +109,35 @@ def test_a_text_model_refuses_images_and_detail_is_accepted(served):
     r = chat(server, [{"role": "user", "content": [*parts, {"type": "text", "text": "same?"}]}])
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 2 * engine.vision_config.n_image_tokens
     assert base64.b64decode(url.split(",", 1)[1])[:4] == b"\x89PNG"
+
+
+def test_auto_routes_images_to_a_model_that_sees(served):
+    server, _ = served
+    r = chat(server, image_message(data_url(png())), model="auto")
+    assert r.status_code == 200 and r.headers["x-gptstack-routed-to"] == "vis"
+
+
+def test_images_with_retrieval(tmp_path):
+    """`retrieval` grounds an image chat as it does a text chat: the sources go in front of the question."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("bm25s", reason="the rag extra (bm25s)")
+    from gptstack.rag.retrieve import RagIndexConfig, build_index
+
+    docs = tmp_path / "docs.jsonl"
+    rows = [("colours", "Red and blue are primary colours of light and paint."), ("cats", "A cat is a small animal.")]
+    docs.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
+    build_index(RagIndexConfig(str(docs), str(tmp_path / "index"), dense=False, progress=False))
+    engine = vision_engine(num_blocks=128, kv_block_size=4, context=1024)
+    config = ServeConfig(exact_cache=False, rag_index=str(tmp_path / "index"))
+    with LiveServer(create_app({"vis": engine}, config)) as server:
+        messages = image_message(data_url(png()), "Which primary colours?")
+        plain = chat(server, messages)
+        grounded = chat(server, messages, retrieval={"k": 1, "method": "bm25"})
+    assert plain.status_code == grounded.status_code == 200, grounded.text
+    assert grounded.json()["citations"][0]["document"] == "colours"
+    assert grounded.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"] + 40  # the source
+    assert engine.stats["images_encoded"] == 1  # the same image in both
+    assert engine.pool.used == 0
 
 
 @pytest.mark.slow

@@ -53,9 +53,9 @@ def tiny_vision(seed: int = 0, n_embd: int = 64, context: int = 256, n_image_tok
     return model, (VisionTower(vcfg).eval(), vcfg), tok
 
 
-def vision_engine(seed: int = 0, parts=None, **config) -> Engine:
+def vision_engine(seed: int = 0, parts=None, context: int = 256, **config) -> Engine:
     """An Engine over tiny_vision (or the given (model, vision, tokenizer)); `config`: EngineConfig fields."""
-    model, vision, tok = parts or tiny_vision(seed)
+    model, vision, tok = parts or tiny_vision(seed, context=context)
     return Engine(model, EngineConfig(**config), tokenizer=tok, vision=vision)
 
 

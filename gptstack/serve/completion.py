@@ -325,10 +325,13 @@ def chat_completion(server: Server, body: ChatRequest, key: ApiKey | None) -> Co
     text = "\n".join(m["content"] for m in messages)
     tokens = server.count_tokens("".join(m["content"] for m in messages))
     name, score = server.resolve(body.model, text, tokens, max(0, len(users) - 1))
+    seeing = [n for n, r in server.runners.items() if r.vision_config is not None]
+    if image_parts(body) and body.model == "auto" and name not in seeing and seeing:  # only those can see
+        name = max(seeing, key=lambda n: server.runners[n].n_params)
     runner = server.runners[name]
     images = []  # image_url parts: the prompt has a placeholder run for each (serve/images.py)
     if image_parts(body):
-        prompt, images = image_prompt(body, runner, server.config)
+        prompt, images = image_prompt(body, runner, server.config, grounded.hits if grounded else ())
     else:
         prompt = runner.tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
     server.check_work(body.n, len(prompt), "messages")

@@ -9,8 +9,9 @@ count (`max_images`), the URL's scheme and mime type, its size in bytes from the
 decoding (413 over `max_image_bytes`), strict base64, then `vision.decode_image` (not an image, corrupt,
 more than `max_image_pixels` pixels, read from the header before the pixels are decoded: 400 or 413).
 The conversation is rendered by the model's chat template with the image marker in place of each image
-part (`vision.render_image_chat`), whose placeholder runs become ImageInputs with the preprocessed
-pixels; a marker count in the text that does not match the images is a 400. This runs in a worker
+part (`vision.render_image_chat`; with retrieval, the sources go in front of the last user message as
+on the text path), whose placeholder runs become ImageInputs with the preprocessed pixels; a marker
+count in the text that does not match the images is a 400. This runs in a worker
 thread (chat_completion runs off the event loop), so decoding a large PNG never holds the loop.
 """
 
@@ -18,8 +19,11 @@ from __future__ import annotations
 
 import binascii
 import re
+from collections.abc import Sequence
 
 from gptstack.infer.engine import ImageInput, place_images
+from gptstack.rag.cite import grounded_messages
+from gptstack.rag.retrieve import Hit
 from gptstack.serve.config import ServeConfig
 from gptstack.serve.protocol import ChatRequest, ImagePart
 from gptstack.serve.runner import EngineRunner
@@ -61,9 +65,11 @@ def url_bytes(url: str, k: int, config: ServeConfig) -> bytes:
                        code="invalid_image", reason="invalid") from None  # fmt: skip
 
 
-def image_prompt(body: ChatRequest, runner: EngineRunner, config: ServeConfig) -> tuple[list[int], list[ImageInput]]:
+def image_prompt(
+    body: ChatRequest, runner: EngineRunner, config: ServeConfig, hits: Sequence[Hit] = ()
+) -> tuple[list[int], list[ImageInput]]:
     """The templated prompt ids (each image a run of placeholder ids) and its ImageInputs; APIError
-    (nothing queued) for a model without a vision tower or any bad image."""
+    (nothing queued) for a model without a vision tower or any bad image. `hits`: retrieval's sources."""
     parts = image_parts(body)
     if runner.vision_config is None:
         message = f"the model '{runner.name}' has no vision tower: it takes no images (send text only)"
@@ -81,20 +87,19 @@ def image_prompt(body: ChatRequest, runner: EngineRunner, config: ServeConfig) -
             raise APIError(e.status, f"image {k}: {e}", param=f"messages.image_url[{k}]", code=code,
                            reason="too_large" if e.status == 413 else "invalid") from None  # fmt: skip
         digests.append(image_digest(data))
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": parts_of(m.content)}
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": marked(m.content, cfg.image_token)}
                 for m in body.messages]  # fmt: skip
-    try:
-        ids, n = render_image_chat(runner.tokenizer, messages, cfg)
-    except ImageError as e:
-        raise APIError(e.status, str(e), param="messages", code="image_count_mismatch", reason="invalid") from None
+    if hits:  # retrieval: the sources go in front of the last user message, as on the text path
+        messages = grounded_messages(messages, list(hits))
+    ids, n = render_image_chat(runner.tokenizer, messages, cfg)
     if n != len(parts):
         message = f"the conversation renders {n} images and sends {len(parts)}"
         raise APIError(400, message, param="messages", code="image_count_mismatch", reason="invalid")
     return ids, place_images(ids, list(zip(digests, preprocess(pictures, cfg), strict=True)), cfg)
 
 
-def parts_of(content) -> str | list[dict]:
-    """A message's content as render_image_chat takes it: a string, or OpenAI parts as plain dicts."""
+def marked(content, marker: str) -> str:
+    """A message's content as text with `marker` in place of each image part."""
     if not isinstance(content, list):
         return content or ""
-    return [{"type": "image_url"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in content]
+    return "".join(marker if isinstance(p, ImagePart) else p.text for p in content)
