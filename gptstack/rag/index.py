@@ -73,11 +73,15 @@ class Index:
             return np.zeros(len(self.chunks), dtype=np.float32)
         return np.asarray(self.bm25.get_scores(terms), dtype=np.float32)
 
-    def dense_scores(self, query_vector: np.ndarray) -> np.ndarray:
-        """(chunks,) cosine similarities with a unit (DIM,) query vector."""
+    def need_vectors(self) -> np.ndarray:
+        """The (chunks, DIM) embeddings; RagError for an index built without them."""
         if self.vectors is None:
             raise RagError("this index has no embeddings (built with --no-dense): use --method bm25")
-        return self.vectors @ query_vector
+        return self.vectors
+
+    def dense_scores(self, query_vector: np.ndarray) -> np.ndarray:
+        """(chunks,) cosine similarities with a unit (DIM,) query vector."""
+        return self.need_vectors() @ query_vector
 
     # ---- the folder ------------------------------------------------------------------------------------
 

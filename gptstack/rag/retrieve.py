@@ -113,8 +113,7 @@ class Retriever:
             raise RagError(f"unknown retrieval method {method!r}: choose one of {', '.join(METHODS)}")
         if method == "bm25":
             return self.index.bm25_scores(query).astype(np.float64)
-        if self.index.vectors is None:  # before loading a model only to fail
-            self.index.dense_scores(np.zeros(0))
+        self.index.need_vectors()  # before loading a model only to fail
         dense = self.index.dense_scores(self.embedder([query])[0]).astype(np.float64)
         if method == "dense":
             return dense
