@@ -140,7 +140,6 @@ def test_images_with_retrieval(tmp_path):
     assert engine.pool.used == 0
 
 
-@pytest.mark.slow
 def test_two_images_with_the_same_text_get_different_answers_from_a_trained_model():
     """A tiny LM + ViT trained in the fixture (seconds) to name the colour: served, a red and a blue image
     behind the same question share no KV block and get their own colour's name."""
