@@ -27,6 +27,7 @@ from gptstack.eval.cot import (
     sample_fanout,
     tied,
 )
+from gptstack.eval.run import run_report_of
 from gptstack.eval.scorer import Scorer
 from gptstack.eval.tasks import Task, TaskError, load_task, run_task
 from gptstack.infer.engine import Engine, EngineConfig
@@ -185,6 +186,8 @@ def test_gptstack_eval_gsm8k_cot_samples_end_to_end(tmp_path, tiny, capsys):
     assert [majority(v, ties="first") for v in votes] == lm_eval_majority(votes)
     assert main(["eval", str(ckpt), "--tasks", "copa", "--cot", "--no-progress"]) == 2  # no math task: refused
     assert "math tasks" in capsys.readouterr().err
+    (tmp_path / "model.gguf").touch()
+    assert run_report_of(tmp_path / "model.gguf") is None  # a GGUF file has no run report to append to
 
 
 @pytest.mark.slow

@@ -191,7 +191,9 @@ def write_samples(items: dict[str, list[dict]], path: str | Path) -> None:
 
 
 def run_report_of(checkpoint: str | Path) -> Path | None:
-    """RUN/report.md for a checkpoint at RUN/checkpoints/step-N (or RUN itself), else None."""
+    """RUN/report.md for a checkpoint at RUN/checkpoints/step-N (or RUN itself), else None (a GGUF file)."""
+    if Path(checkpoint).is_file():
+        return None
     folder = resolve(checkpoint)
     for run in (folder.parent.parent, folder.parent, folder):
         if (run / "checkpoints").is_dir() or (run / "report.md").is_file():
