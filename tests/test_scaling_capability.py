@@ -26,10 +26,11 @@ from gptstack.eval.capability import (
     score_capability,
     training_documents,
 )
-from gptstack.eval.scaling import power_law
+from gptstack.eval.scaling import ScalingConfig, chinchilla, power_law
 from gptstack.eval.scorer import Scorer
 from gptstack.model import GPT
 from gptstack.tokenizer import byte_tokenizer
+from gptstack.train.sweep import predict_heldout
 
 
 def test_items_have_ground_truth_and_test_items_are_never_in_training():
@@ -112,6 +113,32 @@ def test_capability_fits_recover_a_known_power_law_and_flag_the_metrics_that_jum
     flat = predict_capability(ladder_of(C, power_law(truth, C), np.zeros(5)), held)["add/exact_match"]
     score_capability({"add/exact_match": flat}, actual)
     assert flat["fit"] is None and flat["predicted"] == 1.0 and "flat: no fit" in flat["why_not"]
+
+
+@pytest.mark.slow  # the L(N, D) fit's 108 L-BFGS starts: ~2 min on the shared 2 cores
+def test_the_heldout_prediction_uses_the_fitted_runs_only_and_a_stored_one_is_kept():
+    truth = {"a": 3e3, "alpha": 0.3, "L_inf": 0.2}
+    C = np.geomspace(1e10, 1e12, 5)
+    ladder = ladder_of(C, power_law(truth, C), np.zeros(5))
+    law = {"E": 1.2, "A": 30.0, "alpha": 0.35, "B": 60.0, "beta": 0.3}
+    runs = []
+    for i, r in enumerate(ladder):  # D = 10·N, C = 6·N·D
+        n = math.sqrt(r["C"] / 60)
+        runs.append({**r, "name": f"w{i}", "role": "ladder", "N": n, "D": 10 * n, "loss": chinchilla(law, n, 10 * n)})
+    for n, d in (
+        (runs[2]["N"], runs[2]["N"] * 2.5),
+        (runs[2]["N"], runs[2]["N"] * 40),
+    ):  # off the ray: L(N, D) is identifiable
+        runs.append(
+            {"name": f"x{d:.0f}", "role": "extra", "N": n, "D": d, "C": 6 * n * d, "loss": chinchilla(law, n, d)}
+        )
+    cfg = ScalingConfig(data="unused", capability=["add"])
+    held = {"name": "big", "role": "heldout", "C": 4e12, "N": math.sqrt(4e12 / 60), "D": 10 * math.sqrt(4e12 / 60)}
+    made = predict_heldout(cfg, {"runs": runs}, held, {})
+    assert made["capability_prediction"]["predicted_at"] == made["predicted_at"]
+    got = made["capability_prediction"]["metrics"]["add/neg_log_pass"]["predicted"]
+    assert got == pytest.approx(power_law(truth, 4e12), rel=1e-4)
+    assert predict_heldout(cfg, {"runs": runs}, held, made) == made  # a rerun: the stored prediction, its time
 
 
 def test_scaling_cli_rejects_an_unknown_family_in_one_line(tmp_path, capsys):
