@@ -276,7 +276,7 @@ def test_smollm2_lens_finds_paris_and_induction_heads(smollm2):
     assert t["final_top"] == " Paris" and t["first_top1_layer"] == 27
     r = induction_scores(smollm2, n=30, batch=2)
     assert top_heads(r["induction"], 1)[0][2] > 0.5
-    assert r["loss_second_copy"] < 0.25 * r["loss_first_copy"]
+    assert r["loss_second_copy"] < 0.5 * r["loss_first_copy"]
     a = direct_attribution(smollm2, torch.tensor([smollm2.tokenizer.encode_prompt("The capital of France is")]),
                            target=smollm2.tokenizer.encode(" Paris")[0])  # fmt: skip
     torch.testing.assert_close(a.total(), a.logit, atol=1e-3, rtol=1e-4)  # massive activations (~2e4): relative
