@@ -201,7 +201,7 @@ def cmd_interp_neurons(args: argparse.Namespace) -> None:
     """top-activating dataset examples and statistics of one layer's MLP neurons (JSON + HTML heat map)"""
     cfg = from_args(NeuronsConfig, args)
     r = neurons(cfg)
-    print(f"{len(r['neurons']):,} neurons of layer {cfg.layer} over {r['tokens']:,} tokens; "
+    print(f"{len(r['neurons']):,} neurons of layer {r['layer']} over {r['tokens']:,} tokens; "
           f"wrote {cfg.json} and {Path(cfg.json).with_suffix('.html')}")  # fmt: skip
 
 

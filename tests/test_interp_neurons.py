@@ -92,6 +92,8 @@ def test_selected_neurons_and_early_stop(tiny):
     assert chosen == [5, 0, 9] and info["tokens"] == 64 and top.values.shape == (3, 3)
     full = NeuronsConfig(**{**cfg.__dict__, "neurons": None})
     top_all, _, _ = stream_neurons(model, full)
+    middle = NeuronsConfig(**{**cfg.__dict__, "layer": None})
+    assert stream_neurons(model, middle)[2]["layer"] == 1  # no --layer: the middle of the model's 3
     torch.testing.assert_close(top.values, top_all.values[:, [5, 0, 9]])
     # the forward that stops after the layer gives the activation the whole forward gives
     idx = torch.randint(0, 256, (2, 16))

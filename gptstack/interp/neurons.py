@@ -23,6 +23,7 @@ its activation.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 from collections.abc import Iterator
@@ -53,8 +54,8 @@ class InterpDataError(ValueError):
 class NeuronsConfig:
     checkpoint: str  # checkpoint folder, run folder, or GGUF file
     data: str  # a UTF-8 text file, or a shard folder from `gptstack data prepare`
-    layer: int  # the block whose MLP neurons (blocks.L.mlp.post) are read
     json: str  # output JSON; the HTML heat map is written beside it (.html)
+    layer: int | None = None  # the block whose MLP neurons (blocks.L.mlp.post) are read (default: n_layer // 2)
     top: int = 10  # top-activating examples kept per neuron
     neurons: list[int] | None = None  # only these neuron indices (default: every neuron of the layer)
     split: Literal["all", "train", "val"] = "all"  # which part of the data to stream
@@ -185,15 +186,18 @@ def activations_at(model: GPT, idx: Tensor, name: str) -> Tensor:
     return got["value"]
 
 
-def check_layer(model: GPT, layer: int, seq_len: int, skip: int, dense: bool = True) -> None:
-    """Refuse a layer the model lacks (or, with `dense`, one without dense MLP neurons), and rows it cannot read."""
+def resolve_layer(model: GPT, layer: int | None, seq_len: int, skip: int, dense: bool = True) -> int:
+    """`layer` (None: the middle one, n_layer // 2), refused when the model lacks it (or, with `dense`, when
+    it has no dense MLP neurons), and rows the model cannot read refused too."""
     n = model.config.n_layer
+    layer = n // 2 if layer is None else layer
     if not 0 <= layer < n:
         raise ValueError(f"--layer {layer} is outside the model's {n} layers (0..{n - 1})")
     if seq_len > model.config.block_size:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {model.config.block_size}")
     if not 0 <= skip < seq_len:
         raise ValueError(f"--skip {skip} must be below --seq-len {seq_len}")
+    return layer
     if dense and isinstance(model.transformer.h[layer].mlp, MoE):
         raise ValueError(f"layer {layer} is a mixture of experts: it has no dense MLP neurons")
 
@@ -262,7 +266,7 @@ class RunningTopK:
 
 def stream_neurons(model: GPT, cfg: NeuronsConfig) -> tuple[RunningTopK, list[int], dict]:
     """Stream cfg.data through `model` and keep the top examples of layer cfg.layer's neurons."""
-    check_layer(model, cfg.layer, cfg.seq_len, cfg.skip)
+    cfg = dataclasses.replace(cfg, layer=resolve_layer(model, cfg.layer, cfg.seq_len, cfg.skip))
     F = model.config.d_ff
     chosen = list(range(F)) if cfg.neurons is None else list(cfg.neurons)
     if bad := [i for i in chosen if not 0 <= i < F]:
@@ -280,7 +284,7 @@ def stream_neurons(model: GPT, cfg: NeuronsConfig) -> tuple[RunningTopK, list[in
     bar.close()
     if rows == 0:
         raise InterpDataError(f"{cfg.data}: fewer than --seq-len {cfg.seq_len} tokens in split {cfg.split!r}")
-    return top, chosen, {"rows": rows, "tokens": rows * cfg.seq_len, "point": name}
+    return top, chosen, {"layer": cfg.layer, "point": name, "rows": rows, "tokens": rows * cfg.seq_len}
 
 
 def _finite(x: float) -> float | None:
@@ -334,8 +338,8 @@ def neurons(cfg: NeuronsConfig) -> dict:
     """Top-activating examples and statistics of one layer's MLP neurons; writes the JSON and HTML."""
     model = load_model(cfg.checkpoint, cfg.device)
     top, chosen, info = stream_neurons(model, cfg)
-    result = {"checkpoint": cfg.checkpoint, "data": cfg.data, "split": cfg.split, "layer": cfg.layer,
+    result = {"checkpoint": cfg.checkpoint, "data": cfg.data, "split": cfg.split,
               "seq_len": cfg.seq_len, "skip": cfg.skip, **info,
               "neurons": neuron_records(top, chosen, model.tokenizer, cfg.seq_len)}  # fmt: skip
-    write_outputs(cfg.json, result, f"layer {cfg.layer} MLP neurons", heatmap_html(result), {})
+    write_outputs(cfg.json, result, f"layer {info['layer']} MLP neurons", heatmap_html(result), {})
     return result

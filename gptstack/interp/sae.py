@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from gptstack.checkpoint import load_model
 from gptstack.data.shards import atomic_write
 from gptstack.interp.hooks import patched
-from gptstack.interp.neurons import InterpDataError, activations_at, batches, check_layer, token_pieces, token_rows
+from gptstack.interp.neurons import InterpDataError, activations_at, batches, resolve_layer, token_pieces, token_rows
 from gptstack.model import GPT
 
 FORMAT = "gptstack-sae/1"
@@ -64,8 +64,8 @@ class SAEError(ValueError):
 class SAEConfig:
     checkpoint: str  # checkpoint folder, run folder, or GGUF file
     data: str  # a UTF-8 text file or a shard folder: trains on its train split, measures on the val split
-    layer: int  # the block whose activation the SAE learns
     out: str  # output folder: sae.safetensors and sae.json
+    layer: int | None = None  # the block whose activation the SAE learns (default: n_layer // 2)
     site: Literal["resid_post", "resid_mid", "resid_pre", "mlp.out", "attn.out"] = "resid_post"  # the block's point
     kind: Literal["topk", "relu"] = "topk"  # TopK (k latents per token) or ReLU with an L1 penalty
     expansion: int = 8  # latents per input dimension
@@ -356,7 +356,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Sp
 def train_and_measure(cfg: SAEConfig) -> dict:
     """Train an SAE on one layer's activation, measure it on held-out text, and save it to cfg.out."""
     model = load_model(cfg.checkpoint, cfg.device)
-    check_layer(model, cfg.layer, cfg.seq_len, cfg.skip, dense=False)
+    cfg = dataclasses.replace(cfg, layer=resolve_layer(model, cfg.layer, cfg.seq_len, cfg.skip, dense=False))
     point = point_name(cfg.layer, cfg.site)
     D = model.config.n_embd
     sae = SparseAutoencoder(D, cfg.expansion * D, cfg.kind, cfg.k)  # refuses a bad kind or k before any work
@@ -375,7 +375,8 @@ def train_and_measure(cfg: SAEConfig) -> dict:
     meta = {"checkpoint": cfg.checkpoint, "layer": cfg.layer, "site": cfg.site, "point": point,
             "config": dataclasses.asdict(cfg), "metrics": metrics, "training": trained}  # fmt: skip
     save_sae(sae, cfg.out, meta)
-    return {**metrics, **{k: v for k, v in trained.items() if k != "log"}, "n_latents": sae.W_dec.size(0)}
+    extra = {k: v for k, v in trained.items() if k != "log"}
+    return {"point": point, **metrics, **extra, "n_latents": sae.W_dec.size(0)}
 
 
 def _chain(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:
