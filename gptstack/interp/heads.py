@@ -32,13 +32,14 @@ def head_patterns(model: GPT, idx: Tensor) -> Tensor:
     return stack(cache, "attn.pattern", model.config.n_layer)
 
 
-def repeated_tokens(model: GPT, n: int, batch: int, seed: int = 0) -> Tensor:
+def repeated_tokens(model: GPT, n: int, batch: int, seed: int = 0, pool: Tensor | None = None) -> Tensor:
     """(batch, len(bos) + 2n): the tokenizer's BOS prefix (if it uses one), then n random ordinary tokens
-    twice. Special tokens are never drawn."""
+    twice, drawn from `pool` (ids) if given, else from the whole vocabulary. Special tokens are never drawn."""
     tok = model.tokenizer
     vocab = tok.n_vocab if tok is not None else model.config.vocab_size
     special = sorted(tok.special_ids) if tok is not None else []
-    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    allowed[pool if pool is not None else slice(None)] = True
     allowed[[s for s in special if s < vocab]] = False
     ids = allowed.nonzero().squeeze(1)
     gen = torch.Generator().manual_seed(seed)
@@ -47,14 +48,14 @@ def repeated_tokens(model: GPT, n: int, batch: int, seed: int = 0) -> Tensor:
     return torch.cat([bos, r, r], dim=1)
 
 
-def induction_scores(model: GPT, n: int = 50, batch: int = 4, seed: int = 0) -> dict:
+def induction_scores(model: GPT, n: int = 50, batch: int = 4, seed: int = 0, pool: Tensor | None = None) -> dict:
     """Per head (n_layer, h) on repeated random tokens: the induction score (attention from each
     second-copy token to the token after its first occurrence) and the previous-token score (attention
     to the key just before); the mean loss on the first and the second copy. n is capped so that both
-    copies fit the context."""
+    copies fit the context; `pool`: draw the tokens from these ids (e.g. those a small model was trained on)."""
     bos = len(model.tokenizer.bos_prefix) if model.tokenizer is not None else 0
     n = min(n, (model.config.block_size - bos) // 2)  # both copies fit the context
-    idx = repeated_tokens(model, n, batch, seed).to(model.lm_head.weight.device)
+    idx = repeated_tokens(model, n, batch, seed, pool).to(model.lm_head.weight.device)
     off = idx.size(1) - 2 * n  # the BOS prefix
     with torch.no_grad():
         logits, cache = run_with_cache(model, idx, ["blocks.*.attn.pattern"])
