@@ -87,6 +87,25 @@ def photo_answers(ckpt: str) -> dict[str, str]:
     return out
 
 
+def markdown(results: dict) -> str:
+    """One table: accuracy / blind / chance per family and model, then each model's training runs."""
+    families = list(dict.fromkeys(f for r in results.values() for f in r["families"]))
+    lines = ["| family | " + " | ".join(f"{m} acc / blind" for m in results) + " | chance |",
+             "|---|" + "---:|" * (len(results) + 1)]  # fmt: skip
+    for f in families:
+        cells = [f"{r['families'][f]['acc']:.1%} / {r['families'][f]['blind']:.1%}" if f in r["families"] else ""
+                 for r in results.values()]  # fmt: skip
+        chance = next(r["families"][f]["chance"] for r in results.values() if f in r["families"])
+        lines.append(f"| {f} | " + " | ".join(cells) + f" | {chance:.1%} |")
+    lines += ["", "| model | stage | steps | examples | trainable params | wall s | load (start → end) |",
+              "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for m, r in results.items():
+        for t in r["train"]:
+            lines.append(f"| {m} | {t['stage']} | {t['steps']} | {t['train_examples']:,} | {t['trainable_params']:,} "
+                         f"| {t['wall_s']:.0f} | {t['load_start']:.1f} → {t['load_end']:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="/tmp/bench_vision")
@@ -95,6 +114,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200, help="training items per family")
     p.add_argument("--n-test", type=int, default=50, help="held-out items per family")
     p.add_argument("--epochs", type=float, default=6.0)
+    p.add_argument("--vit-size", type=int, default=48, help="ViT input side")
+    p.add_argument("--vit-patch", type=int, default=8)
+    p.add_argument("--vit-width", type=int, default=64)
+    p.add_argument("--vit-depth", type=int, default=2)
+    p.add_argument("--vit-tokens", type=int, default=9)
     p.add_argument("--smollm-n", type=int, default=80, help="SmolLM2: training items per family")
     p.add_argument("--smollm-epochs", type=float, default=2.0)
     a = p.parse_args()
@@ -111,12 +135,12 @@ def main() -> None:
             dict(
                 lm=own_lm(out),
                 encoder="vit",
-                image_size=48,
-                patch_size=8,
-                width=64,
-                depth=2,
-                heads=2,
-                image_tokens=9,
+                image_size=a.vit_size,
+                patch_size=a.vit_patch,
+                width=a.vit_width,
+                depth=a.vit_depth,
+                heads=a.vit_width // 32,
+                image_tokens=a.vit_tokens,
                 **common,
             )
         ],
@@ -141,6 +165,7 @@ def main() -> None:
         results["smollm2"] = smollm2(out, a)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
+    print(markdown(results))
 
 
 def smollm2(out: Path, a: argparse.Namespace) -> dict:
