@@ -15,9 +15,17 @@ from pathlib import Path
 # took 22-46 s instead of 8-12 s at load average 5, and this file's fixture took 190 s instead of 12 s.
 # Scheduling only (results are bitwise the same); a value already in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist (`-n 2`, the README's test command) two workers share the two cores: one thread each,
+# for the workers and the CLI processes they start. Two threads per worker oversubscribe the cores, and
+# on a loaded machine that made training 10-20x slower (see docs/BENCHMARKS.md, the test budget).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from gptstack.config import ModelConfig
 from gptstack.data.pipeline import LocalExecutor, PrepareConfig, prepare
