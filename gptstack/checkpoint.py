@@ -23,7 +23,6 @@ mismatched checkpoint is refused with an error naming the file and the problem.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -39,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from gptstack.config import ConfigError, ModelConfig
 from gptstack.config import load_config as load_config_spec
-from gptstack.files import read_json
+from gptstack.files import read_json, sha256
 from gptstack.interop.gguf import load_gguf, read_gguf_metadata
 from gptstack.model import GPT, build_model
 from gptstack.tokenizer import BaseTokenizer, get_tokenizer, tokenizer_from_gguf
@@ -238,14 +237,6 @@ def remove_checkpoint(folder: str | Path) -> None:
     ours = _written_files(Path(folder))
     if ours is not None:
         _remove_written(Path(folder), ours)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Reading the project's JSON and JSONL files with errors that name the file and the line.
+"""Reading the project's JSON and JSONL files with errors that name the file and the line, and file checksums.
 
 Every reader of a user's JSON config or JSONL rows goes through these two functions, so a broken
 file always fails the same way: one line saying `path:line: not valid JSON (reason)`, raised as the
@@ -7,10 +7,20 @@ caller's own error class (ConfigError, DataError, TaskError, … all ValueError 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoint and index checksums)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: str | Path, error: type[Exception] = ValueError, what: str = "file") -> Any:

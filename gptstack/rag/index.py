@@ -19,7 +19,6 @@ English stop words, one score per chunk; `dense(query_vector)` the cosine of eac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptstack.files import iter_jsonl, read_json
+from gptstack.files import iter_jsonl, read_json, sha256
 from gptstack.rag.chunk import Chunk
 from gptstack.rag.embed import DIM, NAME
 
@@ -97,7 +96,7 @@ class Index:
             self.bm25.save(str(tmp / "bm25"), show_progress=False)
             if self.vectors is not None:
                 np.save(tmp / "embeddings.npy", self.vectors.astype(np.float32), allow_pickle=False)
-            files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            files = {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             meta = {"format": FORMAT, "version": VERSION, **self.meta, "chunks": len(self.chunks), "files": files}
             (tmp / "index.json").write_text(json.dumps(meta, indent=1) + "\n")
             _replace(tmp, out)
@@ -124,14 +123,6 @@ class Index:
         return cls(chunks, bm25, vectors, meta)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_meta(folder: Path) -> dict:
     if not folder.is_dir():
         raise RagError(f"index {folder} does not exist (build one with: gptstack rag index SRC --out {folder})")
@@ -147,7 +138,7 @@ def _read_meta(folder: Path) -> dict:
         path = folder / name
         if not path.is_file():
             raise RagError(f"{path}: missing from the index")
-        if _sha256(path) != digest:
+        if sha256(path) != digest:
             raise RagError(f"{path}: checksum differs from index.json (a corrupt or edited index)")
     return meta
 
