@@ -339,7 +339,7 @@ def test_moderation_classifier_and_policies(moderation_dir, tmp_path):
         assert res[0]["flagged"] and res[0]["categories"]["self-harm"] and res[0]["action"] == "block"
         assert not res[1]["flagged"] and res[1]["action"] == "allow"
         assert res[2]["categories"]["harassment"] and res[2]["action"] == "flag"
-        chat = {"model": "tiny", "max_tokens": 4}
+        chat = {"model": "tiny", "max_tokens": 4, "temperature": 0}  # a sampled reply could be flagged too
         err = _error(
             h.post("/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": unsafe}]}), 400
         )
@@ -361,7 +361,7 @@ def test_moderation_classifier_and_policies(moderation_dir, tmp_path):
         assert '"finish_reason": "content_filter"' in events and events.endswith("data: [DONE]\n\n")
         assert unsafe not in events  # stopped before the whole sentence went out
     usage = [json.loads(line) for line in (tmp_path / "usage.jsonl").read_text().splitlines()]
-    assert any(r["moderation_flags"] == ["harassment"] for r in usage)
+    assert any("harassment" in r["moderation_flags"] and r["status"] == 200 for r in usage)  # flagged, answered
     assert sum("self-harm" in r["moderation_flags"] for r in usage) >= 2
     assert engine.pool.used == 0
 
