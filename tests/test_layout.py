@@ -1,7 +1,8 @@
 """The package's arrows point down (DESIGN.md): importing a layer never loads a layer above it.
 
-cli → speedrun → serve | posttrain → eval | train → infer | data | interop.convert | info → checkpoint →
-interop (formats) → transforms → model | tokenizer | report | options → config | template → files (RANKS below).
+cli → speedrun | safety.run → serve | posttrain → safety → eval | train | rag → infer | data | interop.convert |
+info → checkpoint → interop (formats) → transforms → model | tokenizer | report | options → config | template →
+files (RANKS below).
 
 Checked twice: statically over every `import` in the source (module level and inside functions, so a
 cycle cannot hide in a function), and at run time by importing each module in a fresh set of
@@ -30,9 +31,10 @@ RANKS = {
     "gptstack.checkpoint": 5,
     "gptstack.info": 6, "gptstack.data": 6, "gptstack.infer": 6,
     "gptstack.train": 7, "gptstack.eval": 7, "gptstack.rag": 7,
-    "gptstack.posttrain": 8, "gptstack.serve": 8, "gptstack.interp": 8,  # interp ablates heads under eval
-    "gptstack.speedrun": 9,
-    "gptstack.cli": 10,
+    "gptstack.safety.run": 10, "gptstack.safety": 8,  # suites, wrappers, judges below; the eval runner on top
+    "gptstack.posttrain": 9, "gptstack.serve": 9, "gptstack.interp": 9,  # interp ablates heads under eval
+    "gptstack.speedrun": 10,
+    "gptstack.cli": 11,
 }  # fmt: skip
 # the sweep trains runs and hands them to the fits and the capability scorer
 ALLOWED = {("gptstack.train.sweep", "gptstack.eval.scaling"), ("gptstack.train.sweep", "gptstack.eval.capability")}
