@@ -216,13 +216,14 @@ def check_disjoint(train: Iterable[dict], *evals: Iterable[dict]) -> None:
         raise ValueError(f"{len(shared)} training prompts are in an evaluation suite (e.g. {shared[0][:80]!r})")
 
 
-def generate(model, prompts: Sequence[str], max_tokens: int = 96, max_seqs: int = 16) -> list[str]:
-    """The model's greedy replies to user prompts, each rendered with its own chat template."""
+def generate(model, prompts: Sequence[str | list[dict]], max_tokens: int = 96, max_seqs: int = 16) -> list[str]:
+    """The model's greedy replies to user prompts (or conversations), in the model's own chat template."""
     from gptstack.infer.engine import Engine, EngineConfig
     from gptstack.infer.sampling import SamplingParams
 
     tok = model.tokenizer
-    ids = [tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
+    msgs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    ids = [tok.encode_chat(m, add_generation_prompt=True)[0] for m in msgs]
     engine = Engine(model, EngineConfig(max_seqs=max_seqs), tokenizer=tok)
     outs = engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     return [o.text for o in outs]
