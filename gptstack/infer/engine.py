@@ -64,7 +64,7 @@ from torch import Tensor
 
 from gptstack.config import ModelConfig
 from gptstack.infer.sampling import Sampler, SamplingParams, draw, top_logprobs
-from gptstack.infer.speculative import accept, ngram_propose
+from gptstack.infer.speculative import accept, accept_greedy, ngram_propose, plain_greedy
 from gptstack.model import GPT, attend, attention_mask, kv_cache_bytes_per_token
 from gptstack.vision import VisionConfig, VisionTower, image_positions
 
@@ -870,8 +870,11 @@ class Engine:
             out = RequestOutput(seq.request_id, [], num_prompt_tokens=len(seq.prompt), num_cached_tokens=seq.num_cached)
             try:
                 d = drafts[i]
-                p = torch.stack([seq.sampler.probs(rows[j], d[:j]) for j in range(n)])
-                emitted, accepted = accept(d, qs[i], p, seq.sampler.generator)
+                if plain_greedy(seq.params):  # the argmax rule: no distributions, no draws
+                    emitted, accepted = accept_greedy(d, rows.argmax(dim=-1).tolist())
+                else:
+                    p = torch.stack([seq.sampler.probs(rows[j], d[:j]) for j in range(n)])
+                    emitted, accepted = accept(d, qs[i], p, seq.sampler.generator)
                 self.stats["spec_proposed"] += len(d)
                 self.stats["spec_accepted"] += accepted
                 seq.num_computed = len(seq.tokens) + accepted  # the last emitted token has no K/V yet
@@ -899,10 +902,13 @@ class Engine:
             for row, i in enumerate(active):
                 seq = batch[i][0]
                 seq.draft_computed = len(seq.tokens)
-                q = seq.sampler.probs(logits[row], drafts[i])
-                token = draw(q, seq.sampler.generator)
+                if plain_greedy(seq.params):
+                    token = int(logits[row].argmax())  # the logits are masked to the allowed ids
+                else:
+                    q = seq.sampler.probs(logits[row], drafts[i])
+                    token = draw(q, seq.sampler.generator)
+                    qs[i].append(q)
                 drafts[i].append(token)
-                qs[i].append(q)
                 seq.tokens.append(token)
         for (seq, _), tokens in zip(batch, saved, strict=True):
             seq.tokens = tokens

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gptstack.infer.sampling import draw
+from gptstack.infer.sampling import SamplingParams, draw
 
 
 def accept(draft: list[int], q: Tensor | None, p: Tensor, generator: torch.Generator | None) -> tuple[list[int], int]:
@@ -40,6 +40,21 @@ def accept(draft: list[int], q: Tensor | None, p: Tensor, generator: torch.Gener
         return out, i
     out.append(draw(p[len(draft)], generator))
     return out, len(draft)
+
+
+def plain_greedy(params: SamplingParams) -> bool:
+    """Greedy without penalties: drafts and verification reduce to argmaxes (no distributions, no draws)."""
+    return params.greedy and not params.penalised
+
+
+def accept_greedy(draft: list[int], targets: list[int]) -> tuple[list[int], int]:
+    """The rule under greedy decoding, where p and q are one-hot: targets (k+1) are the target's argmax
+    after each draft prefix. Keeps the longest prefix of the draft that agrees with them, then the
+    target's own token; returns (emitted tokens, accepted count) as accept() does."""
+    a = 0
+    while a < len(draft) and draft[a] == targets[a]:
+        a += 1
+    return draft[:a] + [targets[a]], a
 
 
 def ngram_propose(tokens: list[int], k: int, n_max: int = 4, n_min: int = 1) -> list[int]:
