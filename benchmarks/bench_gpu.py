@@ -233,7 +233,8 @@ def decode_rows(ms: dict[str, GPT], bw: float, sz: Sizes, device: torch.device) 
             except Exception as e:  # one path's failure (e.g. a missing optional import) leaves the others
                 print(f"({name}, {path}: {type(e).__name__}: {e})", file=sys.stderr)
         for path, rate in paths.items():
-            rows.append(dict(model=name, path=path, tok_s=rate, floor=floor, pct=None if rate is None else rate / floor))
+            pct = None if rate is None else rate / floor
+            rows.append(dict(model=name, path=path, tok_s=rate, floor=floor, pct=pct))
     return rows
 
 
@@ -313,14 +314,17 @@ def fmt(v, spec: str) -> str:
 def report(device: torch.device, bw: float, dec: list[dict], thr: list[dict], mfu: dict) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     out = [f"## GPU benchmark on {name}, torch {torch.__version__}", "", f"copy bandwidth: {bw / 1e9:.0f} GB/s", ""]
-    out += ["| model | decode path | tok/s | floor tok/s | % of floor (goal >= 70%) |", "| --- | --- | ---: | ---: | ---: |"]
+    out += ["| model | decode path | tok/s | floor tok/s | % of floor (goal >= 70%) |"]
+    out += ["| --- | --- | ---: | ---: | ---: |"]
     for r in dec:
-        out.append(f"| {r['model']} | {r['path']} | {fmt(r['tok_s'], '.0f')} | {r['floor']:.0f} | {fmt(r['pct'], '.0%')} |")
+        rate, pct = fmt(r["tok_s"], ".0f"), fmt(r["pct"], ".0%")
+        out.append(f"| {r['model']} | {r['path']} | {rate} | {r['floor']:.0f} | {pct} |")
     out += ["", "| concurrent requests (gpt2-small, engine) | output tok/s | wall s |", "| ---: | ---: | ---: |"]
     out += [f"| {r['concurrent']} | {r['tok_s']:.0f} | {r['seconds']:.1f} |" for r in thr]
     out += ["", "| pretraining gpt2-small (bf16, compile, SDPA) | tokens/s | TFLOP/s | MFU (goal >= 50%) |",
             "| --- | ---: | ---: | ---: |",
-            f"| batch {mfu.get('batch', '-')} | {mfu['tok_s']:.0f} | {mfu['tflops']:.1f} | {fmt(mfu['mfu'], '.0%')} |"]  # fmt: skip
+            f"| batch {mfu.get('batch', '-')} | {mfu['tok_s']:.0f} | {mfu['tflops']:.1f} | {fmt(mfu['mfu'], '.0%')} |",
+            ]  # fmt: skip
     return "\n".join(out)
 
 

@@ -54,7 +54,7 @@ def accept_greedy(draft: list[int], targets: list[int]) -> tuple[list[int], int]
     a = 0
     while a < len(draft) and draft[a] == targets[a]:
         a += 1
-    return draft[:a] + [targets[a]], a
+    return [*draft[:a], targets[a]], a
 
 
 def ngram_propose(tokens: list[int], k: int, n_max: int = 4, n_min: int = 1) -> list[int]:
