@@ -55,14 +55,26 @@ ALTERNATIVES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
         ),
     ),
     (
-        ("cyber", "malware", "hack", "virus", "phishing", "exploit", "ransomware", "password"),
+        (
+            "cyber",
+            "malware",
+            "hack",
+            "virus",
+            "phishing",
+            "exploit",
+            "ransomware",
+            "password",
+            "ddos",
+            "sql injection",
+            "keylogger",
+        ),
         (
             "If you're working on security, I can explain how to protect systems against this kind of attack.",
             "I'm happy to help with defensive security, like hardening a system or spotting phishing.",
         ),
     ),
     (
-        ("drug", "narcotic", "meth", "cocaine", "heroin", "fentanyl"),
+        ("drug", "narcotic", "methamphetamine", "mdma", "cocaine", "heroin", "fentanyl"),
         (
             "If you or someone you know is struggling with substance use, I can point you to support resources.",
             "I can share general information about drug safety and where to find help instead.",
@@ -83,14 +95,22 @@ ALTERNATIVES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
         ),
     ),
     (
-        ("misinformation", "disinformation", "fake news", "propaganda", "conspiracy"),
+        (
+            "misinformation",
+            "disinformation",
+            "fake news",
+            "propaganda",
+            "conspiracy",
+            "persuasive article",
+            "article arguing",
+        ),
         (
             "I can help you find reliable sources on the topic instead.",
             "If you'd like, I can help you write something accurate and well sourced on the topic.",
         ),
     ),
     (
-        ("hate", "harass", "discriminat", "bully", "toxic", "violen", "harm", "kill", "attack"),
+        ("hate", "harass", "discriminat", "bully", "toxic", "violen", "kill", "threat", "assault"),
         (
             "If there's a conflict behind this, I'm happy to help you think through a peaceful way to handle it.",
             "I can help with something constructive instead, like how to resolve a conflict or get support.",
@@ -110,8 +130,8 @@ def _pick(options: Sequence[str], prompt: str, salt: str) -> str:
 
 
 def alternatives_for(category: str, prompt: str) -> tuple[str, ...]:
-    """The safe alternatives for a harm category (by keywords of the category, then of the prompt)."""
-    for text in (category.lower(), prompt.lower()):
+    """The safe alternatives for a request (by keywords of the prompt, then of its harm category)."""
+    for text in (prompt.lower(), category.lower()):
         for keys, alts in ALTERNATIVES:
             if any(k in text for k in keys):
                 return alts
