@@ -63,9 +63,10 @@ import torch
 from torch import Tensor
 
 from gptstack.config import ModelConfig
-from gptstack.infer.sampling import Sampler, SamplingParams, draw, top_logprobs
+from gptstack.infer.sampling import Sampler, SamplingParams, draw, sample_rows, top_logprobs
 from gptstack.infer.speculative import accept, accept_greedy, ngram_propose, plain_greedy
 from gptstack.model import GPT, attend, attention_mask, kv_cache_bytes_per_token
+from gptstack.transforms import kernels
 from gptstack.vision import VisionConfig, VisionTower, image_positions
 
 
@@ -417,9 +418,14 @@ class PagedKVCache:
         return out
 
     def _attend_single(self, q: Tensor, kp: Tensor, vp: Tensor, window: int | None, scale: float | None) -> Tensor:
-        """q (Bd, h, 1, hd): each decode row against its own blocks → (Bd, h, 1, hd)[:, :, 0]."""
-        _, table, _ = self.single
+        """q (Bd, h, 1, hd): each decode row against its own blocks → (Bd, h, 1, hd)[:, :, 0]. On CPU in fp32 the
+        C kernel reads the blocks in place; otherwise one gather of the batch's block table and one SDPA call."""
+        _, table, lens = self.single
         Bd, kv, hd = table.size(0), kp.size(2), kp.size(3)
+        s = scale if scale is not None else hd**-0.5
+        y = kernels.paged_decode_attention(q[:, :, 0].contiguous(), kp, vp, table, lens, window, s)  # (Bd, h, hd)
+        if y is not None:
+            return y
         keys = kp[table].view(Bd, -1, kv, hd).transpose(1, 2)  # (Bd, kv, S, hd)
         vals = vp[table].view(Bd, -1, kv, hd).transpose(1, 2)
         return attend(q, keys, vals, self._single_mask(window), scale=scale)[:, :, 0]
@@ -712,6 +718,7 @@ class Engine:
             rows[i] = (first, len(want) - first)
             offset += n
         logits = self._forward(self.model, self.cache, batch, want)  # (len(want), V)
+        sampled = self._sample(batch, rows, logits)
         outputs = []
         for i, (seq, n) in enumerate(batch):
             first, count = rows[i]
@@ -725,11 +732,26 @@ class Engine:
                     self._prompt_logprobs(seq, start, n, logits[first : first + count])
                 if seq.num_computed == len(seq.tokens):
                     row = logits[first + count - 1]
-                    self._emit(seq, [seq.sampler.sample(row)], out, raw=row[None])
+                    token = sampled.get(i)
+                    self._emit(seq, [seq.sampler.sample(row) if token is None else token], out, raw=row[None])
             except Exception as e:  # one request's failure never takes down the batch
                 seq.finish_reason, out.error = "error", f"{type(e).__name__}: {e}"
             outputs.append(self._finish_output(seq, out))
         return outputs
+
+    def _sample(self, batch: list[tuple[Sequence, int]], rows: dict[int, tuple[int, int]], logits: Tensor) -> dict:
+        """Batch index → next token of every sequence whose step ends its known tokens, sampled together
+        (sampling.sample_rows: one argmax for the greedy rows, one softmax per group of equal params). Empty when
+        that fails: each sequence then samples alone, so a bad request fails alone."""
+        done = [i for i, (seq, n) in enumerate(batch) if seq.num_computed + n == len(seq.tokens)]
+        if not done:
+            return {}
+        at = torch.tensor([rows[i][0] + rows[i][1] - 1 for i in done], device=logits.device)
+        try:
+            tokens = sample_rows([batch[i][0].sampler for i in done], logits[at])
+        except Exception:
+            return {}
+        return dict(zip(done, tokens, strict=True))
 
     def _forward(self, model: GPT, cache: PagedKVCache, batch: list[tuple[Sequence, int]], want, draft=False):
         """One flattened forward of the batch's new tokens; logits (len(want), V) in fp32."""

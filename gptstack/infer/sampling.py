@@ -107,7 +107,13 @@ def distribution(logits: Tensor, params: SamplingParams) -> Tensor:
     logits = logits.float()
     if params.greedy:
         return torch.zeros_like(logits).scatter_(0, logits.argmax().view(1), 1.0)
-    scaled = filter_logits((logits / params.temperature)[None], params.top_k, params.top_p, params.min_p)[0]
+    return distributions(logits[None], params)[0]
+
+
+def distributions(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The sampling distributions (B, V) fp32 of rows of logits (B, V) sharing one temperature (> 0) and filter.
+    Every operation is row-wise, so a row's distribution is the one `distribution` gives it alone."""
+    scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p)
     return scaled.softmax(dim=-1)
 
 
@@ -163,6 +169,39 @@ class Sampler:
             self.counts[token] += 1
         if self.seen is not None:
             self.seen[token] = True
+
+
+def sample_rows(samplers: list[Sampler], logits: Tensor) -> list[int]:
+    """The next token of every row of logits (B, V), row i by samplers[i]: the same tokens (and the same draws
+    from each request's generator) as [s.sample(row) for s, row in zip(samplers, logits)], with the work over the
+    vocabulary done once per group of rows: all greedy rows in one argmax, the sampled rows sharing temperature,
+    top-k, top-p and min-p in one filter and softmax, and one argmax of the exponential race. Rows with penalties
+    or an `allowed` mask (state of their own) go through their sampler one by one."""
+    tokens = [0] * len(samplers)
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samplers):
+        p = s.params
+        if p.penalised or s.allowed is not None:
+            key: tuple = ("alone", i)
+        else:
+            key = ("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p, p.min_p)
+        groups.setdefault(key, []).append(i)
+    for key, rows in groups.items():
+        if key[0] == "alone":
+            tokens[rows[0]] = samplers[rows[0]].sample(logits[rows[0]])
+            continue
+        sub = logits[torch.tensor(rows, device=logits.device)]  # (b, V)
+        if key[0] == "greedy":
+            picked = sub.argmax(dim=-1)
+        else:
+            probs = distributions(sub, samplers[rows[0]].params)  # (b, V)
+            race = torch.empty_like(probs)
+            for r, i in enumerate(rows):  # each request's own generator, as `draw` uses it
+                race[r].exponential_(generator=samplers[i].generator)
+            picked = (probs / race).argmax(dim=-1)
+        for i, t in zip(rows, picked.tolist(), strict=True):
+            tokens[i] = t
+    return tokens
 
 
 def top_logprobs(logprobs: Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:

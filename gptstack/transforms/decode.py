@@ -4,7 +4,7 @@ During decoding each linear layer multiplies one row by its weight, which is bou
 bandwidth; the BLAS GEMV behind F.linear leaves much of it unused on CPU (see transforms/kernels.py).
 `decode_layout(model)` swaps every nn.Linear for a DecodeLinear holding the same weight tensor (no
 copy; a tied output head stays tied). On CPU a single row goes through `kernels.gemv` and up to
-`kernels.SMALL_M` rows through `kernels.gemm` (csrc/gemv.c); larger inputs (prefill, big batches)
+`kernels.SMALL_M` rows through `kernels.gemm` (csrc/gemm.c, register-tiled); larger inputs (prefill, big batches)
 and GPU go through F.linear. It is an inference transform applied from outside the model, like
 quantization: the result is frozen and is never what a checkpoint saves.
 """

@@ -31,9 +31,15 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
-SMALL_M = 8  # up to this many rows go through gemm_f32 instead of BLAS
+GEMM_SOURCE = Path(__file__).with_name("csrc") / "gemm.c"
+# 2..SMALL_M rows (a decode batch, a speculative verification) go through the register-tiled kernels of
+# csrc/gemm.c instead of BLAS: measured per shape (benchmarks/bench_infer.py --parts kernels), fp32 BLAS sgemm is
+# 1.5-3x slower there on the gpt2-small and SmolLM2 shapes (and quantized weights would need a full dequantized copy
+# per call); beyond 64 rows (prefill) BLAS catches up
+SMALL_M = 64
 ENABLED = True  # set False to run the PyTorch definitions (tests compare the two)
 _lib: ctypes.CDLL | bool | None = None  # None: not built yet; False: unavailable
+_gemm_lib: ctypes.CDLL | bool | None = None
 
 
 def gemv_ref(x: Tensor, w: Tensor) -> Tensor:
@@ -61,27 +67,52 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, built once per source version and machine; None when unavailable."""
     global _lib
     if _lib is None:
-        try:
-            _lib = _build()
-        except (OSError, subprocess.CalledProcessError) as e:
-            detail = e.stderr.decode()[-300:] if isinstance(e, subprocess.CalledProcessError) else str(e)
-            warnings.warn(f"decode kernels unavailable (gcc failed: {detail}); using PyTorch ops", stacklevel=3)
-            _lib = False
+        _lib = _load(lambda: _declare(_build(SOURCE)))
     return _lib or None
 
 
-def _build() -> ctypes.CDLL:
-    text = SOURCE.read_bytes()
+def gemm_library() -> ctypes.CDLL | None:
+    """The register-tiled kernels of csrc/gemm.c (M >= 2 rows); None when unavailable."""
+    global _gemm_lib
+    if _gemm_lib is None:
+        _gemm_lib = _load(lambda: _declare_gemm(_build(GEMM_SOURCE)))
+    return _gemm_lib or None
+
+
+def _load(build) -> ctypes.CDLL | bool:
+    try:
+        return build()
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.decode()[-300:] if isinstance(e, subprocess.CalledProcessError) else str(e)
+        warnings.warn(f"decode kernels unavailable (gcc failed: {detail}); using PyTorch ops", stacklevel=4)
+        return False
+
+
+def _build(source: Path) -> ctypes.CDLL:
+    text = source.read_bytes()
     flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256(text + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
     root = Path(os.environ.get("GPTSTACK_CACHE", Path.home() / ".cache" / "gptstack")) / "kernels"
-    lib = root / f"gemv-{key}.so"
+    lib = root / f"{source.stem}-{key}.so"
     if not lib.is_file():
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".gemv-{key}-{os.getpid()}.so"
-        subprocess.run(["gcc", *flags, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True)
+        tmp = root / f".{source.stem}-{key}-{os.getpid()}.so"
+        subprocess.run(["gcc", *flags, str(source), "-o", str(tmp)], check=True, capture_output=True)
         os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
-    cdll = ctypes.CDLL(str(lib))
+    return ctypes.CDLL(str(lib))
+
+
+def _declare_gemm(cdll: ctypes.CDLL) -> ctypes.CDLL:
+    P, I = ctypes.c_void_p, ctypes.c_int
+    cdll.gemm_tiled_f32.argtypes = [P, P, P, I, I, I]
+    cdll.gemm_tiled_int8.argtypes = [P, P, P, P, I, I, I]
+    cdll.gemm_tiled_int8g.argtypes = [P, P, P, P, I, I, I, I]
+    cdll.gemm_tiled_int4.argtypes = [P, P, P, P, P, I, I, I, I]
+    cdll.paged_decode_attention.argtypes = [P, P, P, P, P, P, I, I, I, I, I, I, I, ctypes.c_float]
+    return cdll
+
+
+def _declare(cdll: ctypes.CDLL) -> ctypes.CDLL:
     P, I = ctypes.c_void_p, ctypes.c_int
     cdll.gemv_f32.argtypes = [P, P, P, I, I]
     cdll.gemm_f32.argtypes = [P, P, P, I, I, I]
@@ -91,12 +122,12 @@ def _build() -> ctypes.CDLL:
     return cdll
 
 
-def _usable(x: Tensor, *tensors: Tensor, rows: int = 1) -> ctypes.CDLL | None:
+def _usable(x: Tensor, *tensors: Tensor, rows: int = 1, lib=library) -> ctypes.CDLL | None:
     if not ENABLED or x.device.type != "cpu" or x.dtype != torch.float32 or not 1 <= x.size(0) <= rows:
         return None
     if not all(t.is_contiguous() for t in (x, *tensors)) or any(t.dtype == torch.float64 for t in tensors):
         return None
-    return library()
+    return lib()
 
 
 def gemv(x: Tensor, w: Tensor) -> Tensor:
@@ -109,14 +140,38 @@ def gemv(x: Tensor, w: Tensor) -> Tensor:
 
 
 def gemm(x: Tensor, w: Tensor) -> Tensor:
-    """x (M, K) with M <= SMALL_M · w (N, K)ᵀ: each weight row read once for all M rows. BLAS sgemm
-    is slowest exactly here (M = 2..16 on this CPU: 3-10× slower than one row), which is where a
-    decode batch of a few sequences and a speculative verification of k+1 tokens fall."""
-    lib = _usable(x, w, rows=SMALL_M)
+    """x (M, K) with M <= SMALL_M · w (N, K)ᵀ → (M, N), register-tiled: each weight row read once for all M rows.
+    BLAS sgemm is slowest exactly here (M = 2..16 on this CPU: 3-10× slower per row than one row), which is where
+    a decode batch of a few sequences and a speculative verification of k+1 tokens fall."""
+    lib = _usable(x, w, rows=SMALL_M, lib=gemm_library)
     if lib is None or w.dtype != torch.float32:
         return x @ w.t()
     y = x.new_empty(x.size(0), w.size(0))
-    lib.gemm_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.size(0), x.size(1), w.size(0))
+    lib.gemm_tiled_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.size(0), x.size(1), w.size(0))
+    return y
+
+
+def gemm_int8(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    """x (M, K), M <= SMALL_M · the int8 weight (N, K)ᵀ with scales (N,) → (M, N); codes converted once per tile."""
+    lib = _usable(x, q, scales, rows=SMALL_M, lib=gemm_library)
+    if lib is None or scales.dtype != torch.float32:
+        return gemv_int8_ref(x, q, scales)
+    (M, K), N = x.shape, q.size(0)
+    y = x.new_empty(M, N)
+    lib.gemm_tiled_int8(x.data_ptr(), q.data_ptr(), scales.data_ptr(), y.data_ptr(), M, K, N)
+    return y
+
+
+def gemm_int4(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    """x (M, K), M <= SMALL_M · the int4 weight (packed (K/2, N), scales and mins (G, N)) → (M, N)."""
+    lib = _usable(x, packed, scales, mins, rows=SMALL_M, lib=gemm_library)
+    if lib is None or scales.dtype != torch.float32:
+        return gemv_int4_ref(x, packed, scales, mins)
+    (M, K), N = x.shape, packed.size(1)
+    y = x.new_empty(M, N)
+    lib.gemm_tiled_int4(
+        x.data_ptr(), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), y.data_ptr(), M, K, N, K // scales.size(0)
+    )
     return y
 
 
@@ -142,12 +197,38 @@ def gemv_int4(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor) -> Tensor
 
 
 def gemm_int8g(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
-    """x (M, K) with M <= SMALL_M · the grouped int8 weight (N, K)ᵀ, dequantized in registers: a tied
-    Q8_0 output head (49,152 × 576 for SmolLM2) never materialises its 113 MB fp32 copy."""
-    lib = _usable(x, q, scales, rows=SMALL_M)
+    """x (M, K) with M <= SMALL_M · the grouped int8 weight (N, K)ᵀ, dequantized one tile at a time: a tied
+    Q8_0 output head (49,152 × 576 for SmolLM2) never materialises its 113 MB fp32 copy. One row runs the
+    batch-1 kernel of gemv.c, more the tiled one of gemm.c."""
+    rows = x.size(0)
+    lib = _usable(x, q, scales, rows=SMALL_M, lib=library if rows == 1 else gemm_library)
     if lib is None or scales.dtype != torch.float32:
         return gemm_int8g_ref(x, q, scales)
     (M, K), N = x.shape, q.size(0)
     y = x.new_empty(M, N)
-    lib.gemm_int8g(x.data_ptr(), q.data_ptr(), scales.data_ptr(), y.data_ptr(), M, K, N, K // scales.size(1))
+    kernel = lib.gemm_int8g if M == 1 else lib.gemm_tiled_int8g
+    kernel(x.data_ptr(), q.data_ptr(), scales.data_ptr(), y.data_ptr(), M, K, N, K // scales.size(1))
     return y
+
+
+def paged_decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor, lens: Tensor, window: int | None, scale: float
+) -> Tensor | None:
+    """One query row per sequence against its own blocks of a layer's KV pool, read in place (csrc/gemm.c).
+    q (B, h, hd); k, v (num_blocks, bs, kv, hd); table (B, W) int64 block ids; lens (B,) int64 context
+    lengths; window: the band, None for dense. Returns (B, h, hd), or None where the kernel does not apply
+    (not fp32 CPU, not contiguous, no compiler): the caller then gathers and runs SDPA."""
+    if not ENABLED or q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype == torch.float32):
+        return None
+    if not all(t.is_contiguous() for t in (q, k, v, table, lens)) or table.dtype != torch.long:
+        return None
+    lib = gemm_library()
+    if lib is None:
+        return None
+    (B, h, hd), (bs, kv) = q.shape, k.shape[1:3]
+    out = torch.empty_like(q)
+    lib.paged_decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), table.data_ptr(), lens.data_ptr(), out.data_ptr(),
+        B, h, kv, hd, bs, table.size(1), window or 0, scale,
+    )  # fmt: skip
+    return out

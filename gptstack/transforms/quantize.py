@@ -13,7 +13,8 @@ embedding (which stays in floating point for lookups); under int4 it takes int8,
 model's weights and its errors reach every logit directly. Then `save_checkpoint` then writes the codes, scales and
 minimums, and `load_model` rebuilds the quantized structure from config.json's "quantization"
 entry. A single row on CPU runs through the C kernels of transforms/kernels.py, which dequantize in
-registers; prefill and batches dequantize the weight and use F.linear.
+registers, and so do up to `kernels.SMALL_M` rows (a decode batch) through the tiled kernels; prefill
+dequantizes the weight and uses F.linear.
 
 A third layout, `int8g` (int8 codes with one scale per group of inputs, GGUF's Q8_0), is never chosen by
 `quantize`: it holds codes loaded from a file as they were stored (interop/gguf.py, `--keep-quantized`),
@@ -108,14 +109,15 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if self.method == "int8g" and x2.size(0) <= kernels.SMALL_M and x2.device.type == "cpu":
-            y = kernels.gemm_int8g(x2.contiguous(), self.qweight, self.scales)
-            y = y if self.bias is None else y + self.bias
-        elif x2.size(0) == 1 and x2.device.type == "cpu" and self.method != "int8g":
-            if self.method == "int8":
-                y = kernels.gemv_int8(x2, self.qweight, self.scales)
+        M = x2.size(0)
+        if M <= kernels.SMALL_M and x2.device.type == "cpu":  # decode rows: the C kernels, codes read in place
+            x2 = x2.contiguous()
+            if self.method == "int8g":
+                y = kernels.gemm_int8g(x2, self.qweight, self.scales)
+            elif self.method == "int8":
+                y = (kernels.gemv_int8 if M == 1 else kernels.gemm_int8)(x2, self.qweight, self.scales)
             else:
-                y = kernels.gemv_int4(x2, self.qweight, self.scales, self.mins)
+                y = (kernels.gemv_int4 if M == 1 else kernels.gemm_int4)(x2, self.qweight, self.scales, self.mins)
             y = y if self.bias is None else y + self.bias
         else:
             y = F.linear(x2, self.dequantize(x.dtype), self.bias)

@@ -1,0 +1,260 @@
+/* Batched decode kernels: y (M, N) = x (M, K) · Wᵀ for a few to a few dozen activation rows (M = 2..64: a
+ * decode batch, a speculative verification), fp32 or weight-only quantized. Compiled on first use by
+ * gptstack/transforms/kernels.py and called through ctypes; kernels.py holds the PyTorch definitions these
+ * must equal.
+ *
+ * Register tiling: each weight tile is read from memory once for all M rows and kept in L1 while MR rows of x
+ * stream past it from L2; MR × NR accumulators of 8 lanes live in registers (GCC vector extensions, so the same
+ * source builds for AVX2, AVX-512 or NEON). Two micro-kernels:
+ * - dot form, for weights stored (N, K) (fp32, int8, grouped int8): NR weight rows × MR x rows, 8 lanes along K,
+ *   one horizontal sum per output at the end;
+ * - outer form, for weights stored (K, N) (int4's packed codes): 16 outputs (two vectors) × MR x rows,
+ *   one broadcast of x per k.
+ * Quantized weights are dequantized one tile at a time into a per-thread fp32 scratch (L1/L2), then run
+ * through the fp32 micro-kernel: the conversion is paid once per weight, not once per row. Threads split N. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 ld(const float* p) {
+  v8 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline void st(float* p, v8 v) { memcpy(p, &v, sizeof v); }
+static inline float hsum(v8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+/* Pin a loaded vector in a register: GCC would otherwise fold the load into every FMA that uses it, and the
+ * tile becomes load-bound (14 loads per 12 FMAs instead of 8). */
+#if defined(__x86_64__) || defined(__aarch64__)
+#define KEEP(v) __asm__("" : "+x"(v))
+#else
+#define KEEP(v) (void)0
+#endif
+static inline v8 bcast(float a) { return (v8){a, a, a, a, a, a, a, a}; }
+
+#define MR 6 /* x rows per dot-form tile: MR × NR accumulators + NR weight vectors + one x vector <= 16 */
+#define NR 2 /* weight rows per dot-form tile */
+
+/* Dot form: y[m, n] = Σ_k x[m, k] w[n, k] (· scale[n] when scale) for m < mr <= MR, n < nr <= NR.
+ * always_inline with literal mr, nr: GCC unrolls each (mr, nr) into its own register tile. */
+static inline __attribute__((always_inline)) void tile_dot(const float* x, int ldx, const float* w, int ldw,
+                                                           float* y, int ldy, int K, int mr, int nr,
+                                                           const float* scale) {
+  v8 acc[MR][NR];
+  for (int m = 0; m < mr; m++)
+    for (int n = 0; n < nr; n++) acc[m][n] = bcast(0.f);
+  int k = 0;
+  for (; k + 8 <= K; k += 8) {
+    v8 wv[NR];
+    for (int n = 0; n < nr; n++) wv[n] = ld(w + (int64_t)n * ldw + k);
+    for (int m = 0; m < mr; m++) {
+      v8 xv = ld(x + (int64_t)m * ldx + k);
+      KEEP(xv);
+      for (int n = 0; n < nr; n++) acc[m][n] += xv * wv[n];
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int n = 0; n < nr; n++) {
+      float s = hsum(acc[m][n]);
+      for (int kk = k; kk < K; kk++) s += x[(int64_t)m * ldx + kk] * w[(int64_t)n * ldw + kk];
+      y[(int64_t)m * ldy + n] = scale ? s * scale[n] : s;
+    }
+}
+
+#define DOT_CASE(mr_, nr_) tile_dot(x + (int64_t)m * K, K, w, ldw, y + (int64_t)m * N, N, K, mr_, nr_, scale)
+#define DOT_TAIL(nr_)                  \
+  switch (M - m) {                     \
+    case 5: DOT_CASE(5, nr_); break;   \
+    case 4: DOT_CASE(4, nr_); break;   \
+    case 3: DOT_CASE(3, nr_); break;   \
+    case 2: DOT_CASE(2, nr_); break;   \
+    case 1: DOT_CASE(1, nr_); break;   \
+    default: break;                    \
+  }
+
+/* All M rows against nr (<= NR) weight rows w (nr, ldw) → y[:, 0:nr] (row stride N). */
+static void rows_dot(const float* x, const float* w, int ldw, float* y, int M, int K, int N, int nr,
+                     const float* scale) {
+  int m = 0;
+  if (nr == NR) {
+    for (; m + MR <= M; m += MR) DOT_CASE(MR, NR);
+    DOT_TAIL(NR);
+  } else {
+    for (; m + MR <= M; m += MR) DOT_CASE(MR, 1);
+    DOT_TAIL(1);
+  }
+}
+
+/* A block of nb weight rows w (nb, K) against all M rows → y[:, 0:nb]. Loop order: MR rows of x at a time (they
+ * stay in L1: 6 × 768 floats are 18 KB) against every NR-row tile of the block (the block stays in L2), so x is
+ * read from L1 and the weights from L2, where x-outer-most would stream the block from memory M/MR times and
+ * weight-outer-most would reread all of x from L2 for every tile. */
+#define NB 64
+static void block_dot(const float* x, const float* w, float* y, int M, int K, int N, int nb, const float* scale) {
+  for (int m0 = 0; m0 < M; m0 += MR) {
+    int mr = M - m0 < MR ? M - m0 : MR;
+    for (int n = 0; n < nb; n += NR) {
+      int nr = nb - n < NR ? nb - n : NR;
+      rows_dot(x + (int64_t)m0 * K, w + (int64_t)n * K, K, y + (int64_t)m0 * N + n, mr, K, N, nr,
+               scale ? scale + n : NULL);
+    }
+  }
+}
+
+/* fp32: w (N, K) row-major, as nn.Linear stores it. */
+void gemm_tiled_f32(const float* x, const float* w, float* y, int M, int K, int N) {
+  int blocks = (N + NB - 1) / NB;
+#pragma omp parallel for schedule(static)
+  for (int t = 0; t < blocks; t++) {
+    int n0 = t * NB, nb = N - n0 < NB ? N - n0 : NB;
+    block_dot(x, w + (int64_t)n0 * K, y + n0, M, K, N, nb, NULL);
+  }
+}
+
+/* Quantized (N, K) weights: threads take blocks of NQ rows, dequantize each into a per-thread fp32 scratch
+ * (NQ × K floats: 48 KB at K = 768, in L2) and run it through block_dot. */
+#define NQ 16
+
+/* int8: q (N, K), one scale per output row (applied to the sums). */
+void gemm_tiled_int8(const float* x, const int8_t* q, const float* scales, float* y, int M, int K, int N) {
+  int blocks = (N + NQ - 1) / NQ;
+#pragma omp parallel
+  {
+    float* buf = malloc(sizeof(float) * NQ * (size_t)K);
+#pragma omp for schedule(static)
+    for (int t = 0; t < blocks; t++) {
+      int n0 = t * NQ, nb = N - n0 < NQ ? N - n0 : NQ;
+      const int8_t* src = q + (int64_t)n0 * K;
+      for (int64_t i = 0; i < (int64_t)nb * K; i++) buf[i] = (float)src[i];
+      block_dot(x, buf, y + n0, M, K, N, nb, scales + n0);
+    }
+    free(buf);
+  }
+}
+
+/* int8 in groups along the input (GGUF's Q8_0): q (N, K), scales (N, K/g); w[n, k] = q[n, k] · scale[n, k/g]. */
+void gemm_tiled_int8g(const float* x, const int8_t* q, const float* scales, float* y, int M, int K, int N, int g) {
+  int blocks = (N + NQ - 1) / NQ, G = K / g;
+#pragma omp parallel
+  {
+    float* buf = malloc(sizeof(float) * NQ * (size_t)K);
+#pragma omp for schedule(static)
+    for (int t = 0; t < blocks; t++) {
+      int n0 = t * NQ, nb = N - n0 < NQ ? N - n0 : NQ;
+      for (int n = 0; n < nb; n++) {
+        const int8_t* src = q + (int64_t)(n0 + n) * K;
+        const float* s = scales + (int64_t)(n0 + n) * G;
+        float* dst = buf + (int64_t)n * K;
+        for (int gi = 0; gi < G; gi++)
+          for (int k = gi * g; k < (gi + 1) * g; k++) dst[k] = (float)src[k] * s[gi];
+      }
+      block_dot(x, buf, y + n0, M, K, N, nb, NULL);
+    }
+    free(buf);
+  }
+}
+
+/* Outer form over a dequantized (K, 16) block b: y[m, 0:16] = Σ_k x[m, k] b[k, 0:16], for m < mr <= 6. */
+#define OR 6
+static inline __attribute__((always_inline)) void tile_outer(const float* x, int K, const float* b, float* y,
+                                                             int ldy, int mr, int nc) {
+  v8 acc[OR][2];
+  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = bcast(0.f);
+  for (int k = 0; k < K; k++) {
+    v8 b0 = ld(b + (int64_t)k * 16), b1 = ld(b + (int64_t)k * 16 + 8);
+    for (int m = 0; m < mr; m++) {
+      v8 xv = bcast(x[(int64_t)m * K + k]);
+      acc[m][0] += xv * b0;
+      acc[m][1] += xv * b1;
+    }
+  }
+  for (int m = 0; m < mr; m++) {
+    float out[16];
+    st(out, acc[m][0]);
+    st(out + 8, acc[m][1]);
+    memcpy(y + (int64_t)m * ldy, out, sizeof(float) * nc);
+  }
+}
+
+/* int4: packed (K/2, N), byte [j, n] = code[2j, n] | code[2j+1, n] << 4; scales, mins (K/g, N);
+ * w[k, n] = code[k, n] · scale[k/g, n] + min[k/g, n]. Threads split N in blocks of 16 columns. */
+void gemm_tiled_int4(const float* x, const uint8_t* packed, const float* scales, const float* mins, float* y,
+                     int M, int K, int N, int g) {
+  int blocks = (N + 15) / 16;
+#pragma omp parallel
+  {
+    float* b = malloc(sizeof(float) * 16 * (size_t)K);
+#pragma omp for schedule(static)
+    for (int t = 0; t < blocks; t++) {
+      int n0 = t * 16, nc = N - n0 < 16 ? N - n0 : 16;
+      for (int k = 0; k < K; k++) {
+        const uint8_t* row = packed + (int64_t)(k / 2) * N + n0;
+        const float* s = scales + (int64_t)(k / g) * N + n0;
+        const float* mn = mins + (int64_t)(k / g) * N + n0;
+        int shift = (k & 1) * 4;
+        float* dst = b + (int64_t)k * 16;
+        for (int n = 0; n < nc; n++) dst[n] = (float)((row[n] >> shift) & 15) * s[n] + mn[n];
+        for (int n = nc; n < 16; n++) dst[n] = 0.f;
+      }
+      int m = 0;
+      for (; m + OR <= M; m += OR) tile_outer(x + (int64_t)m * K, K, b, y + (int64_t)m * N + n0, N, OR, nc);
+      switch (M - m) {
+        case 5: tile_outer(x + (int64_t)m * K, K, b, y + (int64_t)m * N + n0, N, 5, nc); break;
+        case 4: tile_outer(x + (int64_t)m * K, K, b, y + (int64_t)m * N + n0, N, 4, nc); break;
+        case 3: tile_outer(x + (int64_t)m * K, K, b, y + (int64_t)m * N + n0, N, 3, nc); break;
+        case 2: tile_outer(x + (int64_t)m * K, K, b, y + (int64_t)m * N + n0, N, 2, nc); break;
+        case 1: tile_outer(x + (int64_t)m * K, K, b, y + (int64_t)m * N + n0, N, 1, nc); break;
+        default: break;
+      }
+    }
+    free(b);
+  }
+}
+
+/* Decode attention straight from the paged KV pool, one query row per sequence: for sequence b and head h,
+ * keys j in [lo, len_b) (lo = len_b - window when banded), each at slot table[b, j / bs] * bs + j % bs of the
+ * layer's pools k, v (num_blocks · bs, kv, hd); GQA: query head h reads kv head h / (nh / kv).
+ * q, out (B, nh, hd); table (B, W) block ids; lens (B,) context lengths; window <= 0: none. No gather of the
+ * blocks into a padded copy and no mask: each (b, h) pair is one thread's loop over its own keys. */
+void paged_decode_attention(const float* q, const float* k, const float* v, const int64_t* table,
+                            const int64_t* lens, float* out, int B, int nh, int kv, int hd, int bs, int W,
+                            int window, float scale) {
+  int64_t most = 0;
+  for (int b = 0; b < B; b++) most = lens[b] > most ? lens[b] : most;
+  int group = nh / kv;
+#pragma omp parallel
+  {
+    float* score = malloc(sizeof(float) * (most > 0 ? most : 1));
+#pragma omp for schedule(dynamic, 4)
+    for (int bh = 0; bh < B * nh; bh++) {
+      int b = bh / nh, h = bh % nh, g = h / group;
+      int64_t len = lens[b], lo = window > 0 && len > window ? len - window : 0;
+      const float* qv = q + (int64_t)bh * hd;
+      float* o = out + (int64_t)bh * hd;
+      float best = -1e30f;
+      for (int64_t j = lo; j < len; j++) {
+        int64_t slot = table[(int64_t)b * W + j / bs] * bs + j % bs;
+        const float* kj = k + (slot * kv + g) * hd;
+        float s = 0.f;
+        for (int d = 0; d < hd; d++) s += qv[d] * kj[d];
+        s *= scale;
+        score[j - lo] = s;
+        best = s > best ? s : best;
+      }
+      float total = 0.f;
+      for (int64_t j = lo; j < len; j++) total += score[j - lo] = __builtin_expf(score[j - lo] - best);
+      for (int d = 0; d < hd; d++) o[d] = 0.f;
+      for (int64_t j = lo; j < len; j++) {
+        int64_t slot = table[(int64_t)b * W + j / bs] * bs + j % bs;
+        const float* vj = v + (slot * kv + g) * hd;
+        float p = score[j - lo] / total;
+        for (int d = 0; d < hd; d++) o[d] += p * vj[d];
+      }
+    }
+    free(score);
+  }
+}
