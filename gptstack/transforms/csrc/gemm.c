@@ -215,6 +215,22 @@ void gemm_tiled_int4(const float* x, const uint8_t* packed, const float* scales,
   }
 }
 
+static inline float dot(const float* a, const float* b, int n) {
+  v8 acc = bcast(0.f);
+  int d = 0;
+  for (; d + 8 <= n; d += 8) acc += ld(a + d) * ld(b + d);
+  float s = hsum(acc);
+  for (; d < n; d++) s += a[d] * b[d];
+  return s;
+}
+
+static inline void axpy(float p, const float* x, float* y, int n) {
+  v8 pv = bcast(p);
+  int d = 0;
+  for (; d + 8 <= n; d += 8) st(y + d, ld(y + d) + pv * ld(x + d));
+  for (; d < n; d++) y[d] += p * x[d];
+}
+
 /* Decode attention straight from the paged KV pool, one query row per sequence: for sequence b and head h,
  * keys j in [lo, len_b) (lo = len_b - window when banded), each at slot table[b, j / bs] * bs + j % bs of the
  * layer's pools k, v (num_blocks · bs, kv, hd); GQA: query head h reads kv head h / (nh / kv).
@@ -239,9 +255,7 @@ void paged_decode_attention(const float* q, const float* k, const float* v, cons
       for (int64_t j = lo; j < len; j++) {
         int64_t slot = table[(int64_t)b * W + j / bs] * bs + j % bs;
         const float* kj = k + (slot * kv + g) * hd;
-        float s = 0.f;
-        for (int d = 0; d < hd; d++) s += qv[d] * kj[d];
-        s *= scale;
+        float s = dot(qv, kj, hd) * scale;
         score[j - lo] = s;
         best = s > best ? s : best;
       }
@@ -251,8 +265,7 @@ void paged_decode_attention(const float* q, const float* k, const float* v, cons
       for (int64_t j = lo; j < len; j++) {
         int64_t slot = table[(int64_t)b * W + j / bs] * bs + j % bs;
         const float* vj = v + (slot * kv + g) * hd;
-        float p = score[j - lo] / total;
-        for (int d = 0; d < hd; d++) o[d] += p * vj[d];
+        axpy(score[j - lo] / total, vj, o, hd);
       }
     }
     free(score);
