@@ -121,13 +121,17 @@ def _harmbench() -> list[dict]:
     return [_row(p, "unsafe", "harmbench", "harmbench", i) for i, p in enumerate(lines) if p.strip()]
 
 
-def _advbench() -> list[dict]:
+def read_yaml(path: Path):
+    """A YAML data file of an installed package (pyrit's seeds and templates)."""
     try:
-        import yaml  # pyrit's seed files are YAML; pyyaml comes with transformers/huggingface_hub
+        import yaml  # pyrit's data files are YAML; pyyaml comes with transformers/huggingface_hub
     except ImportError:
-        raise SuiteError("the AdvBench suite reads pyrit's YAML seed file: pip install pyyaml") from None
-    path = data_dir("pyrit", "datasets", "seed_datasets", "local") / "adv_bench.prompt"
-    seeds = yaml.load(path.read_text("utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["seeds"]
+        raise SuiteError(f"reading {path.name} needs pyyaml: pip install pyyaml") from None
+    return yaml.load(path.read_text("utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def _advbench() -> list[dict]:
+    seeds = read_yaml(data_dir("pyrit", "datasets", "seed_datasets", "local") / "adv_bench.prompt")["seeds"]
     return [_row(s["value"], "unsafe", s["harm_categories"][0], "advbench", i) for i, s in enumerate(seeds)]
 
 
