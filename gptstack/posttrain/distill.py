@@ -47,7 +47,7 @@ class DistillConfig:
     teacher: str  # the target model: a checkpoint folder or a GGUF file (its tokenizer is the draft's)
     data: str  # prompts: JSONL rows with "prompt"/"query"/"text", or a .txt file cut into prompts
     out: str  # the draft checkpoint folder to write
-    items: int = 128  # prompts the teacher answers
+    items: int = 96  # prompts the teacher answers
     skip: int = 0  # prompts skipped at the start of the data (keep evaluation items out)
     instruction: str = ""  # text appended to every prompt (e.g. how to answer)
     prompt_chars: int = 1500  # .txt data: characters per prompt
@@ -55,10 +55,10 @@ class DistillConfig:
     teacher_batch: int = 16  # prompts the teacher answers at once
     n_layer: int = 2  # draft shape: layers
     n_embd: int = 128  # draft width (the embedding is vocab × n_embd, tied with the head)
-    n_head: int = 4
-    n_kv_head: int = 2
-    d_ff: int = 384
-    steps: int = 300  # optimizer steps
+    n_head: int = 4  # draft attention heads
+    n_kv_head: int = 2  # draft key/value heads (GQA)
+    d_ff: int = 384  # draft SwiGLU hidden width
+    steps: int = 240  # optimizer steps
     batch_size: int = 8  # sequences per step
     lr: float = 3e-3  # AdamW peak learning rate (cosine to 10%, 20 warm-up steps)
     prompt_share: float = 0.25  # share of prompt positions scored (every answer position is)
