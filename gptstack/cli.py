@@ -43,9 +43,10 @@ from gptstack.interp.report import HeadsConfig, LensConfig, PatchConfig, run_hea
 from gptstack.interp.sae import SAEConfig, train_and_measure
 from gptstack.options import add_options, from_args
 from gptstack.posttrain import dpo, finetune, ppo, reward, sft
-from gptstack.posttrain.distill import DistillConfig, distill
 from gptstack.posttrain.vision import VisionTrainConfig, vision_train
 from gptstack.rag.retrieve import RagIndexConfig, RagQueryConfig, build_index, format_hits, query_index
+from gptstack.safety.run import JudgeConfig, SafetyEvalConfig, judge_file, safety_eval
+from gptstack.safety.targets import TargetConfig
 from gptstack.serve.config import ModerationTrainConfig, ServeConfig
 from gptstack.speedrun import SpeedrunConfig, results_table, speedrun
 from gptstack.train.config import TrainConfig, make_config
@@ -324,18 +325,24 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     print(f"wrote {Path(cfg.out) / 'scaling.json'}, scaling.png and report.md", file=sys.stderr)
 
 
-def cmd_distill(args: argparse.Namespace) -> None:
-    """distill a tiny draft model for speculative decoding from a target's greedy answers"""
-    summary = distill(from_args(DistillConfig, args))
-    print_summary(summary)
-    print(f"draft: {summary['out']}  (use it with --speculative {summary['out']})")
-
-
 def cmd_speedrun(args: argparse.Namespace) -> None:
     """the main job: tokenizer → data → pretrain → eval → SFT → chat on the stdlib, with a report card"""
     summary = speedrun(from_args(SpeedrunConfig, args))
     print(results_table(summary))
     print(f"report card: {summary['report']}")
+
+
+def cmd_safety_eval(args: argparse.Namespace) -> None:
+    """attack a model with a suite under jailbreak wrappers: attack success and over-refusal, judged"""
+    cfg = from_args(SafetyEvalConfig, args)
+    report = safety_eval(cfg, from_args(TargetConfig, args))
+    print_summary({k: v for k, v in report.items() if not isinstance(v, dict | list)})
+    print(f"report: {Path(cfg.out) / 'report.json'}")
+
+
+def cmd_safety_judge(args: argparse.Namespace) -> None:
+    """label {"prompt", "response"} rows as refusals with a judge"""
+    print_summary(judge_file(from_args(JudgeConfig, args)))
 
 
 def print_summary(summary: dict) -> None:
@@ -428,16 +435,18 @@ COMMANDS = [  # (command, function, its options)
         ("finetune", finetune.FinetuneConfig, ("init",)), ("sft", sft.SFTConfig, ("init", "data")),
         ("reward", reward.RewardConfig, ("init", "data")), ("dpo", dpo.DPOConfig, ("init", "data")),
         ("ppo", ppo.PPOConfig, ("init", "data", "reward")))],
-    ("distill", cmd_distill, [opts(DistillConfig, positional=("teacher",))]),
     ("eval", cmd_eval, [opts(EvalConfig, positional=("checkpoint",))]),
     ("scaling", cmd_scaling, [opts(ScalingConfig)]),
     ("speedrun", cmd_speedrun, [opts(SpeedrunConfig)]),
+    ("safety eval", cmd_safety_eval, [opts(SafetyEvalConfig, positional=("target",)), opts(TargetConfig)]),
+    ("safety judge", cmd_safety_judge, [opts(JudgeConfig, flags={"input": "in"})]),
 ]  # fmt: skip
 GROUPS = {"moderation": "the gateway's moderation classifier", "tokenizer": "train, evaluate or use a tokenizer",
           "data": "prepare token shards from documents, and inspect them",
           "vision": "image data and the vision tower",
           "rag": "retrieval with citations: index documents, search an index",
-          "interp": "look inside a model: lens, heads, neurons, sparse autoencoders"}  # fmt: skip
+          "interp": "look inside a model: lens, heads, neurons, sparse autoencoders",
+          "safety": "red-team a model: attack suites, jailbreak wrappers, refusal judges"}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
