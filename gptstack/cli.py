@@ -43,6 +43,7 @@ from gptstack.interp.report import HeadsConfig, LensConfig, PatchConfig, run_hea
 from gptstack.interp.sae import SAEConfig, train_and_measure
 from gptstack.options import add_options, from_args
 from gptstack.posttrain import dpo, finetune, ppo, reward, sft
+from gptstack.posttrain.distill import DistillConfig, distill
 from gptstack.posttrain.vision import VisionTrainConfig, vision_train
 from gptstack.rag.retrieve import RagIndexConfig, RagQueryConfig, build_index, format_hits, query_index
 from gptstack.safety.run import JudgeConfig, SafetyEvalConfig, judge_file, safety_eval
@@ -325,6 +326,13 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     print(f"wrote {Path(cfg.out) / 'scaling.json'}, scaling.png and report.md", file=sys.stderr)
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    """distill a tiny draft model for speculative decoding from a target's greedy answers"""
+    summary = distill(from_args(DistillConfig, args))
+    print_summary(summary)
+    print(f"draft: {summary['out']}  (use it with --speculative {summary['out']})")
+
+
 def cmd_speedrun(args: argparse.Namespace) -> None:
     """the main job: tokenizer → data → pretrain → eval → SFT → chat on the stdlib, with a report card"""
     summary = speedrun(from_args(SpeedrunConfig, args))
@@ -435,6 +443,7 @@ COMMANDS = [  # (command, function, its options)
         ("finetune", finetune.FinetuneConfig, ("init",)), ("sft", sft.SFTConfig, ("init", "data")),
         ("reward", reward.RewardConfig, ("init", "data")), ("dpo", dpo.DPOConfig, ("init", "data")),
         ("ppo", ppo.PPOConfig, ("init", "data", "reward")))],
+    ("distill", cmd_distill, [opts(DistillConfig, positional=("teacher",))]),
     ("eval", cmd_eval, [opts(EvalConfig, positional=("checkpoint",))]),
     ("scaling", cmd_scaling, [opts(ScalingConfig)]),
     ("speedrun", cmd_speedrun, [opts(SpeedrunConfig)]),
