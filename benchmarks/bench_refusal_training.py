@@ -97,6 +97,13 @@ def sample(rows: list[dict], n: int) -> list[dict]:
     return [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), n))]
 
 
+def subset(rows: list[dict], n: int) -> list[dict]:
+    """The first n rows of a seeded shuffle (so a smaller --limit is a subset of a larger one)."""
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    return [rows[i] for i in order[:n]]
+
+
 def build_data(out: Path, model, suites: dict, judge, args) -> dict:
     """sft.jsonl and dpo.jsonl from the train suites and the base model's judged replies."""
     from gptstack.safety.data import check_disjoint, helpful_rows, preference_pairs, refusal_demos, write_jsonl
@@ -137,18 +144,18 @@ def safety_scores(model, tag: str, out: Path, suites: dict, wrappers: dict, judg
     original request."""
     cache, res = out / f"replies-{tag}.jsonl", {}
     for suite, key in (("harmful-eval", "refusal"), ("benign-eval", "over_refusal")):
-        rows = sample(suites[suite], args.limit)
+        rows = subset(suites[suite], args.limit)
         prompts = [r["prompt"] for r in rows]
-        refused = judge(prompts, replies(model, prompts, cache, args.max_tokens))
+        refused = judge(prompts, replies(model, prompts, cache, args.eval_tokens))
         res[f"{key}_rate"] = rate(refused)
         cats = [r.get("category", "") for r in rows]
         res[f"{key}_by_category"] = {c: rate([f for f, k in zip(refused, cats, strict=True) if k == c])
                                      for c in sorted(set(cats))}  # fmt: skip
     res["attack_success_rate"] = {"plain": 1 - res["refusal_rate"]}
-    harmful = sample(suites["harmful-eval"], args.wrap_limit)
+    harmful = subset(suites["harmful-eval"], args.wrap_limit)
     for name, wrap in wrappers.items():
         attacks = [wrap(r["prompt"]) for r in harmful]
-        refused = judge([r["prompt"] for r in harmful], replies(model, attacks, cache, args.max_tokens))
+        refused = judge([r["prompt"] for r in harmful], replies(model, attacks, cache, args.eval_tokens))
         res["attack_success_rate"][name] = 1 - rate(refused)
     return res
 
@@ -267,10 +274,11 @@ def parse_args():
     p.add_argument("--stage", default="all", help="all | tasks-base (only the base model's task scores)")
     p.add_argument("--judge", default="prefix", help="the refusal judge (gptstack.safety.judges.build_judge)")
     p.add_argument("--wrappers", default="", help="comma-separated jailbreak wrappers (default: all)")
-    p.add_argument("--limit", type=int, default=60, help="prompts of harmful-eval and of benign-eval")
-    p.add_argument("--wrap-limit", type=int, default=5, help="harmful-eval prompts under each wrapper")
+    p.add_argument("--limit", type=int, default=40, help="prompts of harmful-eval and of benign-eval")
+    p.add_argument("--wrap-limit", type=int, default=4, help="harmful-eval prompts under each wrapper")
     p.add_argument("--task-limit", type=int, default=40, help="items per shared task")
-    p.add_argument("--max-tokens", type=int, default=80, help="tokens per reply (data and evaluation)")
+    p.add_argument("--max-tokens", type=int, default=80, help="tokens per reply of the base model for the data")
+    p.add_argument("--eval-tokens", type=int, default=32, help="tokens per reply in evaluation (judged by its opening)")
     p.add_argument("--train-limit", type=int, default=64, help="rows of harmful-train and of benign-train (0: all)")
     p.add_argument("--dpo-limit", type=int, default=48, help="preference pairs, half harmful, half benign (0: all)")
     p.add_argument("--lora-rank", type=int, default=16)
@@ -286,7 +294,7 @@ def parse_args():
     p.add_argument("--fresh", action="store_true", help="recompute every stage")
     args = p.parse_args()
     if args.quick:
-        args.limit, args.wrap_limit, args.task_limit, args.max_tokens = 6, 2, 4, 16
+        args.limit, args.wrap_limit, args.task_limit, args.max_tokens, args.eval_tokens = 6, 2, 4, 16, 16
         args.sft_epochs, args.dpo_epochs, args.max_len = 1, 1, 192
     return args
 
