@@ -30,6 +30,7 @@ import importlib.util
 import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -328,6 +329,16 @@ def report(device: torch.device, bw: float, dec: list[dict], thr: list[dict], mf
     return "\n".join(out)
 
 
+def guarded(part: str, failed, fn, *args):
+    """fn(*args), or `failed` after printing the traceback: one part's failure leaves the others' numbers."""
+    try:
+        return fn(*args)
+    except Exception:
+        print(f"--- {part} failed ---", file=sys.stderr)
+        traceback.print_exc()
+        return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: exercise every path in seconds")
@@ -344,11 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     bw = bandwidth(device, sz.copy_gib)
     ms = models(device, args.dry_run)
-    dec = [] if "decode" in skip else decode_rows(ms, bw, sz, device)
-    thr = [] if "throughput" in skip else throughput(next(iter(ms.values())), sz)
+    dec = [] if "decode" in skip else guarded("decode", [], decode_rows, ms, bw, sz, device)
+    thr = [] if "throughput" in skip else guarded("throughput", [], throughput, next(iter(ms.values())), sz)
     del ms
+    peak = peak_flops(device, args.peak_tflops)
     empty = dict(tok_s=0.0, tflops=0.0, mfu=None)
-    mfu = empty if "mfu" in skip else pretrain_mfu(device, sz, args.dry_run, peak_flops(device, args.peak_tflops))
+    mfu = empty if "mfu" in skip else guarded("mfu", empty, pretrain_mfu, device, sz, args.dry_run, peak)
     print(report(device, bw, dec, thr, mfu))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(bandwidth=bw, decode=dec, throughput=thr, mfu=mfu), indent=2))
