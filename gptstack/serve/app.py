@@ -4,9 +4,12 @@
     uvicorn.run(app, port=8000)
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/moderations,
-POST /v1/feedback, GET /health, GET /metrics, and the web chat at / (static files in web/).
+POST /v1/feedback, GET /health, GET /metrics, the web chat at / (static files in web/), and the human
+review queue (review.py; keys with role reviewer): POST /v1/review/next, POST /v1/review/items/{id}/label,
+GET /v1/review/stats, and its page at /review.
 Every error is an OpenAI error object {"error": {"message", "type", "param", "code"}} with its status:
-400 bad parameters / prompt over the context / blocked by moderation, 401 key, 404 model or route,
+400 bad parameters / prompt over the context / blocked by moderation, 401 key, 403 not a reviewer's
+key, 404 model or route, 409 a review label without a live lease,
 413 body too large, 429 rate limited (Retry-After), 503 queue full.
 
 A route only reads its request: it authenticates, takes the body (sized before it is parsed:
@@ -22,14 +25,14 @@ import asyncio
 import contextlib
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptstack.infer.engine import Engine
@@ -37,6 +40,7 @@ from gptstack.serve.completion import chat_completion, text_completion
 from gptstack.serve.config import ServeConfig
 from gptstack.serve.gateway import ApiKey
 from gptstack.serve.protocol import ChatRequest, CompletionRequest, FeedbackRequest, ModerationRequest
+from gptstack.serve.review import LEASE_S, ReviewError, ReviewQueue
 from gptstack.serve.server import APIError, BodyLimit, Server, error_response
 
 WEB = Path(__file__).parent / "web"
@@ -70,10 +74,19 @@ def _schema(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
+class ReviewLabel(BaseModel):
+    """A reviewer's label for the item they claimed (review.py LABELS), with an optional corrected response."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: Literal["appropriate", "refusal", "harmful"]
+    text: str | None = Field(None, max_length=100_000)
+
+
 ServerDep = Annotated[Server, Depends(_server)]
 KeyDep = Annotated[ApiKey | None, Depends(_key)]
-BODIES = (CompletionRequest, ChatRequest, ModerationRequest, FeedbackRequest)
-CompletionBody, ChatBody, ModerationBody, FeedbackBody = (_body(m) for m in BODIES)
+BODIES = (CompletionRequest, ChatRequest, ModerationRequest, FeedbackRequest, ReviewLabel)
+CompletionBody, ChatBody, ModerationBody, FeedbackBody, ReviewLabelBody = (_body(m) for m in BODIES)
 router = APIRouter()
 
 
@@ -140,7 +153,64 @@ async def feedback(server: ServerDep, key: KeyDep, body: FeedbackBody):
         raise APIError(404, message, param="response_id", code="response_not_found")
     rating = {"response_id": body.response_id, "rating": body.rating, "comment": body.comment}
     server.feedback.write({**rating, "key": key.fingerprint if key else None, **record})
-    return {"id": body.response_id, "object": "feedback", "rating": body.rating, "stored": True}
+    queued = server.review is not None and body.rating == "down"
+    if queued:
+        await asyncio.to_thread(server.review.add_answer, body.response_id, record, ["feedback:down"], body.comment)
+    return {"id": body.response_id, "object": "feedback", "rating": body.rating, "stored": True, "review": queued}
+
+
+# ---- the review queue (keys with role reviewer) -----------------------------------------------------------
+
+
+def _reviewer(server: ServerDep, key: KeyDep) -> tuple[ReviewQueue, str]:
+    """The queue and the reviewer's name (their key's): 404 without a queue, 401 without a key, 403 for a key
+    that is not a reviewer's."""
+    if server.review is None:
+        raise APIError(404, "review is not configured: start the server with --review-db FILE", code="not_found")
+    if key is None:
+        message = "the review queue needs an API key with role reviewer (the server has none: --api-keys FILE)"
+        raise APIError(401, message, code="invalid_api_key", reason="auth")
+    if key.role != "reviewer":
+        message = f"the key {key.name!r} has role {key.role!r}; the review queue needs role reviewer"
+        raise APIError(403, message, "permission_error", code="insufficient_role", reason="auth")
+    return server.review, key.name
+
+
+ReviewerDep = Annotated[tuple[ReviewQueue, str], Depends(_reviewer)]
+
+
+async def _queue(call, *args):
+    """A queue call off the event loop; its ReviewError as an API error."""
+    try:
+        return await asyncio.to_thread(call, *args)
+    except ReviewError as e:
+        raise APIError(
+            e.status, str(e), code="review_" + {404: "not_found", 409: "no_lease"}.get(e.status, "bad")
+        ) from None
+
+
+@router.get("/review", include_in_schema=False)
+async def review_page():
+    return FileResponse(WEB / "review.html")
+
+
+@router.post("/v1/review/next")
+async def review_next(reviewer: ReviewerDep):
+    """Claim the next item for this reviewer (their live one if they hold it): prompt, response, reasons."""
+    queue, name = reviewer
+    return {"object": "review.claim", "reviewer": name, "item": await _queue(queue.claim, name, LEASE_S)}
+
+
+@router.post("/v1/review/items/{item_id}/label", openapi_extra=_schema(ReviewLabel))
+async def review_label(item_id: int, reviewer: ReviewerDep, body: ReviewLabelBody):
+    queue, name = reviewer
+    return {"object": "review.label", **await _queue(queue.label, item_id, name, body.label, body.text)}
+
+
+@router.get("/v1/review/stats")
+async def review_stats(reviewer: ReviewerDep):
+    """Items by state and each batch's agreement and Cohen's kappa."""
+    return {"object": "review.stats", **await _queue(reviewer[0].stats)}
 
 
 # ---- errors, counting, schema ----------------------------------------------------------------------------

@@ -487,6 +487,7 @@ class Completion:
             }
         )
         answer = {**self.record, "model": self.runner.name, "response": [c.text for c in self.choices]}
+        answer["output_flags"] = sorted(set(self.flagged))  # the review queue takes flagged answers
         self.server.remember(self.id, answer)
         return usage
 

@@ -30,6 +30,7 @@ class ServeConfig:
     moderation_policy: dict[str, str] = field(default_factory=dict)  # per category: block | flag | off (default block)
     moderation_every: int = 64  # characters of streamed output between output moderation checks
     route_threshold: float = 0.25  # 'auto' difficulty at which a request goes to the largest model
+    review_db: str | None = None  # human review queue (SQLite): flagged and thumbs-down answers go there
     rag_index: str | None = None  # retrieval index folder (gptstack rag index) for chat requests with "retrieval"
     max_images: int = 8  # images one chat request may send; more: 400
     max_image_bytes: int = 1 << 20  # bytes of one image (decoded from base64); more: 413 (raise --max-body-bytes too)

@@ -2,11 +2,12 @@
 sentence embedding that the semantic cache (cache.py) and moderation share, and the JSONL logs
 (usage and feedback).
 
-Keys. `--api-keys FILE` holds one key per line, `KEY [name=NAME] [rpm=N] [tpm=N]`, or JSON
-(`[{"key": …, "name": …, "rpm": …, "tpm": …}]`); the environment variable GPTSTACK_API_KEYS adds
-comma-separated keys. A line whose first non-blank character is `#` is a comment; a `#` anywhere else is
-part of the text (a key may contain one). With no key configured the server is open (as vLLM without
---api-key).
+Keys. `--api-keys FILE` holds one key per line, `KEY [name=NAME] [rpm=N] [tpm=N] [role=ROLE]`, or JSON
+(`[{"key": …, "name": …, "rpm": …, "tpm": …, "role": …}]`); the environment variable GPTSTACK_API_KEYS
+adds comma-separated keys. A role is `user` (the default: the API) or `reviewer` (the API and the
+human review queue, /v1/review/*; the reviewer is known by the key's name). A line whose first
+non-blank character is `#` is a comment; a `#` anywhere else is part of the text (a key may contain
+one). With no key configured the server is open (as vLLM without --api-key).
 
 Limits. Each key has two token buckets, requests per minute and tokens per minute, each refilling
 continuously at rate/60 per second up to one minute's worth (at least one unit, so rpm 0.5 is one
@@ -40,6 +41,8 @@ from gptstack.rag.embed import Embedder  # noqa: F401  (re-exported: cache, mode
 
 # ---- keys and limits ---------------------------------------------------------------------------------
 
+ROLES = ("user", "reviewer")  # what a key may do: the API; the API and the review queue
+
 
 @dataclass
 class ApiKey:
@@ -47,6 +50,7 @@ class ApiKey:
     name: str
     rpm: float | None = None  # requests per minute (None: unlimited)
     tpm: float | None = None  # tokens per minute
+    role: str = "user"  # user | reviewer (ROLES)
 
     @property
     def fingerprint(self) -> str:
@@ -60,8 +64,10 @@ def load_keys(path: str | Path | None = None, env: str = "GPTSTACK_API_KEYS") ->
     if path is not None:
         text = Path(path).read_text()
         rows = _json_keys(path, text) if text.lstrip().startswith(("[", "{")) else _line_keys(path, text)
-        for where, key, name, rpm, tpm in rows:
-            keys[key] = ApiKey(key, name, per_minute(where, "rpm", rpm), per_minute(where, "tpm", tpm))
+        for where, key, name, rpm, tpm, role in rows:
+            keys[key] = ApiKey(
+                key, name, per_minute(where, "rpm", rpm), per_minute(where, "tpm", tpm), _role(where, role)
+            )
     for i, key in enumerate(k for k in os.environ.get(env, "").split(",") if k.strip()):
         keys.setdefault(key.strip(), ApiKey(key.strip(), f"env{i}"))
     return keys
@@ -74,12 +80,14 @@ def _json_keys(path, text: str) -> list[tuple]:
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or not isinstance(r.get("key"), str) or not r["key"]:
             raise ValueError(f"{path}: entry {i} needs a non-empty string 'key'")
-        out.append((f"{path}: entry {i}", r["key"], r.get("name", f"key{i}"), r.get("rpm"), r.get("tpm")))
+        out.append(
+            (f"{path}: entry {i}", r["key"], r.get("name", f"key{i}"), r.get("rpm"), r.get("tpm"), r.get("role"))
+        )
     return out
 
 
 def _line_keys(path, text: str) -> list[tuple]:
-    """(where, key, name, rpm, tpm) per line; only whole lines are comments (a key may hold a '#')."""
+    """(where, key, name, rpm, tpm, role) per line; only whole lines are comments (a key may hold a '#')."""
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         parts = line.split()
@@ -88,12 +96,22 @@ def _line_keys(path, text: str) -> list[tuple]:
         fields = {}
         for p in parts[1:]:
             k, sep, v = p.partition("=")
-            if not sep or k not in ("name", "rpm", "tpm"):
+            if not sep or k not in ("name", "rpm", "tpm", "role"):
                 hint = " (comments go on their own line)" if p.startswith("#") else ""
-                raise ValueError(f"{path}:{n}: expected KEY [name=NAME] [rpm=N] [tpm=N], got {p!r}{hint}")
+                raise ValueError(f"{path}:{n}: expected KEY [name=NAME] [rpm=N] [tpm=N] [role=ROLE], got {p!r}{hint}")
             fields[k] = v
-        out.append((f"{path}:{n}", parts[0], fields.get("name", f"key{n}"), fields.get("rpm"), fields.get("tpm")))
+        name = fields.get("name", f"key{n}")
+        out.append((f"{path}:{n}", parts[0], name, fields.get("rpm"), fields.get("tpm"), fields.get("role")))
     return out
+
+
+def _role(where: str, value) -> str:
+    """A key's role: one of ROLES (None: user)."""
+    if value is None:
+        return "user"
+    if value not in ROLES:
+        raise ValueError(f"{where}: role must be one of {', '.join(ROLES)}, got {value!r}")
+    return value
 
 
 def per_minute(where: str, what: str, value) -> float | None:

@@ -31,6 +31,7 @@ from gptstack.serve.gateway import ApiKey, Embedder, JsonlLog, Limiter, RateLimi
 from gptstack.serve.metrics import Metrics
 from gptstack.serve.moderation import Moderator, Verdict
 from gptstack.serve.protocol import json_size, json_size_bound
+from gptstack.serve.review import ReviewQueue
 from gptstack.serve.runner import EngineRunner
 
 RECENT = 10_000  # responses kept for /v1/feedback
@@ -155,6 +156,7 @@ class Server:
         self.usage = JsonlLog(log / "usage.jsonl" if log else None)
         self.feedback = JsonlLog(log / "feedback.jsonl" if log else None)
         self.responses: OrderedDict[str, dict] = OrderedDict()  # recent responses, for feedback
+        self.review = ReviewQueue(config.review_db) if config.review_db else None  # flagged answers go here
         self.recent_chars = 0  # the characters they hold (chars)
         self.created = int(time.time())
 
@@ -273,7 +275,12 @@ class Server:
         return flagged
 
     def remember(self, rid: str, record: dict) -> None:
-        """Keep a response for feedback: the last RECENT, and no more than RECENT_CHARS characters."""
+        """Keep a response for feedback: the last RECENT, and no more than RECENT_CHARS characters; one
+        that moderation flagged (input or output) also goes to the review queue."""
+        flags = [f"input:{c}" for c in record.get("input_flags", [])]
+        flags += [f"output:{c}" for c in record.get("output_flags", [])]
+        if self.review is not None and flags:
+            self.review.add_answer(rid, record, list(dict.fromkeys(flags)))
         self.responses[rid], size = record, chars(record)
         self.recent_chars += size
         while len(self.responses) > RECENT or (self.recent_chars > RECENT_CHARS and len(self.responses) > 1):
