@@ -49,6 +49,13 @@ from gptstack.rag.retrieve import RagIndexConfig, RagQueryConfig, build_index, f
 from gptstack.safety.run import JudgeConfig, SafetyEvalConfig, judge_file, safety_eval
 from gptstack.safety.targets import TargetConfig
 from gptstack.serve.config import ModerationTrainConfig, ServeConfig
+from gptstack.serve.review import (
+    ReviewExportConfig,
+    ReviewLabelConfig,
+    ReviewNextConfig,
+    ReviewQueue,
+    ReviewStatsConfig,
+)
 from gptstack.speedrun import SpeedrunConfig, results_table, speedrun
 from gptstack.train.config import TrainConfig, make_config
 from gptstack.train.loop import pretrain
@@ -146,6 +153,31 @@ def cmd_moderation_train(args: argparse.Namespace) -> None:
     cfg = from_args(ModerationTrainConfig, args)
     print(format_report(train_moderation(cfg)))
     print(f"wrote {Path(cfg.out) / 'moderation.json'}")
+
+
+def cmd_review_next(args: argparse.Namespace) -> None:
+    """claim the next item of the human review queue (JSON: prompt, response, why it is there)"""
+    cfg = from_args(ReviewNextConfig, args)
+    item = ReviewQueue(cfg.db, create=False).claim(cfg.reviewer, cfg.lease_s)
+    print(json.dumps(item, ensure_ascii=False, indent=1) if item else "nothing to review")
+
+
+def cmd_review_label(args: argparse.Namespace) -> None:
+    """label the review item you claimed: appropriate | refusal | harmful, with an optional corrected response"""
+    cfg = from_args(ReviewLabelConfig, args)
+    print(json.dumps(ReviewQueue(cfg.db, create=False).label(cfg.item, cfg.reviewer, cfg.label, cfg.text)))
+
+
+def cmd_review_stats(args: argparse.Namespace) -> None:
+    """the review queue's items by state and each batch's agreement (Cohen's kappa)"""
+    print(json.dumps(ReviewQueue(from_args(ReviewStatsConfig, args).db, create=False).stats(), indent=1))
+
+
+def cmd_review_export(args: argparse.Namespace) -> None:
+    """adjudicated review items as SFT, DPO and moderation training JSONL"""
+    cfg = from_args(ReviewExportConfig, args)
+    counts = ReviewQueue(cfg.db, create=False).export(cfg.out)
+    print(", ".join(f"{n} rows in {Path(cfg.out) / (name + '.jsonl')}" for name, n in counts.items()))
 
 
 def cmd_rag_index(args: argparse.Namespace) -> None:
@@ -415,6 +447,10 @@ COMMANDS = [  # (command, function, its options)
                           only(EngineConfig, "max_seqs", "kv_memory", "num_blocks", "max_step_tokens"),
                           opts(ServeConfig)]),
     ("moderation train", cmd_moderation_train, [opts(ModerationTrainConfig)]),
+    ("review next", cmd_review_next, [opts(ReviewNextConfig)]),
+    ("review label", cmd_review_label, [opts(ReviewLabelConfig)]),
+    ("review stats", cmd_review_stats, [opts(ReviewStatsConfig)]),
+    ("review export", cmd_review_export, [opts(ReviewExportConfig)]),
     ("rag index", cmd_rag_index, [opts(RagIndexConfig, positional=("src",))]),
     ("rag query", cmd_rag_query, [opts(RagQueryConfig, positional=("index",))]),
     ("interp lens", cmd_interp_lens, [opts(LensConfig, positional=("checkpoint",))]),
@@ -450,7 +486,8 @@ COMMANDS = [  # (command, function, its options)
     ("safety eval", cmd_safety_eval, [opts(SafetyEvalConfig, positional=("target",)), opts(TargetConfig)]),
     ("safety judge", cmd_safety_judge, [opts(JudgeConfig, flags={"input": "in"})]),
 ]  # fmt: skip
-GROUPS = {"moderation": "the gateway's moderation classifier", "tokenizer": "train, evaluate or use a tokenizer",
+GROUPS = {"moderation": "the gateway's moderation classifier", "review": "the human review queue of flagged answers",
+          "tokenizer": "train, evaluate or use a tokenizer",
           "data": "prepare token shards from documents, and inspect them",
           "vision": "image data and the vision tower",
           "rag": "retrieval with citations: index documents, search an index",
