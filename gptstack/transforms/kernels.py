@@ -88,16 +88,17 @@ def _load(build) -> ctypes.CDLL | bool:
         return False
 
 
-def _build(source: Path) -> ctypes.CDLL:
+def _build(source: Path, libs: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """`libs`: linker flags after the source (decode.c's vectorised expf needs libm's vector functions, -lm)."""
     text = source.read_bytes()
     flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(text + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join(flags + list(libs)).encode() + os.uname().machine.encode()).hexdigest()[:16]
     root = Path(os.environ.get("GPTSTACK_CACHE", Path.home() / ".cache" / "gptstack")) / "kernels"
     lib = root / f"{source.stem}-{key}.so"
     if not lib.is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".{source.stem}-{key}-{os.getpid()}.so"
-        subprocess.run(["gcc", *flags, str(source), "-o", str(tmp)], check=True, capture_output=True)
+        subprocess.run(["gcc", *flags, str(source), *libs, "-o", str(tmp)], check=True, capture_output=True)
         os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
     return ctypes.CDLL(str(lib))
 

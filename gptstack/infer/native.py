@@ -1,0 +1,199 @@
+"""Native batch-1 decoding: one C call per token for a Llama-style GPT (transforms/csrc/decode.c).
+
+A decode step of SmolLM2-135M runs 30 thin layers (576 wide); through PyTorch each layer costs ~40 small ops
+(norms, RoPE, cache writes, SDPA, views) whose dispatch adds up to more than the weight reads themselves at
+int4. `NativeDecoder(model)` gathers pointers to the model's own weights (no copy; fp32, int8, int4 and
+int8g linears as transforms/quantize.py lays them out, a Q8_0 token table and its tied head) and runs the
+whole step in C: RMSNorm, QKV, RoPE, attention over the contiguous KV cache, SwiGLU MLP, residuals, head.
+
+The prompt is prefilled by the PyTorch forward (BLAS matrix products) into an `infer.kvcache.KVCache`,
+whose buffers the C step then reads and extends in place. `supports(model)` says which models qualify:
+RMSNorm pre-norm blocks, rotary positions, dense attention, SwiGLU, no MoE, QK-norm or sandwich norms, fp32
+activations on CPU. The reference is the plain forward loop (`infer.generate.generate`): the tests compare
+greedy tokens and logits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gptstack.infer.kvcache import KVCache
+from gptstack.model import GPT
+from gptstack.transforms import kernels
+from gptstack.transforms.quantize import QuantizedEmbedding, QuantizedLinear, TiedHead
+
+SOURCE = Path(kernels.__file__).with_name("csrc") / "decode.c"
+LAYOUT = {"fp32": 0, "int8": 1, "int4": 2, "int8g": 3}  # the Lin kinds of decode.c
+_lib: ctypes.CDLL | bool | None = None
+
+
+class Lin(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in ("kind", "K", "N", "g")] + [
+        (n, ctypes.c_void_p) for n in ("w", "s", "m", "bias")
+    ]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [
+        *[(n, ctypes.c_int) for n in ("n_layer", "D", "h", "kv", "hd", "ff", "V", "max_len", "nthreads")],
+        *[(n, ctypes.c_float) for n in ("eps", "scale", "norm_offset")],
+        ("rope_cos", ctypes.c_void_p),
+        ("rope_sin", ctypes.c_void_p),
+        ("emb_kind", ctypes.c_int),
+        ("emb_g", ctypes.c_int),
+        ("emb_w", ctypes.c_void_p),
+        ("emb_s", ctypes.c_void_p),
+        *[(n, ctypes.POINTER(ctypes.c_void_p)) for n in ("ln1", "ln2")],
+        ("lnf", ctypes.c_void_p),
+        *[(n, ctypes.POINTER(Lin)) for n in ("qkv", "proj", "fc", "down")],
+        ("head", Lin),
+        *[(n, ctypes.c_void_p) for n in ("kcache", "vcache", "scratch")],
+    ]
+
+
+def library() -> ctypes.CDLL | None:
+    """csrc/decode.c compiled (once per source version and machine), or None without a compiler."""
+    global _lib
+    if _lib is None:
+        _lib = kernels._load(lambda: _declare(kernels._build(SOURCE, ("-lm",))))
+    return _lib or None
+
+
+def _declare(cdll: ctypes.CDLL) -> ctypes.CDLL:
+    P = ctypes.c_void_p
+    cdll.decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, P]
+    cdll.native_linear.argtypes = [ctypes.POINTER(Lin), P, P, ctypes.c_int]
+    return cdll
+
+
+def supports(model: nn.Module) -> str | None:
+    """None when `model` can decode natively, else why not."""
+    cfg = model.config if isinstance(model, GPT) else None
+    if cfg is None:
+        return "not a gptstack GPT"
+    checks = {
+        "rmsnorm": cfg.norm == "rmsnorm" and cfg.prenorm,
+        "rotary positions": cfg.pos == "rope" and cfg.rope_local_theta is None,
+        "dense attention": all(k == "dense" for k in cfg.attn_kinds),
+        "swiglu": cfg.mlp == "swiglu" and not cfg.n_expert,
+        "no QK-norm or sandwich norms": not cfg.qk_norm and not cfg.sandwich_norm,
+        "embed_scale 1": cfg.embed_scale == 1.0,
+        "fp32 on CPU": all(t.device.type == "cpu" and t.dtype != torch.float64 for t in model.state_dict().values())
+        and model.transformer.ln_f.weight.dtype == torch.float32,
+        "no bias outside QKV": not cfg.bias,
+    }
+    missing = [k for k, ok in checks.items() if not ok]
+    return f"native decoding needs {', '.join(missing)}" if missing else None
+
+
+def make_lin(module: nn.Module, keep: list) -> Lin:
+    """The Lin descriptor of a linear layer (nn.Linear, QuantizedLinear or a TiedHead); `keep` holds tensors
+    that must outlive it (contiguous copies, if any were needed)."""
+    if isinstance(module, TiedHead):
+        module = module.table
+    bias = getattr(module, "bias", None)
+    if isinstance(module, QuantizedLinear):
+        ts = [module.qweight, module.scales, getattr(module, "mins", None)]
+        kind, g = LAYOUT[module.method], module.group_size
+    elif isinstance(module, nn.Linear):
+        ts, kind, g = [module.weight.detach(), None, None], 0, 0
+    else:
+        raise TypeError(f"no native layout for {type(module).__name__}")
+    ts = [None if t is None else t.contiguous() for t in [*ts, bias]]
+    keep.extend(t for t in ts if t is not None)
+    if any(t is not None and t.is_floating_point() and t.dtype != torch.float32 for t in ts):
+        raise TypeError("native decoding needs fp32 weights, scales and biases")
+    ptr = [0 if t is None else t.data_ptr() for t in ts]
+    return Lin(kind, module.in_features, module.out_features, g, *ptr)
+
+
+class NativeDecoder:
+    """Greedy/argmax-free decoding state of one sequence: the model's weights as C descriptors, a KVCache of
+    `max_len` tokens, preallocated scratch and logits. `threads`: OpenMP threads (default torch's)."""
+
+    def __init__(self, model: GPT, max_len: int | None = None, threads: int | None = None):
+        why = supports(model)
+        if why is not None:
+            raise ValueError(why)
+        self.lib = library()
+        if self.lib is None:
+            raise RuntimeError("native decoding unavailable: gcc could not build csrc/decode.c")
+        cfg, t = model.config, model.transformer
+        self.model, self.max_len = model, max_len or cfg.block_size
+        self.cache = KVCache(cfg, 1, self.max_len)
+        self._keep: list = []
+        blocks = list(t.h)
+        lins = {name: (Lin * cfg.n_layer)(*(make_lin(b.get_submodule(name), self._keep) for b in blocks))
+                for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # fmt: skip
+        norms = [(ctypes.c_void_p * cfg.n_layer)(*(getattr(b, n).weight.data_ptr() for b in blocks))
+                 for n in ("ln_1", "ln_2")]  # fmt: skip
+        h, hd = cfg.n_head, cfg.head_dim
+        floats = 4 * cfg.n_embd + 3 * h * hd + 4 * cfg.n_kv_head * hd + 2 * cfg.d_ff + h * self.max_len
+        self.scratch = torch.empty(floats + cfg.d_ff)  # (the scores rows last), generously sized
+        self.logits = torch.empty(cfg.vocab_size)
+        wte = t.wte
+        quant_emb = isinstance(wte, QuantizedEmbedding)
+        self._keep += [lins, norms]
+        self.desc = Model(
+            cfg.n_layer, cfg.n_embd, h, cfg.n_kv_head, hd, cfg.d_ff, cfg.vocab_size, self.max_len,
+            threads or torch.get_num_threads(), cfg.norm_eps, cfg.attn_scale or 1 / math.sqrt(hd), cfg.norm_offset,
+            model.rope_cos.data_ptr(), model.rope_sin.data_ptr(),
+            LAYOUT["int8g"] if quant_emb else 0, wte.group_size if quant_emb else 0,
+            (wte.qweight if quant_emb else wte.weight).data_ptr(), wte.scales.data_ptr() if quant_emb else None,
+            norms[0], norms[1], t.ln_f.weight.data_ptr(),
+            lins["attn.c_attn"], lins["attn.c_proj"], lins["mlp.c_fc"], lins["mlp.c_proj"],
+            make_lin(model.lm_head, self._keep),
+            self.cache.k.data_ptr(), self.cache.v.data_ptr(), self.scratch.data_ptr(),
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def prefill(self, prompt: list[int]) -> Tensor:
+        """Reset the cache and run the prompt through the PyTorch forward; the last position's logits (V,)."""
+        if not prompt or len(prompt) >= self.max_len:
+            raise ValueError(f"the prompt must have 1 to {self.max_len - 1} tokens, got {len(prompt)}")
+        self.cache.reset()
+        last = torch.tensor([len(prompt) - 1])
+        return self.model(torch.tensor([prompt]), kv_cache=self.cache, logits_at=last)[0, -1]
+
+    def step(self, token: int) -> Tensor:
+        """Append `token` at the cache's position; its next-token logits (V,), a buffer reused by the next step."""
+        pos = self.cache.pos
+        if pos >= self.max_len:
+            raise ValueError(f"KV cache full: {self.max_len} tokens")
+        if not 0 <= token < self.desc.V:
+            raise ValueError(f"token {token} outside the vocabulary of {self.desc.V}")
+        self.lib.decode_step(ctypes.byref(self.desc), token, pos, self.logits.data_ptr())
+        self.cache.advance(1)
+        return self.logits
+
+    def greedy(self, prompt: list[int], max_tokens: int, stop_tokens: frozenset[int] = frozenset()) -> Iterator[int]:
+        """Greedy tokens after `prompt`, as `infer.generate.generate` with temperature 0 yields them."""
+        if len(prompt) + max_tokens > self.max_len:
+            raise ValueError(f"prompt of {len(prompt)} + {max_tokens} tokens exceed the cache of {self.max_len}")
+        logits = self.prefill(prompt)
+        for i in range(max_tokens):
+            token = int(logits.argmax())
+            if token in stop_tokens:
+                return
+            yield token
+            if i + 1 < max_tokens:
+                logits = self.step(token)
+
+
+def linear(module: nn.Module, x: Tensor, threads: int = 1) -> Tensor:
+    """y (N,) = module(x (K,)) through decode.c's kernel for its layout (what the tests compare)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("native decoding unavailable: gcc could not build csrc/decode.c")
+    keep: list = []
+    desc = make_lin(module, keep)
+    x = x.contiguous().float()
+    y = x.new_empty(desc.N)
+    lib.native_linear(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), threads)
+    return y
