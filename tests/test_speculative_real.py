@@ -52,3 +52,25 @@ def test_prompt_lookup_and_a_draft_keep_smollm2_greedy_output_on_a_passage(smoll
     assert drafted.generate([prompt], params)[0].token_ids == plain
     assert lookup.stats["spec_proposed"] > 0 and drafted.stats["spec_proposed"] > 0
     assert len(plain) == 12 and tok.decode(plain).strip()  # a real answer, not stop tokens
+
+
+def test_draft_confidence_shortens_rounds_and_keeps_greedy_output():
+    """A draft that stops below a top probability proposes fewer tokens, the output unchanged."""
+    cfg = ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, mlp="swiglu",
+                      norm="rmsnorm", pos="rope", bias=False)  # fmt: skip
+    target, draft = build_model(cfg, seed=0).eval(), build_model(cfg.replace(n_layer=1), seed=1).eval()
+    ps = [[1, 2, 3, 4, 5] * 2, [7, 8, 9]]
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    plain = [c.token_ids for c in Engine(target, EngineConfig(max_seqs=2)).generate(ps, params)]
+    proposed = {}
+    for floor in (0.0, 0.05):
+        spec = EngineConfig(max_seqs=2, speculative="draft", num_speculative=4, draft_confidence=floor)
+        engine = Engine(target, spec, draft=draft)
+        assert [c.token_ids for c in engine.generate(ps, params)] == plain
+        proposed[floor] = engine.stats["spec_proposed"]
+    assert 0 <= proposed[0.05] < proposed[0.0]
+    sampled = Engine(target, EngineConfig(speculative="draft", draft_confidence=0.05), draft=draft)
+    done = sampled.generate(ps, SamplingParams(max_tokens=16, temperature=1.0, seed=0))
+    assert [len(c.token_ids) for c in done] == [16, 16]
+    with pytest.raises(ValueError, match="draft_confidence"):
+        EngineConfig(draft_confidence=1.0)

@@ -80,6 +80,7 @@ class EngineConfig:
     prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
     speculative: str | None = None  # speculative decoding: 'ngram' (prompt lookup) or 'draft' (needs a draft model)
     num_speculative: int = 4  # tokens proposed per speculative round
+    draft_confidence: float = 0.0  # a draft model stops a round's proposals below this top probability (0: k always)
     ngram_max: int = 4  # prompt lookup tries the last ngram_max..1 tokens
     image_cache: int = 64  # images whose vision features are kept (by the image bytes' digest)
 
@@ -90,6 +91,8 @@ class EngineConfig:
             raise ValueError(f"speculative must be None, 'ngram' or 'draft', got {self.speculative!r}")
         if self.num_speculative < 1:
             raise ValueError(f"num_speculative must be >= 1, got {self.num_speculative}")
+        if not 0.0 <= self.draft_confidence < 1.0:
+            raise ValueError(f"draft_confidence must be in [0, 1), got {self.draft_confidence}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.kv_memory is not None:
@@ -909,8 +912,12 @@ class Engine:
             outputs.append(self._finish_output(seq, out))
         return outputs
 
-    def _draft(self, batch, room) -> tuple[dict[int, list[int]], dict[int, Tensor]]:
-        """The draft model catches up on each sequence's tokens, then proposes room[i] tokens."""
+    def _draft(self, batch, room) -> tuple[dict[int, list[int]], dict[int, Tensor | None]]:
+        """The draft model catches up on each sequence's tokens, then proposes room[i] tokens, with their
+        distributions q (room[i], V); a greedy sequence takes the draft's argmax and q is None (one-hot). With
+        `draft_confidence`, a sequence's proposals end at the first token the draft gives less than that
+        probability (the length depends on the draft alone, so the rule stays exact)."""
+        room, floor = dict(room), self.config.draft_confidence
         drafts = {i: [] for i in range(len(batch))}
         qs: dict[int, list[Tensor]] = {i: [] for i in range(len(batch))}
         saved = [list(seq.tokens) for seq, _ in batch]
@@ -926,9 +933,15 @@ class Engine:
                 seq.draft_computed = len(seq.tokens)
                 if plain_greedy(seq.params):
                     token = int(logits[row].argmax())  # the logits are masked to the allowed ids
+                    if floor and float(logits[row].softmax(-1)[token]) < floor:
+                        room[i] = len(drafts[i])
+                        continue
                 else:
                     q = seq.sampler.probs(logits[row], drafts[i])
                     token = draw(q, seq.sampler.generator)
+                    if floor and float(q.max()) < floor:
+                        room[i] = len(drafts[i])
+                        continue
                     qs[i].append(q)
                 drafts[i].append(token)
                 seq.tokens.append(token)
