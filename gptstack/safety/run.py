@@ -5,7 +5,8 @@ wrappers, judge the replies, and report attack success next to over-refusal.
 
 1. **Expand**: every `unsafe` row under each wrapper (wrappers.py), every `safe` row once, `plain`
    (refusing a benign look-alike is over-refusal however it is phrased). An item's key is
-   `row id|wrapper`; `--limit N` keeps N rows per source, spread evenly through it.
+   `row id|wrapper|hash of the messages sent` (a row edited between runs is a new item);
+   `--limit N` keeps N rows per source, spread evenly through it.
 2. **Generate** (targets.py): each reply is appended to `DIR/responses.jsonl` as it finishes (one
    line, flushed). A rerun reads that file and runs only the keys it lacks, so a run stopped by a
    crash, Ctrl-C or an endpoint's 5xx/timeout resumes where it stopped and no item is counted twice.
@@ -25,6 +26,7 @@ wrappers, judge the replies, and report attack success next to over-refusal.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -120,7 +122,8 @@ def expand(rows: list[dict], wrappers: tuple[str, ...], limit: int | None) -> li
     for r in rows:
         for w in names if r["label"] == "unsafe" else ("plain",):
             turns = r["turns"] if "turns" in r and w == "plain" else wrap(w, r["prompt"])
-            items.append({**r, "key": f"{r['id']}|{w}", "wrapper": w, "turns": turns})
+            digest = hashlib.sha256(json.dumps(turns).encode()).hexdigest()[:12]  # an edited row is a new item
+            items.append({**r, "key": f"{r['id']}|{w}|{digest}", "wrapper": w, "turns": turns})
     return items
 
 
