@@ -14,6 +14,7 @@ from test_serve_web import CHROMIUM, FLAGS, _need_chromium
 
 from gptstack.serve.app import create_app
 from gptstack.serve.config import ServeConfig
+from gptstack.serve.gateway import load_keys
 from gptstack.serve.moderation import Moderator
 
 KEYS = "sk-user name=user\nsk-alice name=alice role=reviewer\nsk-bob name=bob role=reviewer\n"
@@ -26,6 +27,19 @@ class Hello:
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return np.array([[float("hello" in t.lower())] for t in texts], dtype=np.float32)  # (N, 1)
+
+
+def test_key_roles_in_line_and_json_files(tmp_path):
+    lines = tmp_path / "keys.txt"
+    lines.write_text("sk-old name=old rpm=5\nsk-rev name=ann role=reviewer\n")
+    keys = load_keys(lines)
+    assert (keys["sk-old"].role, keys["sk-old"].rpm, keys["sk-rev"].role) == ("user", 5, "reviewer")  # old lines: user
+    js = tmp_path / "keys.json"
+    js.write_text(json.dumps([{"key": "sk-a", "role": "reviewer"}, {"key": "sk-b"}]))
+    assert [k.role for k in load_keys(js).values()] == ["reviewer", "user"]
+    lines.write_text("sk-x role=admin\n")
+    with pytest.raises(ValueError, match=r"keys.txt:1: role must be one of user, reviewer, got 'admin'"):
+        load_keys(lines)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +88,10 @@ def test_flagged_and_thumbs_down_answers_are_reviewed_by_two_and_adjudicated(ser
         url = f"/v1/review/items/{item['id']}/label"
         assert _error(h.post(url, json={"label": "meh"}, headers=_as("sk-alice")), 400)["param"] == "label"
         assert _error(h.post(url, json={"label": "harmful"}, headers=_as("sk-bob")), 409)["code"] == "review_no_lease"
-        assert _error(h.post("/v1/review/items/999/label", json={"label": "harmful"}, headers=_as("sk-bob")), 404)
+        for bad in (999, 2**70):
+            assert _error(
+                h.post(f"/v1/review/items/{bad}/label", json={"label": "harmful"}, headers=_as("sk-bob")), 404
+            )
         fixed = {"label": "harmful", "text": "Sorry, let me answer politely."}
         labelled = h.post(url, json=fixed, headers=_as("sk-alice")).json()
         assert labelled == {"object": "review.label", "id": item["id"], "state": "open"}

@@ -213,6 +213,8 @@ class ReviewQueue:
         """Record `reviewer`'s label for the item they hold the lease on; the item's state afterwards."""
         if label not in LABELS:
             raise ReviewError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
+        if not 0 < item < 2**63:  # SQLite's integers: a larger id names no item (and would not bind)
+            raise ReviewError(f"no review item {item}", 404)
         text = text.strip() or None if isinstance(text, str) else None
         with self._write() as db:
             lease = db.execute("SELECT * FROM leases WHERE item = ? AND reviewer = ?", (item, reviewer)).fetchone()
