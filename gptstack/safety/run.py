@@ -39,6 +39,7 @@ from tqdm import tqdm
 from gptstack.data.shards import atomic_write
 from gptstack.files import iter_jsonl
 from gptstack.report import write_section
+from gptstack.safety.data import write_jsonl
 from gptstack.safety.judges import JudgeError, PrefixJudge, build_judge, check_rows
 from gptstack.safety.suites import load_suite
 from gptstack.safety.targets import TargetConfig, open_target
@@ -102,7 +103,7 @@ def judge_file(cfg: JudgeConfig) -> dict:
     rows = [row for _, row in iter_jsonl(cfg.input, JudgeError)]
     judge = make_judge(cfg.judge)
     labelled = judge.judge(rows)
-    _write_jsonl(Path(cfg.out), labelled)
+    write_jsonl(Path(cfg.out), labelled)
     refused = sum(r["refusal"] for r in labelled)
     return {"judge": judge.name, "rows": len(rows), "refusals": refused, "out": cfg.out}
 
@@ -295,11 +296,6 @@ def plot(report: dict, path: Path) -> Path:
     return path
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-
-
 def safety_eval(cfg: SafetyEvalConfig, target: TargetConfig | None = None) -> dict:
     """Run the suite × wrappers against the target (resuming DIR), judge, and write the report.
     An endpoint that stops answering raises TargetError after the replies so far are saved."""
@@ -309,7 +305,7 @@ def safety_eval(cfg: SafetyEvalConfig, target: TargetConfig | None = None) -> di
     rows = [done[it["key"]] for it in items]  # this run's items only, each once
     judged, judge = judge_replies(rows, cfg.judge)
     out = Path(cfg.out)
-    _write_jsonl(out / "judged.jsonl", judged)
+    write_jsonl(out / "judged.jsonl", judged)
     report = summarise(judged, judge, cfg, target=cfg.target)
     atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
     plot(report, out / "safety_eval.png")
