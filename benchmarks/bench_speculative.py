@@ -70,7 +70,7 @@ def timed(engine: Engine, prompt: list[int], tokens: int) -> tuple[list[int], fl
     return out, rate, dt / max(1, rounds), rounds
 
 
-def engines(target, draft, ks: list[int]) -> dict[str, Engine]:
+def engines(target, draft, ks: list[int], confidence: float = 0.0) -> dict[str, Engine]:
     tok = target.tokenizer
     base = dict(max_seqs=1, kv_memory="256MiB")
     out = {"plain": Engine(target, EngineConfig(**base), tokenizer=tok)}
@@ -79,8 +79,9 @@ def engines(target, draft, ks: list[int]) -> dict[str, Engine]:
             target, EngineConfig(**base, speculative="ngram", num_speculative=k), tokenizer=tok
         )
         if draft is not None:
-            spec = EngineConfig(**base, speculative="draft", num_speculative=k)
-            out[f"trained draft, k={k}"] = Engine(target, spec, tokenizer=tok, draft=draft)
+            spec = EngineConfig(**base, speculative="draft", num_speculative=k, draft_confidence=confidence)
+            stop = f", stop below p={confidence}" if confidence else ""
+            out[f"trained draft, k={k}{stop}"] = Engine(target, spec, tokenizer=tok, draft=draft)
     return out
 
 
@@ -152,6 +153,7 @@ def main() -> None:
     ap.add_argument("--draft-out", default="runs/spec-draft-smollm2", help="where a draft is trained")
     ap.add_argument("--train-skip", type=int, default=200, help="BoolQ items the draft's training skips")
     ap.add_argument("--no-draft", action="store_true", help="plain vs prompt lookup only")
+    ap.add_argument("--draft-confidence", type=float, default=0.0, help="the draft stops a round below this p")
     ap.add_argument(
         "--draft-quantize",
         default="int8",
@@ -170,7 +172,8 @@ def main() -> None:
         draft = decode_layout(draft) if args.draft_quantize == "none" else quantize(draft, args.draft_quantize)
     prompts = [chat_prompt(target.tokenizer, t, INSTRUCTION) for t in read_prompts(BOOLQ, args.items)]
     with torch.no_grad():
-        res = run(engines(target, draft, [int(k) for k in args.k.split(",")]), prompts, args.tokens)
+        engs = engines(target, draft, [int(k) for k in args.k.split(",")], args.draft_confidence)
+        res = run(engs, prompts, args.tokens)
     print(table(res, len(prompts), args.tokens))
     if not all(r["identical"] for r in res.values()):
         sys.exit("speculative output differs from plain decoding")

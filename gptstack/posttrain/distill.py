@@ -58,10 +58,10 @@ class DistillConfig:
     n_head: int = 4  # draft attention heads
     n_kv_head: int = 2  # draft key/value heads (GQA)
     d_ff: int = 384  # draft SwiGLU hidden width
-    steps: int = 240  # optimizer steps
-    batch_size: int = 8  # sequences per step
+    steps: int = 100  # optimizer steps
+    batch_size: int = 6  # sequences per step
     lr: float = 3e-3  # AdamW peak learning rate (cosine to 10%, 20 warm-up steps)
-    prompt_share: float = 0.25  # share of prompt positions scored (every answer position is)
+    prompt_share: float = 0.1  # share of prompt positions scored (every answer position is)
     seed: int = 0
     answers: str | None = None  # JSONL cache of the teacher's answers: read when it exists, else written
 
