@@ -17,6 +17,10 @@
 #include <string.h>
 
 typedef float v8 __attribute__((vector_size(32)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+/* bytes → int32 lanes → fp32 (vpmovzxbd + vcvtdq2ps on AVX2; a direct u8 → fp32 conversion is scalarised) */
+static inline v8 tofloat(u8x8 c) { return __builtin_convertvector(__builtin_convertvector(c, i32x8), v8); }
 
 static inline v8 ld(const float* p) {
   v8 v;
@@ -191,14 +195,26 @@ void gemm_tiled_int4(const float* x, const uint8_t* packed, const float* scales,
 #pragma omp for schedule(static)
     for (int t = 0; t < blocks; t++) {
       int n0 = t * 16, nc = N - n0 < 16 ? N - n0 : 16;
-      for (int k = 0; k < K; k++) {
-        const uint8_t* row = packed + (int64_t)(k / 2) * N + n0;
-        const float* s = scales + (int64_t)(k / g) * N + n0;
-        const float* mn = mins + (int64_t)(k / g) * N + n0;
-        int shift = (k & 1) * 4;
-        float* dst = b + (int64_t)k * 16;
-        for (int n = 0; n < nc; n++) dst[n] = (float)((row[n] >> shift) & 15) * s[n] + mn[n];
-        for (int n = nc; n < 16; n++) dst[n] = 0.f;
+      for (int j = 0; j < K / 2; j++) {  // byte row j holds codes k = 2j (low nibble) and 2j + 1 (high)
+        const uint8_t* row = packed + (int64_t)j * N + n0;
+        const float* s = scales + (int64_t)(2 * j / g) * N + n0;
+        const float* mn = mins + (int64_t)(2 * j / g) * N + n0;
+        float* lo = b + (int64_t)(2 * j) * 16;
+        float* hi = lo + 16;
+        if (nc == 16) {  // 8 bytes at a time: nibbles → fp32 lanes, scaled and offset
+          for (int h = 0; h < 16; h += 8) {
+            u8x8 codes;
+            memcpy(&codes, row + h, sizeof codes);
+            v8 sv = ld(s + h), mv = ld(mn + h);
+            st(lo + h, tofloat(codes & 15) * sv + mv);
+            st(hi + h, tofloat(codes >> 4) * sv + mv);
+          }
+          continue;
+        }
+        for (int n = 0; n < 16; n++) {
+          lo[n] = n < nc ? (float)(row[n] & 15) * s[n] + mn[n] : 0.f;
+          hi[n] = n < nc ? (float)(row[n] >> 4) * s[n] + mn[n] : 0.f;
+        }
       }
       int m = 0;
       for (; m + OR <= M; m += OR) tile_outer(x + (int64_t)m * K, K, b, y + (int64_t)m * N + n0, N, OR, nc);
