@@ -40,6 +40,7 @@ import contextlib
 import json
 import math
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -106,13 +107,14 @@ class ReviewError(ValueError):
 
 
 class ReviewQueue:
-    """The queue in one SQLite file (module docstring). Safe across threads and processes: every call
-    opens its own connection, and every write is one transaction."""
+    """The queue in one SQLite file (module docstring). Safe across threads and processes: each thread has
+    its own connection (kept open: closing the last one checkpoints the WAL, an fsync per call), and every
+    write is one transaction."""
 
     def __init__(self, path: str | Path, batch_size: int = BATCH, clock=time.time, create: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.path, self.clock = Path(path), clock
+        self.path, self.clock, self.local = Path(path), clock, threading.local()
         if not create and not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no review queue here (serve --review-db FILE creates one)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,16 +130,32 @@ class ReviewQueue:
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
         return db
 
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection."""
+        if getattr(self.local, "db", None) is None:
+            self.local.db = self._connect()
+        return self.local.db
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, holding SQLite's write lock from its first statement."""
-        with contextlib.closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: its statements see one snapshot."""
+        db = self._db()
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
             db.execute("COMMIT")
 
     # ---- in -------------------------------------------------------------------------------------------
@@ -234,7 +252,7 @@ class ReviewQueue:
 
     def stats(self) -> dict:
         """Counts by state and, per batch, items, those labelled twice, raw agreement and Cohen's κ."""
-        with contextlib.closing(self._connect()) as db:
+        with self._read() as db:
             states = dict(db.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall())
             rows = db.execute(
                 "SELECT i.batch, i.id, l.label FROM items i LEFT JOIN labels l ON l.item = i.id AND l.stage = 'label'"
@@ -258,7 +276,7 @@ class ReviewQueue:
 
     def adjudicated(self) -> list[dict]:
         """The finished items with their final label and text, oldest first."""
-        with contextlib.closing(self._connect()) as db:
+        with self._read() as db:
             rows = db.execute("SELECT * FROM items WHERE state = 'done' ORDER BY id").fetchall()
         return [{**_public(r), "label": r["final_label"], "text": r["final_text"]} for r in rows]
 
