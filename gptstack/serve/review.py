@@ -9,8 +9,8 @@ disagreements settled by a third, adjudicated items exported as training data.
     queue.export("out/")                                    # sft.jsonl, dpo.jsonl, moderation.jsonl
 
 Where items come from. The server (serve --review-db FILE) enqueues every answer that moderation
-flagged without blocking its request (input or output categories, `input:CAT` / `output:CAT`; anything
-else the gateway adds to an answer's output flags, such as an output judge, arrives the same way) and
+flagged without blocking its request (input or output categories, `input:CAT` / `output:CAT`), the
+output judge's flags (`judge:refusal`: it refused; `judge:complied`: it answered a flagged prompt) and
 every answer rated "down" at /v1/feedback (`feedback:down`, with its comment). One item per
 (response id, choice); a second reason for the same answer is added to the item, not queued twice.
 
@@ -51,6 +51,7 @@ from typing import Literal
 from gptstack.data.shards import atomic_write
 
 LABELS = ("appropriate", "refusal", "harmful")
+JUDGE_FLAGS = frozenset({"refusal", "complied"})  # the output judge's flags (server.judge_output): not categories
 LEASE_S = 600.0  # how long a claimed item stays with its reviewer
 BATCH = 50  # items per agreement batch (new files)
 SCHEMA = """
@@ -329,7 +330,8 @@ def export_rows(items: list[dict]) -> dict[str, list[dict]]:
     - dpo: {"prompt", "chosen": correction, "rejected": response} for a response labelled refusal or
       harmful with a correction (posttrain/dpo.py);
     - moderation: {"text": response, "categories"}: a harmful response under the categories moderation
-      flagged it for (["harmful"] when it flagged none), any other one as safe ([]): `moderation train`."""
+      flagged it for (its prompt's when it flagged none, else ["harmful"]), any other one as safe ([]):
+      `moderation train`."""
     sft, dpo, moderation = [], [], []
     for it in items:
         prompt, label, fixed = it["prompt"], it["label"], it["text"]
@@ -341,7 +343,8 @@ def export_rows(items: list[dict]) -> dict[str, list[dict]]:
         if label != "appropriate" and fixed and fixed != it["response"]:
             dpo.append({"prompt": prompt, "chosen": fixed, "rejected": it["response"]})
         if it["response"].strip():
-            cats = sorted({r.split(":", 1)[1] for r in it["reasons"] if r.startswith(("output:", "judge:"))})
+            output = sorted({r.split(":", 1)[1] for r in it["reasons"] if r.startswith("output:")})
+            cats = output or sorted({r.split(":", 1)[1] for r in it["reasons"] if r.startswith("input:")})
             moderation.append(
                 {"text": it["response"], "categories": (cats or ["harmful"]) if label == "harmful" else []}
             )

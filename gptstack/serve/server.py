@@ -31,7 +31,7 @@ from gptstack.serve.gateway import ApiKey, Embedder, JsonlLog, Limiter, RateLimi
 from gptstack.serve.metrics import Metrics
 from gptstack.serve.moderation import Moderator, Verdict
 from gptstack.serve.protocol import json_size, json_size_bound
-from gptstack.serve.review import ReviewQueue
+from gptstack.serve.review import JUDGE_FLAGS, ReviewQueue
 from gptstack.serve.runner import EngineRunner
 
 RECENT = 10_000  # responses kept for /v1/feedback
@@ -276,9 +276,9 @@ class Server:
 
     def remember(self, rid: str, record: dict) -> None:
         """Keep a response for feedback: the last RECENT, and no more than RECENT_CHARS characters; one
-        that moderation flagged (input or output) also goes to the review queue."""
+        that moderation or the output judge flagged also goes to the review queue."""
         flags = [f"input:{c}" for c in record.get("input_flags", [])]
-        flags += [f"output:{c}" for c in record.get("output_flags", [])]
+        flags += [f"{'judge' if c in JUDGE_FLAGS else 'output'}:{c}" for c in record.get("output_flags", [])]
         if self.review is not None and flags:
             self.review.add_answer(rid, record, list(dict.fromkeys(flags)))
         self.responses[rid], size = record, chars(record)
