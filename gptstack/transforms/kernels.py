@@ -116,7 +116,6 @@ def _declare_gemm(cdll: ctypes.CDLL) -> ctypes.CDLL:
 def _declare(cdll: ctypes.CDLL) -> ctypes.CDLL:
     P, I = ctypes.c_void_p, ctypes.c_int
     cdll.gemv_f32.argtypes = [P, P, P, I, I]
-    cdll.gemm_f32.argtypes = [P, P, P, I, I, I]
     cdll.gemv_int8.argtypes = [P, P, P, P, I, I]
     cdll.gemv_int4.argtypes = [P, P, P, P, P, I, I, I]
     cdll.gemm_int8g.argtypes = [P, P, P, P, I, I, I, I]

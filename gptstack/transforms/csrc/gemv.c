@@ -15,20 +15,6 @@ void gemv_f32(const float* x, const float* w, float* y, int K, int N) {
   }
 }
 
-/* fp32, a few rows at once: x (M, K), y (M, N); each weight row is read once for all M rows. */
-void gemm_f32(const float* x, const float* w, float* y, int M, int K, int N) {
-#pragma omp parallel for schedule(static)
-  for (int n = 0; n < N; n++) {
-    const float* row = w + (int64_t)n * K;
-    for (int m = 0; m < M; m++) {
-      const float* xm = x + (int64_t)m * K;
-      float acc = 0.f;
-      for (int k = 0; k < K; k++) acc += xm[k] * row[k];
-      y[(int64_t)m * N + n] = acc;
-    }
-  }
-}
-
 /* int8: q (N, K), one scale per output row. */
 void gemv_int8(const float* x, const int8_t* q, const float* scales, float* y, int K, int N) {
 #pragma omp parallel for schedule(static)
@@ -68,7 +54,7 @@ void gemv_int4(const float* x, const uint8_t* packed, const float* scales, const
 }
 
 /* int8 in groups along the input (GGUF's Q8_0): q (N, K), scales (N, K/g), w[n, k] = q[n, k] * scale[n, k/g];
- * x (M, K), y (M, N). Each weight row (K bytes) is read once for all M rows, as in gemm_f32. */
+ * x (M, K), y (M, N); kernels.py calls it for one row (more rows: gemm.c's gemm_tiled_int8g). */
 void gemm_int8g(const float* x, const int8_t* q, const float* scales, float* y, int M, int K, int N, int g) {
   int G = K / g;
 #pragma omp parallel for schedule(static)
