@@ -95,6 +95,7 @@ def llama_cpp_rows(path: Path, prompt: list[int], long: list[int], args) -> list
         llm.reset()
         llm.eval(long)
 
+    print(f"llama.cpp {llama_cpp.__version__}: {llama_cpp.llama_print_system_info().decode().strip()}")
     decode()
     dec = statistics.median(decode() for _ in range(args.reps))
     pre = median_time(prefill, args.reps)
