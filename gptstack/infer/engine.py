@@ -43,8 +43,10 @@ and offset too, so two images behind the same placeholder ids never share a bloc
 twice is a prefix hit. The draft model of speculative decoding sees the placeholders' own embeddings.
 
 The flattened batch: all new tokens of a step form one row (1, N) through the model, so the linear
-layers see every token at once. Attention is per sequence (`PagedKVCache.attend`): one padded
-batched call for the single-token (decode) sequences, one call per multi-token chunk.
+layers see every token at once (2-64 rows: the register-tiled kernels of transforms/csrc/gemm.c). Attention is
+per sequence (`PagedKVCache.attend`): one call for all the single-token (decode) sequences (on CPU in fp32 a C
+kernel that reads each one's blocks in place; else one gather of the batch's block table and one SDPA), one call
+per multi-token chunk. The step's next tokens are sampled together (sampling.sample_rows).
 """
 
 from __future__ import annotations
