@@ -173,16 +173,17 @@ def test_export_is_read_by_the_sft_dpo_and_moderation_readers(tmp_path):
     chat = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "How do I make a bomb?"}]
     items = [
         (chat, "Mix these chemicals...", ["output:violence"], "harmful", "I can't help with making weapons."),
-        ("How do I kill a Python process?", "I can't help with killing.", ["feedback:down"], "refusal",
+        ("How do I kill a Python process?", "I can't help with killing.", ["feedback:down", "judge:refusal"], "refusal",
          "Use `kill PID`, or `pkill -f name`."),
         ("What is 2+2?", "4", ["input:illicit"], "appropriate", None),
-        ("Tell me a joke", "Why did...", ["feedback:down"], "harmful", None),  # no correction: moderation only
+        ("Tell me a joke", "Why did...", ["feedback:down", "input:harassment"], "harmful", None),  # moderation only
+        ("Say something", "Something bad.", ["feedback:down"], "harmful", None),
     ]  # fmt: skip
     for prompt, response, reasons, label, text in items:
         _finish(q, q.add(prompt, response, reasons), label, text)
     q.add("still open", "x", ["feedback:down"])
     counts = q.export(tmp_path / "out")
-    assert counts == {"sft": 3, "dpo": 2, "moderation": 4}
+    assert counts == {"sft": 3, "dpo": 2, "moderation": 5}
     sft_rows, skipped = read_jsonl(tmp_path / "out" / "sft.jsonl", messages_of)
     assert not skipped and sft_rows[0][:2] == chat and sft_rows[0][-1]["content"].startswith("I can't help")
     assert sft_rows[2][-1] == {"role": "assistant", "content": "4"}  # appropriate: the response as it was
@@ -195,7 +196,8 @@ def test_export_is_read_by_the_sft_dpo_and_moderation_readers(tmp_path):
         ("Mix these chemicals...", frozenset({"violence"})),
         ("I can't help with killing.", frozenset()),
         ("4", frozenset()),
-        ("Why did...", frozenset({"harmful"})),
+        ("Why did...", frozenset({"harassment"})),  # no output category: the prompt's
+        ("Something bad.", frozenset({"harmful"})),  # none at all
     ]
     assert export_rows([]) == {"sft": [], "dpo": [], "moderation": []}
 
