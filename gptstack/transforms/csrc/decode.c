@@ -124,7 +124,7 @@ static void lin_int4(const float* x, const uint8_t* p, const float* s, const flo
                      int n0, int n1) {
   int G = K / g, n = n0;
 #ifdef __AVX2__
-  const __m256i low = _mm256_set1_epi8(15);
+  const __m256i low = _mm256_set1_epi32(15);
   for (; n + 32 <= n1; n += 32) {
     __m256 out[4];
     for (int i = 0; i < 4; i++) out[i] = _mm256_setzero_ps();
@@ -135,15 +135,11 @@ static void lin_int4(const float* x, const uint8_t* p, const float* s, const flo
       for (int j = gi * g / 2; j < (gi + 1) * g / 2; j++) {
         __m256 x0 = _mm256_set1_ps(x[2 * j]), x1 = _mm256_set1_ps(x[2 * j + 1]);
         xs += x[2 * j] + x[2 * j + 1];
-        __m256i b = _mm256_loadu_si256((const __m256i*)(p + (int64_t)j * N + n));
-        __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-        __m128i l0 = _mm256_castsi256_si128(lo), l1 = _mm256_extracti128_si256(lo, 1);
-        __m128i h0 = _mm256_castsi256_si128(hi), h1 = _mm256_extracti128_si256(hi, 1);
-        __m128i lq[4] = {l0, _mm_srli_si128(l0, 8), l1, _mm_srli_si128(l1, 8)};
-        __m128i hq[4] = {h0, _mm_srli_si128(h0, 8), h1, _mm_srli_si128(h1, 8)};
-        for (int i = 0; i < 4; i++) {
-          acc[i] = _mm256_fmadd_ps(x0, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lq[i])), acc[i]);
-          acc[i] = _mm256_fmadd_ps(x1, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hq[i])), acc[i]);
+        const uint8_t* row = p + (int64_t)j * N + n;
+        for (int i = 0; i < 4; i++) { /* 8 bytes zero-extended to 32-bit lanes, both nibbles of each */
+          __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + 8 * i)));
+          acc[i] = _mm256_fmadd_ps(x0, _mm256_cvtepi32_ps(_mm256_and_si256(b, low)), acc[i]);
+          acc[i] = _mm256_fmadd_ps(x1, _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), acc[i]);
         }
       }
       __m256 xsv = _mm256_set1_ps(xs);
