@@ -274,25 +274,23 @@ def markdown(report: dict, plot: str) -> str:
 
 def plot(report: dict, path: Path) -> Path:
     """Bars: attack success per wrapper, and the over-refusal rate beside them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, a faster import
 
     names = list(report["attack_success_rate_by_wrapper"])
     values = [report["attack_success_rate_by_wrapper"][n] for n in names]
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(names) + 2), 3.6))
+    fig = Figure(figsize=(max(5, 0.6 * len(names) + 2), 3.6))
+    ax = fig.add_subplot()
     ax.bar(names, values, color="tab:red", label="attack success (unsafe answered)")
     if report["over_refusal_rate"] is not None:
         ax.bar(["over-refusal"], [report["over_refusal_rate"]], color="tab:blue", label="over-refusal (benign refused)")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.25)  # headroom for the legend above bars at 100%
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("rate")
     ax.set_title(f"{Path(report['target']).name} · judge {report['judge']}", fontsize=9)
     ax.tick_params(axis="x", rotation=45)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.32)  # room for the rotated wrapper names
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
