@@ -206,6 +206,9 @@ def test_cli_next_label_stats_export(tmp_path, capsys):
     db = tmp_path / "review.db"
     assert main(["review", "stats", "--db", str(db)]) == 2 and not db.exists()  # no queue: a clear error
     assert "no review queue" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a database\n" * 100)
+    assert main(["review", "stats", "--db", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt: not a review queue (file is not a database)" in capsys.readouterr().err
     ReviewQueue(db).add("Is the sky blue?", "No.", ["feedback:down"])
     for who, label in (("ann", "harmful"), ("ben", "harmful")):
         assert main(["review", "next", "--db", str(db), "--reviewer", who]) == 0

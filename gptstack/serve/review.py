@@ -119,11 +119,14 @@ class ReviewQueue:
         if not create and not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no review queue here (serve --review-db FILE creates one)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(self._connect()) as db:
-            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer; persists in the file
-            db.executescript(SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('batch_size', ?)", (str(batch_size),))
-            self.batch_size = int(db.execute("SELECT value FROM meta WHERE key = 'batch_size'").fetchone()[0])
+        try:
+            with contextlib.closing(self._connect()) as db:
+                db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer; persists in the file
+                db.executescript(SCHEMA)
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('batch_size', ?)", (str(batch_size),))
+                self.batch_size = int(db.execute("SELECT value FROM meta WHERE key = 'batch_size'").fetchone()[0])
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{self.path}: not a review queue ({e})") from None
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)  # transactions by hand
