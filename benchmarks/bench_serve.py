@@ -178,7 +178,8 @@ def main() -> None:
         ckpt, vocab = model_files(args, tmp)
         if args.concurrency:
             runs = [("one at a time", 1, float("inf"), 1)]
-            runs += [("gptstack serve", int(c), float("inf"), int(c)) for c in args.concurrency.split(",")]
+            counts = [int(c) for c in args.concurrency.split(",")]
+            runs += [("gptstack serve", c, float("inf"), c) for c in counts if c > 1]  # c = 1 is the baseline
         else:
             runs = [(label, seqs, float(rate), None) for rate in args.rates.split(",")
                     for label, seqs in (("gptstack serve", args.max_seqs), ("one at a time", 1))]  # fmt: skip
