@@ -103,3 +103,19 @@ def test_native_decoding_refuses_what_it_cannot_run():
         list(decoder.greedy([1, 2, 3], 6))
     with pytest.raises(ValueError, match="1 to 7 tokens"):
         decoder.prefill([])
+
+
+@torch.no_grad()
+def test_decode_linear_picks_gemv_or_blas_per_shape_and_both_give_the_product():
+    from gptstack.transforms import decode
+
+    lin = torch.nn.Linear(96, 75, bias=True)
+    fast, x = decode.DecodeLinear(lin), torch.randn(1, 96)
+    decode.gemv_wins(x, lin.weight)
+    assert isinstance(decode._GEMV_WINS[(75, 96)], bool)  # measured once, then remembered for the shape
+    try:
+        for wins in (True, False):
+            decode._GEMV_WINS[(75, 96)] = wins
+            torch.testing.assert_close(fast(x), lin(x), rtol=1e-5, atol=1e-5)
+    finally:
+        del decode._GEMV_WINS[(75, 96)]
