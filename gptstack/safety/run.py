@@ -42,7 +42,7 @@ from gptstack.report import write_section
 from gptstack.safety.data import write_jsonl
 from gptstack.safety.judges import JudgeError, PrefixJudge, build_judge, check_rows
 from gptstack.safety.suites import load_suite
-from gptstack.safety.targets import TargetConfig, open_target
+from gptstack.safety.targets import TargetConfig, TargetError, open_target
 from gptstack.safety.wrappers import WRAPPERS, wrap
 
 
@@ -182,6 +182,9 @@ def generate(items: list[dict], cfg: SafetyEvalConfig, tcfg: TargetConfig) -> di
                 os.fsync(f.fileno())
                 done[row["key"]] = row
                 bar.update()
+        except TargetError as e:
+            kept = len(done)
+            raise TargetError(f"{e}; {kept} replies kept in {path}: rerun the same command to resume") from None
         finally:
             bar.close()
     return done
