@@ -7,7 +7,9 @@ prompt + response (rendered with the chat template). It trains on preference pai
 
 A reward for PPO is a weighted sum of components (GPT-4's rule-based rewards): reward models and
 rule functions `f(prompt: str, response: str) -> float`, named by a spec such as
-`rm:runs/x/reward`, `rule:gptstack.posttrain.demo:judge` or `0.8*rm:runs/x/reward+0.2*rule:pkg.mod:f`.
+`rm:runs/x/reward`, `rule:gptstack.posttrain.demo:judge` or `0.8*rm:runs/x/reward+0.2*rule:pkg.mod:f`,
+and RBRMs, `rbrm:CKPT[:RUBRIC]` (gptstack.safety.judges: an LM grades each response against a lettered
+rubric; the term is the expected reward of the rubric's letters, e.g. `rm:runs/x/reward+0.5*rbrm:M.gguf:harmful`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from gptstack.posttrain.common import (
     read_jsonl,
     split,
 )
+from gptstack.safety.judges import build_rbrm
 
 
 @dataclass
@@ -202,6 +205,17 @@ class _ModelFn:
         return torch.cat([self.rm(ids[i : i + 64]) for i in range(0, len(ids), 64)])
 
 
+class _JudgeFn:
+    """A graded judge's expected rubric reward per (prompt, response) (an RBRM term)."""
+
+    def __init__(self, judge):
+        self.judge = judge
+
+    def __call__(self, prompts, responses, ids) -> Tensor:
+        rows = self.judge.judge([{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)])
+        return torch.tensor([row["reward"] for row in rows])
+
+
 def rule(spec: str) -> Callable[[str, str], float]:
     """`module:function`, imported (a function of (prompt, response) -> float)."""
     module, _, name = spec.partition(":")
@@ -215,7 +229,7 @@ def rule(spec: str) -> Callable[[str, str], float]:
 
 
 def build_reward(spec: str, device: str = "cpu") -> Reward:
-    """Parse `[w*]rm:PATH` / `[w*]rule:module:function` terms joined by '+'."""
+    """Parse `[w*]rm:PATH` / `[w*]rule:module:function` / `[w*]rbrm:CKPT[:RUBRIC]` terms joined by '+'."""
     components = []
     for term in spec.split("+"):
         term = term.strip()
@@ -229,11 +243,13 @@ def build_reward(spec: str, device: str = "cpu") -> Reward:
         kind, _, target = body.partition(":")
         if kind == "rm":
             components.append((w, body, _ModelFn(load_reward_model(target, device))))
+        elif kind == "rbrm":
+            components.append((w, body, _JudgeFn(build_rbrm(target, device))))
         elif kind == "rule":
             fn = rule(target)
             components.append(
                 (w, body, lambda p, r, ids, fn=fn: torch.tensor([fn(a, b) for a, b in zip(p, r, strict=True)]))
             )
         else:
-            raise ValueError(f"reward term {term!r}: expected rm:PATH or rule:module:function")
+            raise ValueError(f"reward term {term!r}: expected rm:PATH, rule:module:function or rbrm:CKPT[:RUBRIC]")
     return Reward(components)

@@ -455,6 +455,9 @@ class Completion:
         stop. Each check reads what is new since the last one and the TAIL characters before it, so a
         window (moderation.py) that straddles two checks is still read whole. Off the event loop."""
         server = self.server
+        if final and server.output_judge is not None and c.text.strip():
+            prompt, flagged = (self.inputs[-1] if self.inputs else ""), bool(self.record.get("input_flags"))
+            self.flagged.extend(await asyncio.to_thread(server.judge_output, prompt, c.text, flagged))
         if server.moderator is None or (not final and len(c.text) - c.checked < server.config.moderation_every):
             return False
         text, c.checked = c.text[max(0, c.checked - TAIL) :], len(c.text)

@@ -29,6 +29,7 @@ class ServeConfig:
     moderation: str | None = None  # moderation classifier folder (gptstack moderation train)
     moderation_policy: dict[str, str] = field(default_factory=dict)  # per category: block | flag | off (default block)
     moderation_every: int = 64  # characters of streamed output between output moderation checks
+    output_judge: str | None = None  # judge of answers (prefix, classifier:DIR, rbrm:CKPT): flags refusals for review
     route_threshold: float = 0.25  # 'auto' difficulty at which a request goes to the largest model
     review_db: str | None = None  # human review queue (SQLite): flagged and thumbs-down answers go there
     rag_index: str | None = None  # retrieval index folder (gptstack rag index) for chat requests with "retrieval"

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 
 from gptstack.infer.engine import ContextLengthExceeded, Engine
 from gptstack.rag.retrieve import Retriever
+from gptstack.safety.judges import build_judge
 from gptstack.serve.cache import ExactCache, ResponseCache, SemanticCache
 from gptstack.serve.config import ServeConfig
 from gptstack.serve.gateway import ApiKey, Embedder, JsonlLog, Limiter, RateLimited, difficulty, load_keys, per_minute
@@ -152,6 +153,7 @@ class Server:
         self.moderator = None
         if config.moderation:
             self.moderator = Moderator(config.moderation, embedder, config.moderation_policy)
+        self.output_judge = build_judge(config.output_judge, embedder=embedder) if config.output_judge else None
         log = Path(config.log_dir) if config.log_dir else None
         self.usage = JsonlLog(log / "usage.jsonl" if log else None)
         self.feedback = JsonlLog(log / "feedback.jsonl" if log else None)
@@ -263,6 +265,15 @@ class Server:
             for c in v.hits():
                 self.metrics.moderation.labels(c, self.moderator.policy.get(c, "block"), where).inc()
         return verdicts
+
+    def judge_output(self, prompt: str, text: str, input_flagged: bool) -> list[str]:
+        """The output judge's flags for one answer: 'refusal' when it refuses the prompt (over-refusal when
+        the input is benign), 'complied' when it does not refuse an input that moderation flagged."""
+        refused = self.output_judge.judge([{"prompt": prompt, "response": text}])[0]["refusal"]
+        flags = ["refusal"] if refused else ["complied"] if input_flagged else []
+        for f in flags:
+            self.metrics.moderation.labels(f, "flag", "judge").inc()
+        return flags
 
     def check_input(self, texts: list[str]) -> list[str]:
         """Moderate inputs: block → 400; returns flagged categories."""
