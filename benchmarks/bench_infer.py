@@ -178,7 +178,8 @@ def part_throughput(args) -> None:
     model = throughput_model(args.model)
     vocab = model.config.vocab_size
     rng = random.Random(0)
-    reqs = [([rng.randrange(256, vocab) for _ in range(32)], rng.randint(8, 64)) for _ in range(args.requests)]
+    longest = 16 if args.quick else 64
+    reqs = [([rng.randrange(256, vocab) for _ in range(32)], rng.randint(8, longest)) for _ in range(args.requests)]
     total_out = sum(n for _, n in reqs)
 
     def static(c):
@@ -192,7 +193,7 @@ def part_throughput(args) -> None:
     rows = {1: serial}
     for c in args.concurrency:
         rows[c] = rows.get(c) or engine_run(model, reqs, c)
-    head = f"{len(reqs)} requests, 32-token prompts, {total_out} output tokens (8..64 each)"
+    head = f"{len(reqs)} requests, 32-token prompts, {total_out} output tokens (8..{longest} each)"
     print(f"\n### Throughput, {args.model}: {head}\n")
     print("| concurrency | one at a time tok/s | static batching tok/s | continuous batching tok/s | × one at a time "
           "| TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")  # fmt: skip
