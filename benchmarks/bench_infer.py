@@ -4,15 +4,18 @@
    vs transformers' `generate` with the same weights, and vs the memory-bandwidth floor: bytes of
    weights + KV read per token ÷ the machine's measured streaming read bandwidth. Decode rate =
    (n - 1) / (time for n new tokens - time for 1), so prefill is excluded for both.
-2. Throughput with 1, 8 and 32 concurrent requests (32 requests, output lengths 8..64): continuous
-   batching vs static batching (a batch of c requests runs until its longest finishes) vs one at a
-   time.
+2. Throughput with 1, 8, 32 and 64 concurrent requests (--concurrency; --requests of 32-token prompts, output
+   lengths 8..64): continuous batching vs static batching (a batch of c requests runs until its longest
+   finishes) vs one at a time, with TTFT and TPOT percentiles; on the gpt2-small shape or SmolLM2 (--model),
+   and llama.cpp's own continuous batching on the same SmolLM2 file (--llama-cpp).
 3. Prefix caching: time to first token of a request sharing a 512-token system prompt, with the
    prefix cache warm vs disabled.
 4. Speculative decoding: decode tokens/s with prompt lookup and with a 2-layer early-exit draft
    (the target's own first layers and head) vs plain decoding.
 
     python benchmarks/bench_infer.py [--reps 3] [--tokens 64] [--skip-hf]
+    python benchmarks/bench_infer.py --parts throughput --requests 64 --model smollm2-q --llama-cpp --no-static
+    python benchmarks/bench_infer.py --parts throughput --quick      # checks the script in a minute
 """
 
 from __future__ import annotations
