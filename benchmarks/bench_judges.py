@@ -107,9 +107,8 @@ def main() -> None:
 
 def print_tables(report: dict, sizes: dict[str, int]) -> None:
     names = [*sizes, "all"]
-    print(
-        "| judge | fit on | " + " | ".join(f"{n} ({sizes.get(n, sum(sizes.values()))}) acc / F1" for n in names) + " |"
-    )
+    heads = " | ".join(f"{n} ({sizes.get(n, sum(sizes.values()))}) acc / F1" for n in names)
+    print(f"| judge | fit on | {heads} | ms/row |")
     print("|---|---|" + "---|" * (len(names) + 1))
     for judge, m in report["results"].items():
         fit = "data disjoint from all 3 sets" if judge.startswith("classifier") else "nothing (no fitting)"
