@@ -46,6 +46,7 @@ from gptstack.posttrain import dpo, finetune, ppo, reward, sft
 from gptstack.posttrain.distill import DistillConfig, distill
 from gptstack.posttrain.vision import VisionTrainConfig, vision_train
 from gptstack.rag.retrieve import RagIndexConfig, RagQueryConfig, build_index, format_hits, query_index
+from gptstack.safety.classifier import JudgeTrainConfig, train_judge
 from gptstack.safety.run import JudgeConfig, SafetyEvalConfig, judge_file, safety_eval
 from gptstack.safety.targets import TargetConfig
 from gptstack.serve.config import ModerationTrainConfig, ServeConfig
@@ -385,6 +386,14 @@ def cmd_safety_judge(args: argparse.Namespace) -> None:
     print_summary(judge_file(from_args(JudgeConfig, args)))
 
 
+def cmd_safety_train_judge(args: argparse.Namespace) -> None:
+    """train the refusal classifier judge on data disjoint from PyRIT's human-labelled refusal sets"""
+    cfg = from_args(JudgeTrainConfig, args)
+    spec = train_judge(cfg)
+    print_summary({"rows": spec["trained_on"]["rows"], **spec["held_out_metrics"]})
+    print(f"judge: classifier:{cfg.out}")
+
+
 def print_summary(summary: dict) -> None:
     width = max(map(len, summary), default=0)
     for k, v in summary.items():
@@ -485,6 +494,7 @@ COMMANDS = [  # (command, function, its options)
     ("speedrun", cmd_speedrun, [opts(SpeedrunConfig)]),
     ("safety eval", cmd_safety_eval, [opts(SafetyEvalConfig, positional=("target",)), opts(TargetConfig)]),
     ("safety judge", cmd_safety_judge, [opts(JudgeConfig, flags={"input": "in"})]),
+    ("safety train-judge", cmd_safety_train_judge, [opts(JudgeTrainConfig)]),
 ]  # fmt: skip
 GROUPS = {"moderation": "the gateway's moderation classifier", "review": "the human review queue of flagged answers",
           "tokenizer": "train, evaluate or use a tokenizer",

@@ -26,6 +26,7 @@ import csv
 import hashlib
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,17 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 4.0) -> tuple[np.ndarr
 
     model = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(x, y)
     return model.coef_[0].astype(np.float32), float(model.intercept_[0])
+
+
+@dataclass
+class JudgeTrainConfig:
+    out: str  # folder to write refusal_classifier.json (then judge with classifier:OUT)
+    c: float = 4.0  # inverse L2 strength of the logistic regression
+
+
+def train_judge(cfg: JudgeTrainConfig) -> dict:
+    """`gptstack safety train-judge`: train_classifier with the command's options."""
+    return train_classifier(cfg.out, c=cfg.c)
 
 
 def train_classifier(out: str | Path, embedder=None, c: float = 4.0, rows: list[dict] | None = None) -> dict:
