@@ -204,7 +204,7 @@ def table(before: dict, after: dict, tb: dict, ta: dict, judge: str) -> str:
     return "\n".join(lines)
 
 
-def plot(before: dict, after: dict, tb: dict, ta: dict, path: Path) -> Path:
+def plot(before: dict, after: dict, tb: dict, ta: dict, path: Path, label: str = "after LoRA SFT + DPO") -> Path:
     """Two panels: refusal, over-refusal and attack success per wrapper; task accuracy and ECE."""
     import matplotlib
 
@@ -222,7 +222,7 @@ def plot(before: dict, after: dict, tb: dict, ta: dict, path: Path) -> Path:
     for ax, labels, x0, x1, title in panels:
         x = np.arange(len(labels))
         ax.bar(x - 0.2, x0, 0.4, label="before (SmolLM2-135M-Instruct)", color="tab:gray")
-        ax.bar(x + 0.2, x1, 0.4, label="after LoRA SFT + DPO", color="tab:blue")
+        ax.bar(x + 0.2, x1, 0.4, label=label, color="tab:blue")
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(title)
