@@ -87,7 +87,7 @@ def test_every_command_with_no_options_gets_exactly_its_configs_defaults():
         required = [a for a in sub._actions if a.required or (not a.option_strings and a.dest != "help")]
         argv = path.split()
         for a in required:  # a placeholder for what the user must give
-            value = next(iter(a.choices)) if a.choices else "1" if a.type is int else "x"
+            value = next(iter(a.choices)) if a.choices else "1" if a.type is int or a.metavar == "N" else "x"
             argv += [value] if not a.option_strings else [a.option_strings[0], value]
         args = parser.parse_args(argv)
         given = {a.dest for a in required}
