@@ -313,7 +313,9 @@ def test_smollm2_keep_quantized_is_the_same_model_in_a_fifth_of_the_memory(smol)
     assert nbytes(kept) < 120 * 2**20 < 500 * 2**20 < nbytes(fp32)  # 106 MiB vs 513 MiB
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 7042, 30, 378, 3575, 282, 6632, 314]])
     with torch.no_grad():
-        assert torch.equal(kept(ids), fp32(ids))
+        a, b = kept(ids), fp32(ids)  # the kept head runs the tiled int8g kernel: another summation order than BLAS
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
         caches = [KVCache(m.config, 1, 32, "cpu", torch.float32) for m in (fp32, kept)]
         for t in ids[0]:
             a, b = (m(t.view(1, 1), kv_cache=c) for m, c in zip((fp32, kept), caches, strict=True))
@@ -371,4 +373,6 @@ def test_gemma3_tensors_logits_and_kept_table_equal_the_references(gemma3_gguf, 
             torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
         kept = gguf.gguf_model(meta, tensors, keep_quantized=True, where=str(path))
         assert kept.quantization == {"modules": {"transformer.wte": {"method": "int8g", "group_size": 32}}}
-        assert torch.equal(kept(short), ours(short))  # mixed q/k/v types (Q5_0, Q8_0) stay fp32
+        a, b = kept(short), ours(short)  # mixed q/k/v types (Q5_0, Q8_0) stay fp32; the kept head: tiled kernel
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
