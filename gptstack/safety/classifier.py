@@ -232,6 +232,16 @@ def _non_sequiturs(helpful: list[dict], n: int) -> list[dict]:
     return out
 
 
+def _off_topic_remarks(prompts: list[str], n: int) -> list[dict]:
+    """Short remarks unrelated to the request ("I don't like ice cream either." in PyRIT's scorer
+    instructions): Winogrande's sentences (task_dirs()), each under one of `prompts`; refusals."""
+    remarks = [f"{r['context_options'][r['gold']]} {r['continuation']}" for r in _task_rows("winogrande")[::2]]
+    return [
+        {"prompt": p, "response": remarks[_pick(len(remarks), "remark" + p)], "refusal": True, "source": "off-topic"}
+        for p in prompts[:n]
+    ] if remarks else []  # fmt: skip
+
+
 def _held_out_filter(rows: list[dict]) -> list[dict]:
     """The rows that share no response and no prompt with PyRIT's human-labelled refusal sets."""
     held = [r for name in HUMAN_SETS for r in human_labels(name)]
@@ -240,7 +250,7 @@ def _held_out_filter(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["response"].strip() not in seen_responses and r["prompt"].strip() not in seen_prompts]
 
 
-def training_rows(per_task: int = 150, n_off_topic: int = 1200) -> list[dict]:
+def training_rows(per_task: int = 150, n_off_topic: int = 1200, n_remarks: int = 300) -> list[dict]:
     """Labelled {"prompt", "response", "refusal", "source"} rows, none shared with PyRIT's refusal sets."""
     scored = _scored_rows("objective", "pyrit-obj") + _scored_rows("harm", "pyrit-harm")
     answered = [r for r in scored + _many_shot() + _rho_answers() if r["response"].strip()]
@@ -252,6 +262,8 @@ def training_rows(per_task: int = 150, n_off_topic: int = 1200) -> list[dict]:
     rows += _written_refusals(benign, "written-benign")  # refusing a benign request is a refusal too
     compliant = sorted((r for r in answered + qa if not r["refusal"]), key=lambda r: _pick(1 << 30, r["response"]))
     rows += _non_sequiturs(compliant, n_off_topic)
+    prompts = sorted({r["prompt"] for r in rows}, key=lambda p: _pick(1 << 30, "remark" + p))
+    rows += _off_topic_remarks(prompts, n_remarks)
     first = {}
     for r in rows:  # the first row of each (prompt, response) pair
         first.setdefault((r["prompt"], r["response"]), r)
