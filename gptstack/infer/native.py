@@ -11,10 +11,19 @@ whose buffers the C step then reads and extends in place. `supports(model)` says
 RMSNorm pre-norm blocks, rotary positions, dense attention, SwiGLU, no MoE, QK-norm or sandwich norms, fp32
 activations on CPU. The reference is the plain forward loop (`infer.generate.generate`): the tests compare
 greedy tokens and logits.
+
+`NativeDecoder(model, act_int8=True)` (opt-in; default off) runs the quantized linear layers (int8, int4 and
+int8g, so a kept Q4_1/Q8_0 file too) as w8a8 products, as llama.cpp's Q8_0/Q8_1 dot products do: each layer's
+input is quantized once into int8 blocks of 32 (one scale each) and multiplied by the integer codes in integer
+SIMD, one float FMA per block. Decoding is compute-bound on the float dequantization otherwise. The step then
+equals the forward under `transforms.quantize.int8_activations(model)` (its quantized layers see
+`kernels.fake_quantize_act(x)` instead of x), which the prefill runs; fp32 layers keep fp32 activations. Needs
+every quantized layer's input width and weight groups in multiples of 32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 from collections.abc import Iterator
@@ -26,7 +35,7 @@ from torch import Tensor, nn
 from gptstack.infer.kvcache import KVCache
 from gptstack.model import GPT
 from gptstack.transforms import kernels
-from gptstack.transforms.quantize import QuantizedEmbedding, QuantizedLinear, TiedHead
+from gptstack.transforms.quantize import QuantizedEmbedding, QuantizedLinear, TiedHead, int8_activations
 
 SOURCE = Path(kernels.__file__).with_name("csrc") / "decode.c"
 LAYOUT = {"fp32": 0, "int8": 1, "int4": 2, "int8g": 3}  # the Lin kinds of decode.c
@@ -34,7 +43,7 @@ _lib: ctypes.CDLL | bool | None = None
 
 
 class Lin(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int) for n in ("kind", "K", "N", "g")] + [
+    _fields_ = [(n, ctypes.c_int) for n in ("kind", "K", "N", "g", "a8")] + [
         (n, ctypes.c_void_p) for n in ("w", "s", "m", "bias")
     ]
 
@@ -53,8 +62,13 @@ class Model(ctypes.Structure):
         ("lnf", ctypes.c_void_p),
         *[(n, ctypes.POINTER(Lin)) for n in ("qkv", "proj", "fc", "down")],
         ("head", Lin),
-        *[(n, ctypes.c_void_p) for n in ("kcache", "vcache", "scratch")],
+        *[(n, ctypes.c_void_p) for n in ("kcache", "vcache", "scratch", "act")],
     ]
+
+
+def act_bytes(K: int) -> int:
+    """Scratch bytes of decode.c's Act8 for an input of width K: K codes, then K/32 scales and K/32 block sums."""
+    return K + 8 * (K // kernels.ACT_BLOCK)
 
 
 def library() -> ctypes.CDLL | None:
@@ -68,7 +82,7 @@ def library() -> ctypes.CDLL | None:
 def _declare(cdll: ctypes.CDLL) -> ctypes.CDLL:
     P = ctypes.c_void_p
     cdll.decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, P]
-    cdll.native_linear.argtypes = [ctypes.POINTER(Lin), P, P, ctypes.c_int]
+    cdll.native_linear.argtypes = [ctypes.POINTER(Lin), P, P, ctypes.c_int, P]
     return cdll
 
 
@@ -92,9 +106,10 @@ def supports(model: nn.Module) -> str | None:
     return f"native decoding needs {', '.join(missing)}" if missing else None
 
 
-def make_lin(module: nn.Module, keep: list) -> Lin:
+def make_lin(module: nn.Module, keep: list, act_int8: bool = False) -> Lin:
     """The Lin descriptor of a linear layer (nn.Linear, QuantizedLinear or a TiedHead); `keep` holds tensors
-    that must outlive it (contiguous copies, if any were needed)."""
+    that must outlive it (contiguous copies, if any were needed). `act_int8`: a quantized layer takes int8
+    activations (w8a8); an fp32 one keeps fp32."""
     if isinstance(module, TiedHead):
         module = module.table
     bias = getattr(module, "bias", None)
@@ -110,14 +125,22 @@ def make_lin(module: nn.Module, keep: list) -> Lin:
     if any(t is not None and t.is_floating_point() and t.dtype != torch.float32 for t in ts):
         raise TypeError("native decoding needs fp32 weights, scales and biases")
     ptr = [0 if t is None else t.data_ptr() for t in ts]
-    return Lin(kind, module.in_features, module.out_features, g, *ptr)
+    a8 = act_int8 and kind != LAYOUT["fp32"]
+    if a8 and (module.in_features % kernels.ACT_BLOCK or (kind != LAYOUT["int8"] and g % kernels.ACT_BLOCK)):
+        raise ValueError(
+            f"int8 activations need the input width ({module.in_features}) and weight group ({g}) of "
+            f"{type(module).__name__} {module.method} in multiples of {kernels.ACT_BLOCK}"
+        )
+    return Lin(kind, module.in_features, module.out_features, g, int(a8), *ptr)
 
 
 class NativeDecoder:
     """Greedy/argmax-free decoding state of one sequence: the model's weights as C descriptors, a KVCache of
-    `max_len` tokens, preallocated scratch and logits. `threads`: OpenMP threads (default torch's)."""
+    `max_len` tokens, preallocated scratch and logits. `threads`: OpenMP threads (default torch's).
+    `act_int8`: the quantized linear layers of the step take int8 activations (w8a8, see the module docstring;
+    default False: fp32 activations, weight-only dequantization)."""
 
-    def __init__(self, model: GPT, max_len: int | None = None, threads: int | None = None):
+    def __init__(self, model: GPT, max_len: int | None = None, threads: int | None = None, act_int8: bool = False):
         why = supports(model)
         if why is not None:
             raise ValueError(why)
@@ -125,12 +148,14 @@ class NativeDecoder:
         if self.lib is None:
             raise RuntimeError("native decoding unavailable: gcc could not build csrc/decode.c")
         cfg, t = model.config, model.transformer
-        self.model, self.max_len = model, max_len or cfg.block_size
+        self.model, self.max_len, self.act_int8 = model, max_len or cfg.block_size, act_int8
         self.cache = KVCache(cfg, 1, self.max_len)
         self._keep: list = []
         blocks = list(t.h)
-        lins = {name: (Lin * cfg.n_layer)(*(make_lin(b.get_submodule(name), self._keep) for b in blocks))
+        lins = {name: (Lin * cfg.n_layer)(*(make_lin(b.get_submodule(name), self._keep, act_int8) for b in blocks))
                 for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # fmt: skip
+        head = make_lin(model.lm_head, self._keep, act_int8)
+        self.act = torch.empty(act_bytes(max(cfg.n_embd, cfg.d_ff, cfg.n_head * cfg.head_dim)), dtype=torch.uint8)
         norms = [(ctypes.c_void_p * cfg.n_layer)(*(getattr(b, n).weight.data_ptr() for b in blocks))
                  for n in ("ln_1", "ln_2")]  # fmt: skip
         h, hd = cfg.n_head, cfg.head_dim
@@ -148,18 +173,19 @@ class NativeDecoder:
             (wte.qweight if quant_emb else wte.weight).data_ptr(), wte.scales.data_ptr() if quant_emb else None,
             norms[0], norms[1], t.ln_f.weight.data_ptr(),
             lins["attn.c_attn"], lins["attn.c_proj"], lins["mlp.c_fc"], lins["mlp.c_proj"],
-            make_lin(model.lm_head, self._keep),
-            self.cache.k.data_ptr(), self.cache.v.data_ptr(), self.scratch.data_ptr(),
+            head, self.cache.k.data_ptr(), self.cache.v.data_ptr(), self.scratch.data_ptr(), self.act.data_ptr(),
         )  # fmt: skip
 
     @torch.no_grad()
     def prefill(self, prompt: list[int]) -> Tensor:
-        """Reset the cache and run the prompt through the PyTorch forward; the last position's logits (V,)."""
+        """Reset the cache and run the prompt through the PyTorch forward (under `int8_activations` with
+        `act_int8`); the last position's logits (V,)."""
         if not prompt or len(prompt) >= self.max_len:
             raise ValueError(f"the prompt must have 1 to {self.max_len - 1} tokens, got {len(prompt)}")
         self.cache.reset()
         last = torch.tensor([len(prompt) - 1])
-        return self.model(torch.tensor([prompt]), kv_cache=self.cache, logits_at=last)[0, -1]
+        with int8_activations(self.model) if self.act_int8 else contextlib.nullcontext():
+            return self.model(torch.tensor([prompt]), kv_cache=self.cache, logits_at=last)[0, -1]
 
     def step(self, token: int) -> Tensor:
         """Append `token` at the cache's position; its next-token logits (V,), a buffer reused by the next step."""
@@ -186,14 +212,15 @@ class NativeDecoder:
                 logits = self.step(token)
 
 
-def linear(module: nn.Module, x: Tensor, threads: int = 1) -> Tensor:
-    """y (N,) = module(x (K,)) through decode.c's kernel for its layout (what the tests compare)."""
+def linear(module: nn.Module, x: Tensor, threads: int = 1, act_int8: bool = False) -> Tensor:
+    """y (N,) = module(x (K,)) through decode.c's kernel for its layout (what the tests compare); `act_int8`: the
+    w8a8 kernel (x quantized into int8 blocks first)."""
     lib = library()
     if lib is None:
         raise RuntimeError("native decoding unavailable: gcc could not build csrc/decode.c")
     keep: list = []
-    desc = make_lin(module, keep)
+    desc = make_lin(module, keep, act_int8)
     x = x.contiguous().float()
-    y = x.new_empty(desc.N)
-    lib.native_linear(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), threads)
+    y, act = x.new_empty(desc.N), torch.empty(act_bytes(desc.K), dtype=torch.uint8)
+    lib.native_linear(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), threads, act.data_ptr())
     return y

@@ -63,6 +63,29 @@ def gemm_int8g_ref(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
     return x @ w.view(N, K).t()
 
 
+ACT_BLOCK = 32  # activation values per int8 block (scale) of the w8a8 products (csrc/decode.c's Act8)
+
+
+def quantize_act_ref(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (..., K) fp32, K a multiple of 32 → int8 codes (..., K) and one scale per block of 32 (..., K/32), as
+    decode.c's quantize_act computes them (bit for bit): d = max|x| · (1/127), codes round-half-even(x · (1/d))
+    clamped to [-127, 127] (all zero where d = 0). x ≈ codes · d: llama.cpp's Q8_0 activation blocks."""
+    if x.size(-1) % ACT_BLOCK:
+        raise ValueError(f"int8 activations need a width divisible by {ACT_BLOCK}, got {x.size(-1)}")
+    xb = x.float().reshape(*x.shape[:-1], -1, ACT_BLOCK)  # (..., K/32, 32)
+    d = xb.abs().amax(-1) * torch.tensor(1.0, dtype=torch.float32).div(127)  # (..., K/32)
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    codes = (xb * inv[..., None]).round().clamp(-127, 127)
+    return codes.to(torch.int8).reshape(x.shape), d
+
+
+def fake_quantize_act(x: Tensor) -> Tensor:
+    """x (..., K) replaced by the values its int8 blocks stand for (codes · d): a w8a8 product equals the
+    weight-only product of this, up to float summation order (the reference of the native a8 step)."""
+    codes, d = quantize_act_ref(x)
+    return (codes.float().reshape(*d.shape, ACT_BLOCK) * d[..., None]).reshape(x.shape).to(x.dtype)
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built once per source version and machine; None when unavailable."""
     global _lib

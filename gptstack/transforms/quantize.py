@@ -27,6 +27,8 @@ and a tied `TiedHead` multiplies by the same codes). Such a model's spec lists i
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +168,22 @@ class TiedHead(nn.Module):
 
     def extra_repr(self) -> str:
         return "tied to the quantized token table"
+
+
+@contextmanager
+def int8_activations(model: GPT) -> Iterator[GPT]:
+    """Within: every quantized linear layer of `model` (and a tied quantized head) multiplies
+    `kernels.fake_quantize_act(x)` instead of its input x, the values of x's int8 blocks of 32: the PyTorch
+    definition of w8a8 decoding (infer/native.py's `act_int8`), which it equals up to float summation order.
+    Forward pre-hooks, removed on exit; the weights are untouched."""
+    targets = [m for m in model.modules() if isinstance(m, TiedHead | QuantizedLinear)]
+    hooks = [m.register_forward_pre_hook(lambda _, args: (kernels.fake_quantize_act(args[0]),))
+             for m in targets if not isinstance(m, QuantizedEmbedding)]  # fmt: skip
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def check(method: str, group_size: int) -> dict:

@@ -10,7 +10,13 @@
  *   LIN_F32   w (N, K) fp32;                LIN_INT8  q (N, K) int8, s (N,);
  *   LIN_INT4  packed (K/2, N) uint8, s, m (K/g, N): w[k, n] = code * s[k/g, n] + m[k/g, n];
  *   LIN_INT8G q (N, K) int8, s (N, K/g): w[n, k] = q[n, k] * s[n, k/g] (GGUF's Q8_0).
- * Each product is split across threads by output ranges aligned to 32; AVX2 paths where available. */
+ * Each product is split across threads by output ranges aligned to 32; AVX2 paths where available.
+ *
+ * A Lin with `a8` set takes int8 activations (w8a8, as llama.cpp's Q8_0/Q8_1 dot products): lin() quantizes the
+ * input once into blocks of 32 (Act8: codes q, one scale d per block, d times the block's code sum for the int4
+ * minimum's term), each thread multiplies integer codes by integer codes (AVX2 sign/maddubs/madd, or AVX-VNNI's
+ * dpbusd where -march=native has it) into one int32 per block and output, then one float FMA per block. Needs
+ * K and the weight groups in multiples of 32 (native.py checks); fp32 weights keep fp32 activations. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -22,7 +28,7 @@
 enum { LIN_F32 = 0, LIN_INT8 = 1, LIN_INT4 = 2, LIN_INT8G = 3 };
 
 typedef struct {
-  int kind, K, N, g;
+  int kind, K, N, g, a8; /* a8: int8 activations (quantized layouts only) */
   const void* w;
   const float* s;
   const float* m;
@@ -48,7 +54,15 @@ typedef struct {
   float* kcache; /* (n_layer, kv, max_len, hd): KVCache's k for batch 1 */
   float* vcache;
   float* scratch; /* native.scratch_floats() floats */
+  void* act;      /* act_bytes(largest K) bytes for the quantized activations, or NULL without a8 linears */
 } Model;
+
+/* An activation vector (K,) as int8 blocks of 32: x[k] ~ q[k] * d[k / 32]; sd[b] = d[b] * sum of block b's codes. */
+typedef struct {
+  int8_t* q;
+  float* d;
+  float* sd;
+} Act8;
 
 #ifdef __AVX2__
 static inline float hsum8(__m256 v) {
@@ -167,9 +181,150 @@ static void lin_int4(const float* x, const uint8_t* p, const float* s, const flo
   }
 }
 
-/* y (N,) = W x (+ bias), on the calling thread team: each thread takes one range of outputs. */
-static void lin_range(const Lin* L, const float* x, float* y, int n0, int n1) {
+/* --- int8 activations (a8) ------------------------------------------------------------------------------- */
+
+/* x (K,) → a's blocks: d = max|x| / 127 (written as a product, as kernels.quantize_act_ref computes it), codes
+ * round-half-even(x / d) in [-127, 127]. Serial: K is at most a few thousand. */
+static void quantize_act(const float* x, int K, Act8 a) {
+  for (int b = 0; b < K / 32; b++) {
+    const float* xb = x + 32 * b;
+    float amax = 0.f;
+    for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+    float d = amax * (1.f / 127.f), id = d > 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int i = 0; i < 32; i++) {
+      float v = fminf(fmaxf(nearbyintf(xb[i] * id), -127.f), 127.f);
+      a.q[32 * b + i] = (int8_t)v;
+      sum += (int)v;
+    }
+    a.d[b] = d;
+    a.sd[b] = d * (float)sum;
+  }
+}
+
+static Act8 act_views(void* buf, int K) {
+  Act8 a = {(int8_t*)buf, (float*)((char*)buf + K), (float*)((char*)buf + K) + K / 32};
+  return a;
+}
+
+#ifdef __AVX2__
+/* acc + in each int32 lane the sum of four products u·s of its bytes: u unsigned, s signed (|u·s| pairs < 2^15). */
+static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+#endif
+
+/* int8 weights · int8 activations, rows [n0, n1): g == K, one scale per row (scaling the row's total), or
+ * s (N, K/g) per group of g (a multiple of 32). Four rows share each block of activation codes. */
+static void lin_int8_a8(Act8 a, const int8_t* q, const float* s, float* y, int K, int g, int n0, int n1) {
+  int B = K / 32, G = K / g, per = g / 32, by_row = g == K, n = n0;
+#ifdef __AVX2__
+  for (; n + 4 <= n1; n += 4) {
+    __m256 tot[4];
+    for (int i = 0; i < 4; i++) tot[i] = _mm256_setzero_ps();
+    for (int b = 0; b < B; b++) {
+      __m256i xv = _mm256_loadu_si256((const __m256i*)(a.q + 32 * b));
+      for (int i = 0; i < 4; i++) {
+        __m256i w = _mm256_loadu_si256((const __m256i*)(q + (int64_t)(n + i) * K + 32 * b));
+        __m256i dots = dot4(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+        float scale = by_row ? a.d[b] : a.d[b] * s[(int64_t)(n + i) * G + b / per];
+        tot[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(scale), tot[i]);
+      }
+    }
+    for (int i = 0; i < 4; i++) y[n + i] = hsum8(tot[i]) * (by_row ? s[n + i] : 1.f);
+  }
+#endif
+  for (; n < n1; n++) {
+    const int8_t* r = q + (int64_t)n * K;
+    float tot = 0.f;
+    for (int b = 0; b < B; b++) {
+      int dot = 0;
+      for (int k = 32 * b; k < 32 * b + 32; k++) dot += (int)r[k] * (int)a.q[k];
+      tot += (float)dot * (by_row ? a.d[b] : a.d[b] * s[(int64_t)n * G + b / per]);
+    }
+    y[n] = tot * (by_row ? s[n] : 1.f);
+  }
+}
+
+#ifdef __AVX2__
+/* Byte rows j, j+1 of the packed int4 weight for 32 outputs → 4 vectors of [code 2j, 2j+1, 2j+2, 2j+3] per
+ * output (uint8 × 4 per int32 lane), outputs in the order of unpack's 128-bit lanes: {0-3 | 16-19}, {4-7 | 20-23},
+ * {8-11 | 24-27}, {12-15 | 28-31} (int4_a8_order puts them back). */
+static inline void int4_quads(const uint8_t* r0, const uint8_t* r1, __m256i u[4]) {
+  const __m256i low = _mm256_set1_epi8(15);
+  __m256i b0 = _mm256_loadu_si256((const __m256i*)r0), b1 = _mm256_loadu_si256((const __m256i*)r1);
+  __m256i c0 = _mm256_and_si256(b0, low), c1 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
+  __m256i c2 = _mm256_and_si256(b1, low), c3 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
+  __m256i lo01 = _mm256_unpacklo_epi8(c0, c1), hi01 = _mm256_unpackhi_epi8(c0, c1);
+  __m256i lo23 = _mm256_unpacklo_epi8(c2, c3), hi23 = _mm256_unpackhi_epi8(c2, c3);
+  u[0] = _mm256_unpacklo_epi16(lo01, lo23);
+  u[1] = _mm256_unpackhi_epi16(lo01, lo23);
+  u[2] = _mm256_unpacklo_epi16(hi01, hi23);
+  u[3] = _mm256_unpackhi_epi16(hi01, hi23);
+}
+#endif
+
+/* int4 weights (packed (K/2, N), s and m (K/g, N)) · int8 activations, outputs [n0, n1), 32 at a time: per block
+ * b of 32 inputs and output n, sum_k w[k, n] x[k] = d_b s[n] · (codes · q) + d_b (sum q) · m[n]. */
+static void lin_int4_a8(Act8 a, const uint8_t* p, const float* s, const float* m, float* y, int K, int N, int g,
+                        int n0, int n1) {
+  int B = K / 32, per = g / 32, n = n0;
+#ifdef __AVX2__
+  for (; n + 32 <= n1; n += 32) {
+    __m256 out[4];
+    for (int i = 0; i < 4; i++) out[i] = _mm256_setzero_ps();
+    for (int b = 0; b < B; b++) {
+      __m256i acc[4], u[4];
+      for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_si256();
+      for (int j = 16 * b; j < 16 * b + 16; j += 2) { /* byte rows j, j+1: inputs 2j .. 2j+3 */
+        int32_t x4;
+        memcpy(&x4, a.q + 2 * j, 4);
+        __m256i xv = _mm256_set1_epi32(x4);
+        int4_quads(p + (int64_t)j * N + n, p + (int64_t)(j + 1) * N + n, u);
+        for (int i = 0; i < 4; i++) acc[i] = dot4(acc[i], u[i], xv);
+      }
+      __m256i dots[4] = {_mm256_permute2x128_si256(acc[0], acc[1], 0x20),
+                         _mm256_permute2x128_si256(acc[2], acc[3], 0x20),
+                         _mm256_permute2x128_si256(acc[0], acc[1], 0x31),
+                         _mm256_permute2x128_si256(acc[2], acc[3], 0x31)}; /* outputs n .. n+31 in order */
+      const int64_t o = (int64_t)(b / per) * N + n;
+      __m256 d = _mm256_set1_ps(a.d[b]), sd = _mm256_set1_ps(a.sd[b]);
+      for (int i = 0; i < 4; i++) {
+        __m256 ds = _mm256_mul_ps(d, _mm256_loadu_ps(s + o + 8 * i));
+        out[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), ds, out[i]);
+        out[i] = _mm256_fmadd_ps(sd, _mm256_loadu_ps(m + o + 8 * i), out[i]);
+      }
+    }
+    for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + n + 8 * i, out[i]);
+  }
+#endif
+  for (; n < n1; n++) {
+    float out = 0.f;
+    for (int b = 0; b < B; b++) {
+      int dot = 0;
+      for (int j = 16 * b; j < 16 * b + 16; j++) {
+        uint8_t c = p[(int64_t)j * N + n];
+        dot += (c & 15) * (int)a.q[2 * j] + (c >> 4) * (int)a.q[2 * j + 1];
+      }
+      const int64_t o = (int64_t)(b / per) * N + n;
+      out += (float)dot * (a.d[b] * s[o]) + a.sd[b] * m[o];
+    }
+    y[n] = out;
+  }
+}
+
+/* y (N,) = W x (+ bias), on the calling thread team: each thread takes one range of outputs; `a` holds x's int8
+ * blocks when L->a8 (quantized by lin()). */
+static void lin_range(const Lin* L, const float* x, Act8 a, float* y, int n0, int n1) {
   if (L->kind == LIN_F32) lin_f32(x, (const float*)L->w, y, L->K, n0, n1);
+  else if (L->a8 && L->kind == LIN_INT4) lin_int4_a8(a, (const uint8_t*)L->w, L->s, L->m, y, L->K, L->N, L->g, n0, n1);
+  else if (L->a8) lin_int8_a8(a, (const int8_t*)L->w, L->s, y, L->K, L->kind == LIN_INT8 ? L->K : L->g, n0, n1);
   else if (L->kind == LIN_INT8) lin_int8(x, (const int8_t*)L->w, L->s, y, L->K, L->K, n0, n1);
   else if (L->kind == LIN_INT8G) lin_int8(x, (const int8_t*)L->w, L->s, y, L->K, L->g, n0, n1);
   else lin_int4(x, (const uint8_t*)L->w, L->s, L->m, y, L->K, L->N, L->g, n0, n1);
@@ -177,18 +332,24 @@ static void lin_range(const Lin* L, const float* x, float* y, int n0, int n1) {
     for (int n = n0; n < n1; n++) y[n] += L->bias[n];
 }
 
-static void lin(const Lin* L, const float* x, float* y, int nthreads) {
+/* `act`: act_bytes(K) bytes of scratch, used when L->a8 (the caller guarantees it then). */
+static void lin(const Lin* L, const float* x, float* y, int nthreads, void* act) {
+  Act8 a = {NULL, NULL, NULL};
+  if (L->a8) {
+    a = act_views(act, L->K);
+    quantize_act(x, L->K, a);
+  }
 #pragma omp parallel num_threads(nthreads)
   {
     int t = omp_get_thread_num(), T = omp_get_num_threads();
     int chunk = ((L->N + T - 1) / T + 31) / 32 * 32;
     int n0 = t * chunk, n1 = n0 + chunk < L->N ? n0 + chunk : L->N;
-    if (n0 < n1) lin_range(L, x, y, n0, n1);
+    if (n0 < n1) lin_range(L, x, a, y, n0, n1);
   }
 }
 
-/* One product through the step's own kernels, for the tests against kernels.py's references. */
-void native_linear(const Lin* L, const float* x, float* y, int nthreads) { lin(L, x, y, nthreads); }
+/* One product through the step's own kernels, for the tests against kernels.py's references; `act` as lin's. */
+void native_linear(const Lin* L, const float* x, float* y, int nthreads, void* act) { lin(L, x, y, nthreads, act); }
 
 static void rmsnorm(const float* x, const float* w, float offset, float eps, float* y, int D) {
   float ss = 0.f;
@@ -253,7 +414,7 @@ static void layer(const Model* M, int l, int pos, float* x, float* buf) {
   float *xn = buf, *qkv = xn + D, *att = qkv + qd + 2 * kvd, *hb = att + qd, *tmp = hb + 2 * M->ff;
   float* sc = tmp + D;
   rmsnorm(x, M->ln1[l], M->norm_offset, M->eps, xn, D);
-  lin(&M->qkv[l], xn, qkv, M->nthreads);
+  lin(&M->qkv[l], xn, qkv, M->nthreads, M->act);
   const float *c = M->rope_cos + (int64_t)pos * hd / 2, *s = M->rope_sin + (int64_t)pos * hd / 2;
   rope(qkv, M->h, hd, c, s);
   rope(qkv + qd, M->kv, hd, c, s);
@@ -263,12 +424,12 @@ static void layer(const Model* M, int l, int pos, float* x, float* buf) {
     memcpy(M->vcache + lay + ((int64_t)j * M->max_len + pos) * hd, qkv + qd + kvd + j * hd, hd * sizeof(float));
   }
   attention(M, qkv, M->kcache + lay, M->vcache + lay, pos + 1, att, sc);
-  lin(&M->proj[l], att, tmp, M->nthreads);
+  lin(&M->proj[l], att, tmp, M->nthreads, M->act);
   for (int i = 0; i < D; i++) x[i] += tmp[i];
   rmsnorm(x, M->ln2[l], M->norm_offset, M->eps, xn, D);
-  lin(&M->fc[l], xn, hb, M->nthreads);
+  lin(&M->fc[l], xn, hb, M->nthreads, M->act);
   for (int i = 0; i < M->ff; i++) hb[i] = hb[i] / (1.f + expf(-hb[i])) * hb[M->ff + i]; /* silu(gate) * up */
-  lin(&M->down[l], hb, tmp, M->nthreads);
+  lin(&M->down[l], hb, tmp, M->nthreads, M->act);
   for (int i = 0; i < D; i++) x[i] += tmp[i];
 }
 
@@ -279,5 +440,5 @@ void decode_step(const Model* M, int token, int pos, float* logits) {
   embed(M, token, x);
   for (int l = 0; l < M->n_layer; l++) layer(M, l, pos, x, buf);
   rmsnorm(x, M->lnf, M->norm_offset, M->eps, buf, M->D);
-  lin(&M->head, buf, logits, M->nthreads);
+  lin(&M->head, buf, logits, M->nthreads, M->act);
 }
