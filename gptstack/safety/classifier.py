@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,14 +271,19 @@ def training_rows(per_task: int = 150, n_off_topic: int = 1200, n_remarks: int =
     return _held_out_filter(list(first.values()))
 
 
-def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int = 256, alpha: float = 0.1) -> list[np.ndarray]:
+def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int = 256, alpha: float = 0.1, epochs: int = 60) -> list[np.ndarray]:
     """[W1 (F, H), b1 (H,), W2 (H, 1), b2 (1,)] of a one-hidden-layer ReLU network with a logistic output,
-    L2 strength `alpha`, Adam with early stopping on 10% of the rows (seeded: the same rows give the same
-    weights). A linear model cannot ask "does this answer fit this prompt?" of the prompt-response
-    features; one hidden layer can (5-fold CV on the training rows: 0.955 against the logistic's 0.923)."""
+    L2 strength `alpha`, `epochs` passes of Adam (seeded: the same rows give the same weights). A linear
+    model cannot ask "does this answer fit this prompt?" of the prompt-response features; one hidden
+    layer can. 5-fold CV on the training rows: 0.962 (60 epochs) against 0.954 stopping early on 10% of
+    them and 0.923 for a logistic regression."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
-    model = MLPClassifier((hidden,), alpha=alpha, max_iter=300, early_stopping=True, random_state=0).fit(x, y)
+    model = MLPClassifier((hidden,), alpha=alpha, max_iter=epochs, random_state=0)
+    with warnings.catch_warnings():  # a fixed number of epochs, not "until converged", is the recipe
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
     return [a.astype(np.float32) for pair in zip(model.coefs_, model.intercepts_, strict=True) for a in pair]
 
 
