@@ -76,6 +76,7 @@ def replies(model, prompts: list, cache: Path, max_tokens: int, chunk: int = 32)
         return p if isinstance(p, str) else json.dumps(p)
 
     done = {}
+    cache.parent.mkdir(parents=True, exist_ok=True)
     if cache.is_file():
         for line in cache.read_text().splitlines():
             row = json.loads(line)
