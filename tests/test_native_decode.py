@@ -13,7 +13,7 @@ from torch import Tensor
 
 from gptstack.infer.generate import generate
 from gptstack.infer.kvcache import KVCache
-from gptstack.infer.native import NativeDecoder, linear, supports
+from gptstack.infer.native import NativeDecoder, linear, make_lin, supports
 from gptstack.infer.sampling import SamplingParams
 from gptstack.model import build_model
 from gptstack.transforms import kernels
@@ -146,8 +146,12 @@ def w8a8_ref(module: QuantizedLinear, x: Tensor) -> Tensor:
 
 @torch.no_grad()
 @pytest.mark.parametrize("K, N", [(192, 75), (128, 33), (576, 100)])
-@pytest.mark.parametrize("method, group", [("int8", 0), ("int4", 32), ("int4", 64), ("int8g", 32), ("int8g", 64)])
+@pytest.mark.parametrize(
+    "method, group",
+    [("int8", 0), ("int4", 32), ("int4", 64), ("int4 f16", 32), ("int4 f16", 64), ("int8g", 32), ("int8g", 64)],
+)
 def test_native_w8a8_linear_equals_exact_integer_block_dots(method, group, K, N):
+    """int4 f16: scales and minimums that are fp16 values, as a GGUF file's, which the kernel reads as fp16."""
     g = torch.Generator().manual_seed(K + N + group)
     lin = torch.nn.Linear(K, N, bias=False)
     lin.weight.copy_(torch.randn(N, K, generator=g))
@@ -156,7 +160,11 @@ def test_native_w8a8_linear_equals_exact_integer_block_dots(method, group, K, N)
         module.qweight.copy_(torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g))  # -128 too
         module.scales.copy_(torch.rand(N, K // group, generator=g))
     else:
-        module = QuantizedLinear.from_linear(lin, method, group or 32)
+        module = QuantizedLinear.from_linear(lin, method.split()[0], group or 32)
+    if method == "int4 f16":
+        module.scales.copy_(module.scales.half().float())
+        module.mins.copy_(module.mins.half().float())
+    assert make_lin(module, [], act_int8=True).f16 == (method == "int4 f16")
     x = torch.randn(K, generator=g) * torch.rand(K, generator=g) ** 3 * 4  # uneven blocks, a few large values
     x[:32] = 0  # an all-zero block: scale 0
     ref = w8a8_ref(module, x).float()

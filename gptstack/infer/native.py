@@ -43,7 +43,7 @@ _lib: ctypes.CDLL | bool | None = None
 
 
 class Lin(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int) for n in ("kind", "K", "N", "g", "a8")] + [
+    _fields_ = [(n, ctypes.c_int) for n in ("kind", "K", "N", "g", "a8", "f16")] + [
         (n, ctypes.c_void_p) for n in ("w", "s", "m", "bias")
     ]
 
@@ -109,7 +109,8 @@ def supports(model: nn.Module) -> str | None:
 def make_lin(module: nn.Module, keep: list, act_int8: bool = False) -> Lin:
     """The Lin descriptor of a linear layer (nn.Linear, QuantizedLinear or a TiedHead); `keep` holds tensors
     that must outlive it (contiguous copies, if any were needed). `act_int8`: a quantized layer takes int8
-    activations (w8a8); an fp32 one keeps fp32."""
+    activations (w8a8); an fp32 one keeps fp32; an int4 one whose scales and minimums are all fp16 values
+    multiplies fp16 copies of them (exact: `f16`), a sixth fewer bytes per token for a kept Q4_1 file."""
     if isinstance(module, TiedHead):
         module = module.table
     bias = getattr(module, "bias", None)
@@ -121,17 +122,20 @@ def make_lin(module: nn.Module, keep: list, act_int8: bool = False) -> Lin:
     else:
         raise TypeError(f"no native layout for {type(module).__name__}")
     ts = [None if t is None else t.contiguous() for t in [*ts, bias]]
-    keep.extend(t for t in ts if t is not None)
     if any(t is not None and t.is_floating_point() and t.dtype != torch.float32 for t in ts):
         raise TypeError("native decoding needs fp32 weights, scales and biases")
-    ptr = [0 if t is None else t.data_ptr() for t in ts]
     a8 = act_int8 and kind != LAYOUT["fp32"]
     if a8 and (module.in_features % kernels.ACT_BLOCK or (kind != LAYOUT["int8"] and g % kernels.ACT_BLOCK)):
         raise ValueError(
             f"int8 activations need the input width ({module.in_features}) and weight group ({g}) of "
             f"{type(module).__name__} {module.method} in multiples of {kernels.ACT_BLOCK}"
         )
-    return Lin(kind, module.in_features, module.out_features, g, int(a8), *ptr)
+    f16 = a8 and kind == LAYOUT["int4"] and all(torch.equal(t.half().float(), t) for t in ts[1:3])
+    if f16:  # scales and minimums that are fp16 values (a GGUF file's Q4_1/Q4_0 d and m): read in half the bytes
+        ts[1:3] = [t.half() for t in ts[1:3]]
+    keep.extend(t for t in ts if t is not None)
+    ptr = [0 if t is None else t.data_ptr() for t in ts]
+    return Lin(kind, module.in_features, module.out_features, g, int(a8), int(f16), *ptr)
 
 
 class NativeDecoder:

@@ -28,10 +28,10 @@
 enum { LIN_F32 = 0, LIN_INT8 = 1, LIN_INT4 = 2, LIN_INT8G = 3 };
 
 typedef struct {
-  int kind, K, N, g, a8; /* a8: int8 activations (quantized layouts only) */
+  int kind, K, N, g, a8, f16; /* a8: int8 activations (quantized layouts only); f16: int4 s, m as fp16 (a8 only) */
   const void* w;
-  const float* s;
-  const float* m;
+  const void* s; /* fp32, or fp16 with f16 */
+  const void* m;
   const float* bias; /* (N,) or NULL */
 } Lin;
 
@@ -202,6 +202,17 @@ static void quantize_act(const float* x, int K, Act8 a) {
   }
 }
 
+/* An IEEE half's value (the scalar tails of f16 scales). */
+static inline float half_to_float(uint16_t h) {
+  int e = (h >> 10) & 31, f = h & 1023;
+  float v = e == 0 ? ldexpf((float)f, -24) : e == 31 ? INFINITY : ldexpf((float)(f | 1024), e - 25);
+  return h >> 15 ? -v : v;
+}
+
+static inline float scale_at(const void* p, int64_t i, int f16) {
+  return f16 ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
 static Act8 act_views(void* buf, int K) {
   Act8 a = {(int8_t*)buf, (float*)((char*)buf + K), (float*)((char*)buf + K) + K / 32};
   return a;
@@ -255,7 +266,7 @@ static void lin_int8_a8(Act8 a, const int8_t* q, const float* s, float* y, int K
 #ifdef __AVX2__
 /* Byte rows j, j+1 of the packed int4 weight for 32 outputs → 4 vectors of [code 2j, 2j+1, 2j+2, 2j+3] per
  * output (uint8 × 4 per int32 lane), outputs in the order of unpack's 128-bit lanes: {0-3 | 16-19}, {4-7 | 20-23},
- * {8-11 | 24-27}, {12-15 | 28-31} (int4_a8_order puts them back). */
+ * {8-11 | 24-27}, {12-15 | 28-31} (int4_a8_block puts them back in order). */
 static inline void int4_quads(const uint8_t* r0, const uint8_t* r1, __m256i u[4]) {
   const __m256i low = _mm256_set1_epi8(15);
   __m256i b0 = _mm256_loadu_si256((const __m256i*)r0), b1 = _mm256_loadu_si256((const __m256i*)r1);
@@ -272,9 +283,14 @@ static inline void int4_quads(const uint8_t* r0, const uint8_t* r1, __m256i u[4]
 
 #ifdef __AVX2__
 /* Block b (inputs 32b .. 32b+31) of lin_int4_a8 for T (1 or 2) × 32 outputs from n, added to y[n ..] (set at b = 0). */
-static inline __attribute__((always_inline)) void int4_a8_block(Act8 a, const uint8_t* p, const float* s,
-                                                                const float* m, float* y, int N, int per, int b,
-                                                                int n, const int T) {
+static inline __m256 load8_scales(const void* p, int64_t i, int f16) {
+  return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)))
+             : _mm256_loadu_ps((const float*)p + i);
+}
+
+static inline __attribute__((always_inline)) void int4_a8_block(Act8 a, const uint8_t* p, const void* s,
+                                                                const void* m, int f16, float* y, int N, int per,
+                                                                int b, int n, const int T) {
   __m256i acc[8], u[4];
   for (int i = 0; i < 4 * T; i++) acc[i] = _mm256_setzero_si256();
   for (int j = 16 * b; j < 16 * b + 16; j += 2) { /* byte rows j, j+1: inputs 2j .. 2j+3 */
@@ -297,8 +313,8 @@ static inline __attribute__((always_inline)) void int4_a8_block(Act8 a, const ui
     for (int i = 0; i < 4; i++) {
       float* out = y + n + 32 * t + 8 * i;
       __m256 v = b ? _mm256_loadu_ps(out) : _mm256_setzero_ps();
-      v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), _mm256_mul_ps(d, _mm256_loadu_ps(s + o + 8 * i)), v);
-      _mm256_storeu_ps(out, _mm256_fmadd_ps(sd, _mm256_loadu_ps(m + o + 8 * i), v));
+      v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), _mm256_mul_ps(d, load8_scales(s, o + 8 * i, f16)), v);
+      _mm256_storeu_ps(out, _mm256_fmadd_ps(sd, load8_scales(m, o + 8 * i, f16), v));
     }
   }
 }
@@ -308,13 +324,13 @@ static inline __attribute__((always_inline)) void int4_a8_block(Act8 a, const ui
  * and output n, sum_k w[k, n] x[k] = d_b s[n] · (codes · q) + d_b (sum q) · m[n]. One block across all the outputs
  * (64 then 32 at a time, y accumulating in L1) before the next: its 16 byte rows are read as sequential streams,
  * which the hardware prefetches (walking one output tile down all K/2 rows, N bytes apart, it does not). */
-static void lin_int4_a8(Act8 a, const uint8_t* p, const float* s, const float* m, float* y, int K, int N, int g,
-                        int n0, int n1) {
+static void lin_int4_a8(Act8 a, const uint8_t* p, const void* s, const void* m, int f16, float* y, int K, int N,
+                        int g, int n0, int n1) {
   int B = K / 32, per = g / 32, n = n0;
 #ifdef __AVX2__
   for (int b = 0; b < B; b++) {
-    for (n = n0; n + 64 <= n1; n += 64) int4_a8_block(a, p, s, m, y, N, per, b, n, 2);
-    for (; n + 32 <= n1; n += 32) int4_a8_block(a, p, s, m, y, N, per, b, n, 1);
+    for (n = n0; n + 64 <= n1; n += 64) int4_a8_block(a, p, s, m, f16, y, N, per, b, n, 2);
+    for (; n + 32 <= n1; n += 32) int4_a8_block(a, p, s, m, f16, y, N, per, b, n, 1);
   }
 #endif
   for (; n < n1; n++) {
@@ -326,7 +342,7 @@ static void lin_int4_a8(Act8 a, const uint8_t* p, const float* s, const float* m
         dot += (c & 15) * (int)a.q[2 * j] + (c >> 4) * (int)a.q[2 * j + 1];
       }
       const int64_t o = (int64_t)(b / per) * N + n;
-      out += (float)dot * (a.d[b] * s[o]) + a.sd[b] * m[o];
+      out += (float)dot * (a.d[b] * scale_at(s, o, f16)) + a.sd[b] * scale_at(m, o, f16);
     }
     y[n] = out;
   }
@@ -336,7 +352,8 @@ static void lin_int4_a8(Act8 a, const uint8_t* p, const float* s, const float* m
  * blocks when L->a8 (quantized by lin()). */
 static void lin_range(const Lin* L, const float* x, Act8 a, float* y, int n0, int n1) {
   if (L->kind == LIN_F32) lin_f32(x, (const float*)L->w, y, L->K, n0, n1);
-  else if (L->a8 && L->kind == LIN_INT4) lin_int4_a8(a, (const uint8_t*)L->w, L->s, L->m, y, L->K, L->N, L->g, n0, n1);
+  else if (L->a8 && L->kind == LIN_INT4)
+    lin_int4_a8(a, (const uint8_t*)L->w, L->s, L->m, L->f16, y, L->K, L->N, L->g, n0, n1);
   else if (L->a8) lin_int8_a8(a, (const int8_t*)L->w, L->s, y, L->K, L->kind == LIN_INT8 ? L->K : L->g, n0, n1);
   else if (L->kind == LIN_INT8) lin_int8(x, (const int8_t*)L->w, L->s, y, L->K, L->K, n0, n1);
   else if (L->kind == LIN_INT8G) lin_int8(x, (const int8_t*)L->w, L->s, y, L->K, L->g, n0, n1);
