@@ -1,4 +1,5 @@
-"""The `gptstack` command as a user runs it: real subprocesses, real checkpoints, one-line errors."""
+"""The `gptstack` command as a user runs it: its main() on real checkpoints and data (a real process where
+the process is what is tested: the entry point, a missing optional package), one-line errors."""
 
 import io
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_util import gptstack as gptstack_cli
 
 import gptstack
 from gptstack.checkpoint import InitConfig, init_checkpoint
@@ -19,10 +21,8 @@ from gptstack.infer.sampling import SamplingParams
 
 
 def run(*args, ok=True):
-    proc = subprocess.run([sys.executable, "-m", "gptstack.cli", *args], capture_output=True, text=True, timeout=120)
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+    """`gptstack ARGS` in this process (cli_util); ok=False: no check, the test reads the status."""
+    return gptstack_cli(*args, ok=True if ok else None)
 
 
 def test_info_prints_counts_flops_and_kv_bytes():

@@ -6,12 +6,11 @@ on the engine."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_util import gptstack
 from conftest import shared_file
 
 from gptstack import checkpoint
@@ -104,31 +103,23 @@ def test_decode_and_prefill_paths_agree_and_checkpoints_round_trip(trained, tmp_
     assert size["int4"] < size["int8"]
 
 
-def run_cli(*args, stdin: str | None = None, ok: bool = True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "gptstack.cli", *args], capture_output=True, text=True, input=stdin, timeout=300
-    )
-    assert (proc.returncode == 0) == ok, proc.stderr
-    return proc
-
-
 @pytest.mark.slow
 def test_cli_quantize_generate_and_chat(trained, tmp_path):
     model = trained[0]
     src = checkpoint.save_checkpoint(model, tmp_path / "fp32", step=250, tokenizer=model.tokenizer)
-    out = run_cli("quantize", str(src), "--method", "int4", "--group-size", "32", "--out", str(tmp_path / "q4"))
+    out = gptstack("quantize", str(src), "--method", "int4", "--group-size", "32", "--out", str(tmp_path / "q4"))
     assert "int4" in out.stdout
     args = ("--prompt", "ROMEO:", "--temperature", "0", "--max-tokens", "20")
-    plain = run_cli("generate", str(src), *args).stdout
+    plain = gptstack("generate", str(src), *args).stdout
     for extra in (["--speculative", "ngram"], ["--speculative", str(src)]):  # exact: same greedy text
-        assert run_cli("generate", str(src), *args, *extra).stdout == plain
-    quantized = run_cli("generate", str(tmp_path / "q4"), *args)
+        assert gptstack("generate", str(src), *args, *extra).stdout == plain
+    quantized = gptstack("generate", str(tmp_path / "q4"), *args)
     assert quantized.stdout.startswith("ROMEO:") and "tokens in" in quantized.stderr
-    chat = run_cli("chat", str(src), "--temperature", "0", "--max-tokens", "12", stdin="Hello there\nHow art thou?\n")
+    chat = gptstack("chat", str(src), "--temperature", "0", "--max-tokens", "12", stdin="Hello there\nHow art thou?\n")
     assert chat.stdout.count("assistant> ") == 2
-    bad = run_cli("generate", str(src), "--prompt", "x", "--top-p", "1.5", ok=False)
+    bad = gptstack("generate", str(src), "--prompt", "x", "--top-p", "1.5", ok=False)
     assert "top_p must be in (0, 1]" in bad.stderr
-    bad = run_cli("quantize", str(src), "--method", "int4", "--group-size", "48", "--out", str(tmp_path / "x"), ok=0)
+    bad = gptstack("quantize", str(src), "--method", "int4", "--group-size", "48", "--out", str(tmp_path / "x"), ok=0)
     assert "group size must be one of" in bad.stderr and not (tmp_path / "x").exists()
 
 
