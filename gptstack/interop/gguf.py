@@ -1,9 +1,10 @@
 """Read and write llama.cpp GGUF files: llama (SmolLM2, Llama 2/3, Mistral), qwen2, gemma3 and gpt2.
 
 A GGUF file is metadata (key → value: the architecture's hyper-parameters, the tokenizer, the chat
-template) plus named tensors, each stored as plain floats or in one of ggml's block formats. The `gguf`
-package (the llama.cpp project's own) parses the file and dequantizes every block format; this module
-adds what is specific to us, once per architecture (`ARCHS`):
+template) plus named tensors, each stored as plain floats or in one of ggml's block formats. gguf_file.py
+parses the file (GGUFReader's results, in a fraction of its time); the `gguf` package (the llama.cpp
+project's own) dequantizes every block format and writes files; this module adds what is specific to us,
+once per architecture (`ARCHS`):
 
 - `keys`: GGUF metadata key → ModelConfig field, read on import and written on export;
 - `fixed`: the ModelConfig values the architecture implies (RoPE, RMSNorm, SwiGLU, Gemma's norms ...);
@@ -31,11 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, ReaderTensor, quants
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, quants
 from gguf.constants import GGML_QUANT_SIZES, GGML_QUANT_VERSION
 from torch import Tensor, nn
 
 from gptstack.config import ConfigError, ModelConfig
+from gptstack.interop.gguf_file import GGUFError, GGUFTensor, read_gguf_file
 from gptstack.interop.hf import Rule, _gate_up, _qkv
 from gptstack.model import GPT
 from gptstack.tokenizer import tokenizer_from_gguf, tokenizer_to_gguf
@@ -52,10 +54,6 @@ FILE_TYPES = {
 }  # fmt: skip
 # config fields that change no computation at inference, so a file need not carry them
 NOT_IN_FILE = ("dropout", "moe_aux_loss_coef", "moe_z_loss_coef", "n_expert_active")
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be read or written as asked; the message names the file and the problem."""
 
 
 # --- the architectures: metadata keys, implied config, conversion tables ------------------------------
@@ -169,25 +167,12 @@ def expand(c: ModelConfig, arch: Arch) -> list[Rule]:
 # --- reading --------------------------------------------------------------------------------------------
 
 
-def open_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, ReaderTensor]]:
+def open_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
     """(metadata, tensors by name) of a GGUF file; any unreadable file is a GGUFError."""
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"{path}: no such file (a GGUF model is one file)")
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader parses untrusted bytes with numpy: any failure means a bad file
-        reason = "not a GGUF file (wrong magic bytes)" if "magic" in str(e) else "truncated or corrupt"
-        raise GGUFError(f"{path}: {reason} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    meta = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):  # the header's version and counts, which the reader lists as fields
-            continue
-        try:
-            meta[key] = f.contents()
-        except (ValueError, IndexError) as e:  # UnicodeDecodeError is a ValueError
-            raise GGUFError(f"{path}: metadata field {key} is unreadable ({e})") from None
-    return meta, {t.name: t for t in reader.tensors}
+    return read_gguf_file(path)
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
@@ -243,11 +228,11 @@ def _rope_scaling(meta: dict[str, Any], name: str, where: str) -> dict[str, floa
     return {}
 
 
-def _shape(t: ReaderTensor) -> tuple[int, ...]:
+def _shape(t: GGUFTensor) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(t.shape.tolist()))  # ggml [ne0, ne1] → (ne1, ne0)
 
 
-def _rows(t: ReaderTensor, arch: Arch, c: ModelConfig) -> np.ndarray:
+def _rows(t: GGUFTensor, arch: Arch, c: ModelConfig) -> np.ndarray:
     """The tensor's stored rows (raw blocks or floats) in our order: llama's q/k heads un-interleaved."""
     data = np.asarray(t.data)  # a plain view of the memory map: slicing a np.memmap costs per call
     if arch.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name):
@@ -262,7 +247,7 @@ def qk_order(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1).argsort()
 
 
-def dequantize(t: ReaderTensor, arch: Arch, c: ModelConfig) -> Tensor:
+def dequantize(t: GGUFTensor, arch: Arch, c: ModelConfig) -> Tensor:
     """fp32 (rows, cols) of a tensor of any supported block format, exactly as gguf.quants computes it."""
     a = quants.dequantize(_rows(t, arch, c), t.tensor_type).reshape(_shape(t))
     if arch.norm_shift and t.name.endswith("norm.weight"):
@@ -270,7 +255,7 @@ def dequantize(t: ReaderTensor, arch: Arch, c: ModelConfig) -> Tensor:
     return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
-def block_codes(t: ReaderTensor, arch: Arch, c: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def block_codes(t: GGUFTensor, arch: Arch, c: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A Q4_0/Q4_1/Q8_0 tensor's (codes (rows, cols), scales (rows, cols/32), mins (rows, cols/32) or
     None), with w = code·scale + min (Q4_0: min = -8·d; Q8_0: signed codes and no min)."""
     rows = _rows(t, arch, c)
@@ -286,7 +271,7 @@ def block_codes(t: ReaderTensor, arch: Arch, c: ModelConfig) -> tuple[np.ndarray
     return codes, d, m
 
 
-def kept_tensors(module: str, sources: list[ReaderTensor], arch: Arch, c: ModelConfig) -> dict[str, Tensor]:
+def kept_tensors(module: str, sources: list[GGUFTensor], arch: Arch, c: ModelConfig) -> dict[str, Tensor]:
     """The buffers of QuantizedLinear/QuantizedEmbedding `module` built from the sources' codes, which
     concatenate along the rows (q/k/v, gate/up) as their floats would."""
     codes, scales, mins = zip(*(block_codes(t, arch, c) for t in sources), strict=True)
@@ -302,7 +287,7 @@ def kept_tensors(module: str, sources: list[ReaderTensor], arch: Arch, c: ModelC
     }
 
 
-def _keepable(model: GPT, rule: Rule, sources: list[ReaderTensor]) -> str | None:
+def _keepable(model: GPT, rule: Rule, sources: list[GGUFTensor]) -> str | None:
     """The layout that holds these sources' codes exactly, or None (then they are dequantized)."""
     kinds = {KEPT.get(t.tensor_type) for t in sources}
     module = rule.ours.removesuffix(".weight")
@@ -316,7 +301,7 @@ def _keepable(model: GPT, rule: Rule, sources: list[ReaderTensor]) -> str | None
 
 
 def gguf_model(
-    meta: dict[str, Any], tensors: dict[str, ReaderTensor], keep_quantized: bool = False, where: str = ""
+    meta: dict[str, Any], tensors: dict[str, GGUFTensor], keep_quantized: bool = False, where: str = ""
 ) -> GPT:
     """Our GPT (fp32 where not kept, eval mode, on CPU, no tokenizer) holding a parsed GGUF file's weights."""
     tensors = _untie(tensors)
@@ -359,7 +344,7 @@ def gguf_model(
     return model.eval()
 
 
-def _untie(tensors: dict[str, ReaderTensor]) -> dict[str, ReaderTensor]:
+def _untie(tensors: dict[str, GGUFTensor]) -> dict[str, GGUFTensor]:
     """Drop output.weight when it is a byte-for-byte copy of token_embd.weight (llama.cpp's GPT-2
     converter writes the tied head twice): the model is then tied."""
     out, emb = tensors.get("output.weight"), tensors.get("token_embd.weight")
