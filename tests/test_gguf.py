@@ -7,21 +7,25 @@ on small files written here with gguf.GGUFWriter.
 - the real models' fp32 logits equal transformers' GGUF-loaded models (1e-4), greedy decoding agrees;
 - export → import gives the same weights (f32 exactly, f16/q8_0/q4_0 exactly as their rounding), and
   transformers reads our exports;
+- our reader (interop/gguf_file.py) gives GGUFReader's metadata values and tensor views on both real files;
 - truncated, corrupt, foreign and unsupported files are refused with one line naming the file, and
-  leave no output behind.
+  leave no output behind; crafted headers (a 2^60 count, a string past the end, unknown types, tensor
+  data past the end) are refused at once, before anything is allocated.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import struct
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import gemma3_file, scramble, shared_file, smollm2_file
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
 import gptstack.model
 from gptstack.checkpoint import load_model, save_checkpoint
@@ -159,6 +163,88 @@ def test_cli_refuses_a_bad_file_in_one_line_and_writes_nothing(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("gptstack convert: error: ") and str(bad) in err and "\n" not in err, err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["bad.gguf"]
+
+
+# --- the reader: GGUFReader's results, and crafted headers refused -------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["smollm2", pytest.param("gemma3", marks=pytest.mark.slow)])
+def test_our_reader_gives_ggufreaders_values_and_tensors(which):
+    """GGUFReader as the oracle: the same keys in order, each value of the same Python type and equal (the
+    vocabularies: 49k and 262k strings, float scores, int token types), the same tensors with the same
+    type, ggml shape, and a read-only view of the same bytes in the same dtype and shape."""
+    path = {"smollm2": smollm2_file, "gemma3": gemma3_file}[which]()
+    meta, tensors = gguf.open_gguf(path)
+    reader = GGUFReader(path)
+    ref = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert list(meta) == list(ref) and len(meta["tokenizer.ggml.tokens"]) > 40_000
+    for k, v in ref.items():
+        assert type(meta[k]) is type(v) and meta[k] == v, k
+        if isinstance(v, list):
+            assert [type(x) for x in meta[k]] == [type(x) for x in v], k
+    assert list(tensors) == [t.name for t in reader.tensors]
+    for r in reader.tensors:
+        t = tensors[r.name]
+        assert t.tensor_type is r.tensor_type and t.shape.dtype == r.shape.dtype and (t.shape == r.shape).all()
+        assert (t.data.dtype, t.data.shape, t.data.flags.writeable) == (r.data.dtype, r.data.shape, False), r.name
+        assert np.asarray(t.data).tobytes() == np.asarray(r.data).tobytes(), r.name
+
+
+def _str(b: bytes) -> bytes:
+    return struct.pack("<Q", len(b)) + b
+
+
+def _kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return _str(key.encode()) + struct.pack("<I", vtype) + payload
+
+
+def crafted(kvs: list[bytes], infos: list[bytes], data: bytes, version: int = 3, counts=None) -> bytes:
+    """A GGUF file by hand: header, KV entries, tensor infos, padding to 32, data."""
+    n_tensors, n_kv = counts or (len(infos), len(kvs))
+    head = b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv) + b"".join(kvs) + b"".join(infos)
+    return head + bytes(-len(head) % 32) + data
+
+
+def test_crafted_corrupt_headers_are_refused_at_once(tmp_path):
+    """Each corruption of a valid hand-written file is a one-line GGUFError naming the file, well under a
+    second: counts and lengths are checked against the bytes left before anything is allocated."""
+    name = _kv("general.name", 8, _str(b"tiny"))
+    vocab = _kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + _str(b"a") + _str(b"bc"))
+    scores = _kv("tokenizer.ggml.scores", 9, struct.pack("<IQ", 6, 2) + struct.pack("<2f", 0.5, -1.0))
+    info = _str(b"w") + struct.pack("<I2QIQ", 2, 3, 2, int(Q.F32), 0)  # ggml [3, 2]: (2, 3) fp32 at 0
+    bad_type = _str(b"w") + struct.pack("<I2QIQ", 2, 3, 2, 99, 0)
+    weights = np.arange(6, dtype=np.float32).tobytes()
+    good = tmp_path / "good.gguf"
+    good.write_bytes(crafted([name, vocab, scores], [info], weights))
+    meta, tensors = gguf.open_gguf(good)
+    assert meta == {"general.name": "tiny", "tokenizer.ggml.tokens": ["a", "bc"], "tokenizer.ggml.scores": [0.5, -1.0]}
+    assert tensors["w"].data.tolist() == [[0, 1, 2], [3, 4, 5]] and tensors["w"].shape.tolist() == [3, 2]
+    huge = 2**60
+    cases = {
+        "huge-kv-count": (crafted([name], [info], weights, counts=(1, huge)), "truncated or corrupt"),
+        "huge-array": (crafted([_kv("a", 9, struct.pack("<IQ", 4, huge))], [info], weights), "truncated or corrupt"),
+        "huge-strings": (crafted([_kv("a", 9, struct.pack("<IQ", 8, huge))], [info], weights), "truncated or corrupt"),
+        "string-past-end": (crafted([_kv("a", 8, struct.pack("<Q", huge) + b"x")], [], b""), "truncated or corrupt"),
+        "bad-value-type": (crafted([_kv("a", 13, b"\0" * 8)], [info], weights), "a has unknown value type 13"),
+        "nested-array": (crafted([_kv("a", 9, struct.pack("<IQ", 9, 1))], [], b""), "nested arrays"),
+        "bad-tensor-type": (crafted([name], [bad_type], weights), "tensor w has unknown ggml type 99"),
+        "data-past-end": (crafted([name], [info], weights[:-4]), "truncated or corrupt (tensor w's 24 bytes"),
+        "not-utf8": (crafted([_kv("general.name", 8, _str(b"\xff\xfe"))], [], b""), "field general.name is unreadable"),
+        "duplicate-key": (crafted([name, name], [info], weights), "general.name appears twice"),
+        "duplicate-tensor": (crafted([name], [info, info], weights), "tensor w appears twice"),
+        "version-9": (crafted([name], [info], weights, version=9), "GGUF version 9 is not supported"),
+        "empty": (b"", "truncated or corrupt"),
+    }
+    for case, (raw, expected) in cases.items():
+        path = tmp_path / f"{case}.gguf"
+        path.write_bytes(raw)
+        start = time.perf_counter()
+        with pytest.raises(GGUFError) as e:
+            gguf.open_gguf(path)
+        took = time.perf_counter() - start
+        message = str(e.value)
+        assert expected in message and str(path) in message and "\n" not in message, (case, message)
+        assert took < 0.5, (case, took)
 
 
 # --- export: a model trained here, written for llama.cpp and read back ----------------------------------------

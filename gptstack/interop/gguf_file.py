@@ -70,7 +70,7 @@ class _Cursor:
         """The position of the next n bytes, which the cursor moves past."""
         left = len(self.buf) - self.pos
         if n > left:
-            raise self.fail(f"{what} at byte {self.pos} needs {n} bytes, {left} remain")
+            raise self.fail(f"{what} at byte {self.pos}: {n} bytes needed, {left} remain")
         start, self.pos = self.pos, self.pos + n
         return start
 
