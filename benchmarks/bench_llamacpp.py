@@ -15,6 +15,12 @@ products (each timed alone) and everything else, for the PyTorch loop and the na
     OMP_NUM_THREADS=2 python benchmarks/bench_llamacpp.py --reps 5
     OMP_NUM_THREADS=2 python benchmarks/bench_llamacpp.py --profile
     python benchmarks/bench_llamacpp.py --quick          # small sizes, to validate the script
+
+On a CPU with AMX, llama.cpp 0.3.36 built natively (pip's default) segfaults in ggml_backend_amx_mul_mat on the
+first decode (llama.cpp issue 20824); build it without AMX, keeping the CPU's other SIMD:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+      -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+      pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
 """
 
 from __future__ import annotations
