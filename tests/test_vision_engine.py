@@ -4,11 +4,10 @@ equal to uncached, the prefix cache keyed by the image, preemption that keeps th
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_util import gptstack
 from PIL import Image
 from vision_util import COLOURS, QUESTION, image_message, png, train_colours, vision_engine
 
@@ -174,16 +173,11 @@ def test_gptstack_chat_image_answers_about_the_image(tmp_path):
     answers = {}
     for name, colour in COLOURS.items():
         (tmp_path / f"{name}.png").write_bytes(png(colour))
-        run = subprocess.run(
-            [sys.executable, "-m", "gptstack.cli", "chat", str(ckpt), "--image", str(tmp_path / f"{name}.png"),
-             "--temperature", "0", "--max-tokens", "8"],
-            input=QUESTION + "\n", capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stderr
+        run = gptstack("chat", ckpt, "--image", tmp_path / f"{name}.png", "--temperature", "0", "--max-tokens", "8",
+                       stdin=QUESTION + "\n")  # fmt: skip
         answers[name] = run.stdout.strip()
     assert answers == {"red": "assistant> red", "blue": "assistant> blue"}
-    bad = subprocess.run([sys.executable, "-m", "gptstack.cli", "chat", str(ckpt), "--image", str(tmp_path / "no.png")],
-                         input="hi\n", capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = gptstack("chat", ckpt, "--image", tmp_path / "no.png", stdin="hi\n", ok=False)
     assert bad.returncode != 0 and "no.png" in bad.stderr and "Traceback" not in bad.stderr
 
 
