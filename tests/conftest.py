@@ -193,15 +193,18 @@ def gemma3_file() -> Path:
 
 
 # ---- the real models, parsed and loaded once per test session ---------------------------------------------
-# Parsing a GGUF file's vocabulary takes 4 s (SmolLM2, 49k ids) to 9 s (Gemma 3, 262k ids), and transformers'
-# GGUF loader dequantizes the whole file again: each file is opened once, and each model (ours, fp32, and
-# transformers') built once, for every test file that needs it. Tests must not modify these models (clone
+# Our reader opens a GGUF file in well under a second, but building the models costs seconds (Gemma 3: 13 s,
+# most of it dequantizing blocks and its 262k-id tokenizer), and transformers' GGUF loader parses and
+# dequantizes the whole file again (30-45 s for Gemma 3): each file is opened once, and each model (ours,
+# fp32, and transformers') built once, for every test file that needs it. Tests must not modify these models (clone
 # first). pytest-xdist's `--dist loadgroup` keeps the tests that share them on one worker (see below).
 REAL_MODEL_FIXTURES = {
     "smollm2": ("smollm2_gguf", "smollm2", "smollm2_hf", "smollm2_hf_tokenizer"),
     "gemma3": ("gemma3_gguf", "gemma3", "gemma3_hf", "gemma3_hf_tokenizer"),
 }
 HF_OFFLINE = {"HF_HUB_OFFLINE": "1"}
+# test parameters that name a real model whose fixtures the test fetches with request.getfixturevalue
+PARAM_MODELS = {"smol": "smollm2", "smollm2": "smollm2", "gemma": "gemma3", "gemma3": "gemma3"}
 
 
 def _transformers():
@@ -272,10 +275,14 @@ def gemma3_hf_tokenizer():
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Under pytest-xdist's `--dist loadgroup`: a test file's tests stay on one worker (its module fixtures
-        are built once), and every test that uses a real model's session fixtures runs on that model's worker
-        (so each file is parsed and each model loaded once in the whole run, not once per worker; the models
-    together hold about 3.5 GB while the run lasts)."""
-    real = {name for names in REAL_MODEL_FIXTURES.values() for name in names}
+    are built once), and every test that uses one real model's session fixtures runs on that model's worker
+    (so each file is parsed and each model loaded once in the whole run, not once per worker; SmolLM2's
+    and Gemma 3's groups can run side by side; the models together hold about 3.5 GB while the run lasts)."""
     for item in items:
-        uses_real = bool(real & set(getattr(item, "fixturenames", ())))
-        item.add_marker(pytest.mark.xdist_group("real-models" if uses_real else item.path.stem))
+        used = set(getattr(item, "fixturenames", ()))
+        model = next((m for m, names in REAL_MODEL_FIXTURES.items() if used & set(names)), None)
+        params = getattr(getattr(item, "callspec", None), "params", {})  # a model picked by parameter, whose
+        model = model or next(
+            (PARAM_MODELS[v] for v in params.values() if isinstance(v, str) and v in PARAM_MODELS), None
+        )  # fixtures
+        item.add_marker(pytest.mark.xdist_group(f"real-{model}" if model else item.path.stem))  # load at run time
