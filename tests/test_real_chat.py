@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 import torch
+from cli_util import gptstack
 from conftest import smollm2_file
 
 pytestmark = pytest.mark.slow  # three loads of a 135M model (~10 s each on two cores)
@@ -42,10 +43,8 @@ def reference(smollm2_hf, smollm2_hf_tokenizer) -> tuple[str, bool]:
 def test_chat_on_the_gguf_file_replies_as_transformers_does(reference):
     text, stopped = reference
     assert stopped, "the reference reply should end at <|im_end|> within the token budget"
-    cmd = [sys.executable, "-m", "gptstack.cli", "chat", str(smollm2_file()), "--system", SYSTEM,
-           "--temperature", "0", "--max-tokens", str(MAX_TOKENS)]  # fmt: skip
-    run = subprocess.run(cmd, input=QUESTION + "\n", capture_output=True, text=True, timeout=300, env=ENV)
-    assert run.returncode == 0, run.stderr
+    run = gptstack("chat", smollm2_file(), "--system", SYSTEM, "--temperature", "0", "--max-tokens", MAX_TOKENS,
+                   stdin=QUESTION + "\n")  # fmt: skip
     assert run.stdout == f"assistant> {text}\n"
 
 

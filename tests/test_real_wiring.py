@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from cli_util import gptstack
 from conftest import gemma3_file, need, smollm2_file
 
 from gptstack.checkpoint import InitConfig, init_checkpoint, load_model, resolve_tokenizer
@@ -117,11 +118,8 @@ def test_data_prepare_and_init_take_a_gguf_file_as_the_tokenizer(smol_tok, tmp_p
         (tmp_path / "in" / name).write_text(text)
     off = json.dumps({k: False for k in ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb")})
     shards = tmp_path / "shards"
-    cmd = [sys.executable, "-m", "gptstack.cli", "data", "prepare", "--input", str(tmp_path / "in"), "--out",
-           str(shards), "--tokenizer", str(smollm2_file()), "--filters", off, "--dedup", "none", "--no-pii",
-           "--val-fraction", "0", "--workers", "2"]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
-    assert run.returncode == 0, run.stderr
+    gptstack("data", "prepare", "--input", tmp_path / "in", "--out", shards, "--tokenizer", smollm2_file(),
+             "--filters", off, "--dedup", "none", "--no-pii", "--val-fraction", "0", "--workers", "2")  # fmt: skip
     manifest = read_manifest(shards)
     assert manifest["tokenizer"]["n_vocab"] == 49152 and manifest["tokenizer"]["eot_id"] == smol_tok.eot_id
     tokens = np.concatenate(open_shards(shards, "train"))
