@@ -11,9 +11,10 @@ import torch
 from conftest import VARIANTS, scramble
 from torch import Tensor
 
+from gptstack.infer.engine import Engine, EngineConfig
 from gptstack.infer.generate import generate
 from gptstack.infer.kvcache import KVCache
-from gptstack.infer.native import NativeDecoder, linear, make_lin, supports
+from gptstack.infer.native import NativeDecoder, PagedDecoder, linear, make_lin, supports
 from gptstack.infer.sampling import SamplingParams
 from gptstack.model import build_model
 from gptstack.transforms import kernels
@@ -234,3 +235,119 @@ def test_smollm2_w8a8_step_follows_the_int8_activation_forward(smol_w8a8, varian
     native, ref = teacher_forced(model, tokens, decoder), teacher_forced(model, tokens, None)
     agree = (native.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.85, f"top-1 agreement {agree:.2f} over {len(ref)} positions"
+
+
+# ---- the engine's native step (infer/engine.py over native.PagedDecoder: the paged block pool) ----------------
+
+
+def engine_run(model, prompts: list[list[int]], params: SamplingParams, native: bool, **config) -> list[list[int]]:
+    """Each prompt's tokens through an Engine, one request at a time (batch 1: where the native step runs)."""
+    engine = Engine(model, EngineConfig(kv_block_size=4, native=native, **config))
+    assert (engine.native is not None) == native, engine.native_off
+    out = [engine.generate([p], params)[0].token_ids for p in prompts]
+    assert (engine.stats["native_steps"] > 0) == native and engine.pool.used == 0
+    return out
+
+
+@torch.no_grad()
+def test_paged_step_over_a_shuffled_block_table_equals_the_contiguous_step():
+    """The same arithmetic over the engine's pool layout: blocks in any order give the contiguous cache's logits
+    bit for bit, and each position's K/V lands in its table slot."""
+    model = llama("int4")
+    cfg = model.config
+    tokens = torch.randint(0, 97, (23,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref = NativeDecoder(model, max_len=32)
+    bs, nb = 4, 11
+    k, v = (torch.zeros(cfg.n_layer, nb, bs, cfg.n_kv_head, cfg.head_dim) for _ in range(2))
+    paged = PagedDecoder(model, k, v)
+    table = torch.randperm(nb, generator=torch.Generator().manual_seed(3))[:6].tolist()
+    for pos, t in enumerate(tokens):
+        assert torch.equal(paged.step(t, pos, table), ref.step(t))
+    slots = [table[p // bs] * bs + p % bs for p in range(len(tokens))]
+    assert torch.equal(
+        k.view(cfg.n_layer, -1, cfg.n_kv_head, cfg.head_dim)[:, slots], ref.cache.k[:, 0, :, :23].transpose(1, 2)
+    )
+    with pytest.raises(ValueError, match="past the 6 blocks"):
+        paged.step(0, 24, table)
+    with pytest.raises(ValueError, match="block ids must be in"):
+        paged.step(0, 0, [nb])
+    with pytest.raises(ValueError, match="KV pool k"):
+        PagedDecoder(model, k.double(), v)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kernel", ["fp32", "int8", "int4"])
+def test_engine_native_step_equals_the_batched_path_and_the_forward_loop(kernel):
+    model = llama(kernel)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (1, 7, 19)]
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    expected = [list(generate(model, p, greedy)) for p in prompts]
+    assert engine_run(model, prompts, greedy, True) == engine_run(model, prompts, greedy, False) == expected
+    sampled = SamplingParams(temperature=0.9, top_p=0.95, seed=5, max_tokens=24)
+    assert engine_run(model, prompts, sampled, True) == engine_run(model, prompts, sampled, False)
+
+
+@torch.no_grad()
+def test_a_request_joining_mid_native_decode_continues_both_exactly():
+    """A runs alone (native steps) for 9 tokens, then B arrives: the batched path reads A's native K/V, and once B
+    ends A returns to native steps over the blocks the batched path wrote; each equals its output alone."""
+    model = llama("int8")
+    g = torch.Generator().manual_seed(4)
+    a, b = (torch.randint(0, 97, (n,), generator=g).tolist() for n in (6, 13))
+    alone = [list(generate(model, p, SamplingParams(temperature=0, max_tokens=n))) for p, n in ((a, 40), (b, 12))]
+    engine = Engine(model, EngineConfig(kv_block_size=4))
+    got = {engine.add_request(a, SamplingParams(temperature=0, max_tokens=40)): []}
+    steps = 0
+    while engine.has_unfinished():
+        if steps == 10:
+            got[engine.add_request(b, SamplingParams(temperature=0, max_tokens=12))] = []
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+        steps += 1
+    assert list(got.values()) == alone
+    assert engine.stats["native_steps"] == 9 + 18  # A's steps 1-9 before B, and its last 18 after B's 12 tokens
+
+
+@pytest.fixture(scope="module")
+def smol_kept(smollm2_gguf):
+    from gptstack.interop import gguf
+
+    return gguf.gguf_model(*smollm2_gguf, keep_quantized=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["fp32", "Q4_1 kept"])
+def test_smollm2_engine_native_step_equals_the_batched_path_and_the_forward_loop(smollm2, smol_kept, variant):
+    model = smollm2 if variant == "fp32" else smol_kept
+    prompts = [smollm2.tokenizer.encode("The capital of France is")]
+    greedy = SamplingParams(temperature=0, max_tokens=32)
+    expected = [list(generate(model, p, greedy)) for p in prompts]
+    assert engine_run(model, prompts, greedy, True) == engine_run(model, prompts, greedy, False) == expected
+
+
+@torch.no_grad()
+def test_smollm2_engine_act_int8_is_deterministic_and_follows_the_int8_activation_forward(smol_kept, smollm2):
+    """The engine's w8a8 step: greedy tokens the same on every run; teacher-forced over the paged pool, its top-1
+    agrees with the forward under `int8_activations` as the contiguous step does."""
+    tok = smollm2.tokenizer
+    prompts = [tok.encode("The capital of France is"), tok.encode("def fibonacci(n):")]
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    runs = [engine_run(smol_kept, prompts, greedy, True, act_int8=True) for _ in range(2)]
+    assert runs[0] == runs[1]
+    cfg = smol_kept.config
+    tokens = tok.encode(SMOL_TEXT)
+    bs, nb = 16, -(-len(tokens) // 16) + 2
+    k, v = (torch.zeros(cfg.n_layer, nb, bs, cfg.n_kv_head, cfg.head_dim) for _ in range(2))
+    paged, table = PagedDecoder(smol_kept, k, v, threads=1, act_int8=True), list(range(nb))[::-1]
+    native = torch.stack([paged.step(t, pos, table).clone() for pos, t in enumerate(tokens[:-1])])[3:]
+    ref = teacher_forced(smol_kept, tokens, None)
+    agree = (native.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= 0.85, f"top-1 agreement {agree:.2f} over {len(ref)} positions"
+
+
+def test_engine_act_int8_needs_the_native_step():
+    with pytest.raises(ValueError, match="act_int8 needs the native step"):
+        EngineConfig(native=False, act_int8=True)
+    with pytest.raises(ValueError, match="act_int8 needs the native step"):
+        Engine(llama("fp32").double(), EngineConfig(act_int8=True))

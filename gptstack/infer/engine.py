@@ -52,6 +52,7 @@ per multi-token chunk. The step's next tokens are sampled together (sampling.sam
 from __future__ import annotations
 
 import array
+import contextlib
 import hashlib
 import itertools
 import os
@@ -65,10 +66,12 @@ import torch
 from torch import Tensor
 
 from gptstack.config import ModelConfig
+from gptstack.infer import native
 from gptstack.infer.sampling import Sampler, SamplingParams, draw, sample_rows, top_logprobs
 from gptstack.infer.speculative import accept, accept_greedy, ngram_propose, plain_greedy
 from gptstack.model import GPT, attend, attention_mask, kv_cache_bytes_per_token
 from gptstack.transforms import kernels
+from gptstack.transforms.quantize import int8_activations
 from gptstack.vision import VisionConfig, VisionTower, image_positions
 
 
@@ -85,6 +88,10 @@ class EngineConfig:
     draft_confidence: float = 0.0  # a draft model stops a round's proposals below this top probability (0: k always)
     ngram_max: int = 4  # prompt lookup tries the last ngram_max..1 tokens
     image_cache: int = 64  # images whose vision features are kept (by the image bytes' digest)
+    native: bool = (
+        True  # a lone decoding sequence steps in one C call per token (infer/native.py) where the model allows
+    )
+    act_int8: bool = False  # int8 activations for the quantized layers (w8a8, as llama.cpp's Q8_1 dots): needs native
 
     def __post_init__(self) -> None:
         if self.kv_block_size < 1 or self.max_seqs < 1 or self.max_step_tokens < 1:
@@ -99,6 +106,8 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.kv_memory is not None:
             parse_memory(self.kv_memory)  # a bad budget fails here, not when the engine starts
+        if self.act_int8 and not self.native:
+            raise ValueError("act_int8 needs the native step (native=True)")
 
 
 # ---- sizing the KV pool from a memory budget ---------------------------------------------------------
@@ -484,8 +493,25 @@ class Engine:
         self.counter = itertools.count()
         self.stats = dict(
             steps=0, prompt_tokens=0, computed_tokens=0, generated_tokens=0, prefix_queried=0, prefix_hits=0,
-            preemptions=0, spec_proposed=0, spec_accepted=0, images=0, images_encoded=0,
+            preemptions=0, spec_proposed=0, spec_accepted=0, images=0, images_encoded=0, native_steps=0,
         )  # fmt: skip
+        self.native, self.native_off = self._native_step(), ""
+
+    def _native_step(self) -> native.PagedDecoder | None:
+        """The native decode step over the engine's pool (config.native), or None where it does not apply (then
+        `native_off` says why); with act_int8, a model it cannot serve is an error."""
+        cfg = self.config
+        why = "native=False" if not cfg.native else "speculative decoding" if cfg.speculative else None
+        why = why or native.supports(self.model)
+        if why is None:
+            try:
+                return native.PagedDecoder(self.model, self.cache.k, self.cache.v, act_int8=cfg.act_int8)
+            except (TypeError, ValueError, RuntimeError) as e:
+                why = str(e)
+        if cfg.act_int8 and cfg.native:
+            raise ValueError(f"act_int8 needs the native step, which this engine cannot run: {why}")
+        self.native_off = why
+        return None
 
     # ---- requests ----------------------------------------------------------------------------------
 
@@ -722,7 +748,10 @@ class Engine:
                 want.append(offset + n - 1)
             rows[i] = (first, len(want) - first)
             offset += n
-        logits = self._forward(self.model, self.cache, batch, want)  # (len(want), V)
+        if self._native_applies(batch):
+            logits = self._native_logits(batch[0][0])  # (1, V)
+        else:
+            logits = self._forward(self.model, self.cache, batch, want)  # (len(want), V)
         sampled = self._sample(batch, rows, logits)
         outputs = []
         for i, (seq, n) in enumerate(batch):
@@ -743,6 +772,25 @@ class Engine:
                 seq.finish_reason, out.error = "error", f"{type(e).__name__}: {e}"
             outputs.append(self._finish_output(seq, out))
         return outputs
+
+    def _native_applies(self, batch: list[tuple[Sequence, int]]) -> bool:
+        """One sequence decoding one generated token (past its prompt: no image positions, no prompt logprobs)."""
+        if self.native is None or len(batch) != 1:
+            return False
+        seq, n = batch[0]
+        return n == 1 and seq.num_computed + 1 == len(seq.tokens) and seq.num_computed >= len(seq.prompt)
+
+    def _native_logits(self, seq: Sequence) -> Tensor:
+        """The next-token logits (1, V) of seq's last token through the native step, which writes its K/V into
+        seq's slot of the pool (where the batched path reads it)."""
+        pos = seq.num_computed
+        logits = self.native.step(seq.tokens[pos], pos, seq.blocks)[None].clone()
+        self.stats["native_steps"] += 1
+        return self._mask(logits)
+
+    def _mask(self, logits: Tensor) -> Tensor:
+        """logits with the ids the tokenizer cannot decode at -inf."""
+        return logits if self.allowed is None else logits.masked_fill(~self.allowed, float("-inf"))
 
     def _sample(self, batch: list[tuple[Sequence, int]], rows: dict[int, tuple[int, int]], logits: Tensor) -> dict:
         """Batch index → next token of every sequence whose step ends its known tokens, sampled together
@@ -769,10 +817,10 @@ class Engine:
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, N)
         at = torch.tensor(want, dtype=torch.long, device=self.device)
         embeds = None if draft else self._image_rows(batch, len(ids))  # the draft sees the placeholders' embeddings
-        logits = model(idx, kv_cache=cache, logits_at=at, embeds=embeds)[0].float()  # (len(want), V)
-        if self.allowed is not None:
-            logits = logits.masked_fill(~self.allowed, float("-inf"))
-        return logits
+        w8a8 = self.config.act_int8 and not draft  # the forward the native step's int8 activations equal
+        with int8_activations(model) if w8a8 else contextlib.nullcontext():
+            logits = model(idx, kv_cache=cache, logits_at=at, embeds=embeds)[0].float()  # (len(want), V)
+        return self._mask(logits)
 
     def _image_rows(self, batch: list[tuple[Sequence, int]], N: int) -> tuple[Tensor, Tensor] | None:
         """The step's `embeds`: where (1, N) marks the flattened positions that hold image placeholders, rows

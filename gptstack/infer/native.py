@@ -48,6 +48,17 @@ class Lin(ctypes.Structure):
     ]
 
 
+class KV(ctypes.Structure):
+    """decode.c's KV layout: (layer l, kv head j, position t) at k/v + l*layer + blk*block + (t % bs)*pos + j*head,
+    blk = table[t // bs] (int64 block ids) or, without a table, t // bs."""
+
+    _fields_ = (
+        [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("table", ctypes.c_void_p)]
+        + [(n, ctypes.c_int64) for n in ("layer", "block", "pos", "head")]
+        + [("bs", ctypes.c_int)]
+    )
+
+
 class Model(ctypes.Structure):
     _fields_ = [
         *[(n, ctypes.c_int) for n in ("n_layer", "D", "h", "kv", "hd", "ff", "V", "max_len", "nthreads")],
@@ -62,7 +73,8 @@ class Model(ctypes.Structure):
         ("lnf", ctypes.c_void_p),
         *[(n, ctypes.POINTER(Lin)) for n in ("qkv", "proj", "fc", "down")],
         ("head", Lin),
-        *[(n, ctypes.c_void_p) for n in ("kcache", "vcache", "scratch", "act")],
+        ("cache", KV),
+        *[(n, ctypes.c_void_p) for n in ("scratch", "act")],
     ]
 
 
@@ -138,13 +150,11 @@ def make_lin(module: nn.Module, keep: list, act_int8: bool = False) -> Lin:
     return Lin(kind, module.in_features, module.out_features, g, int(a8), int(f16), *ptr)
 
 
-class NativeDecoder:
-    """Greedy/argmax-free decoding state of one sequence: the model's weights as C descriptors, a KVCache of
-    `max_len` tokens, preallocated scratch and logits. `threads`: OpenMP threads (default torch's).
-    `act_int8`: the quantized linear layers of the step take int8 activations (w8a8, see the module docstring;
-    default False: fp32 activations, weight-only dequantization)."""
+class _Step:
+    """The C descriptor of one model's decode step over a KV layout `kv` (a KV): its weights as Lin descriptors,
+    preallocated scratch and logits, for `max_len` positions (scores rows; at most the model's context)."""
 
-    def __init__(self, model: GPT, max_len: int | None = None, threads: int | None = None, act_int8: bool = False):
+    def __init__(self, model: GPT, kv: KV, max_len: int, threads: int | None, act_int8: bool):
         why = supports(model)
         if why is not None:
             raise ValueError(why)
@@ -152,8 +162,9 @@ class NativeDecoder:
         if self.lib is None:
             raise RuntimeError("native decoding unavailable: gcc could not build csrc/decode.c")
         cfg, t = model.config, model.transformer
-        self.model, self.max_len, self.act_int8 = model, max_len or cfg.block_size, act_int8
-        self.cache = KVCache(cfg, 1, self.max_len)
+        if not 1 <= max_len <= cfg.block_size:
+            raise ValueError(f"max_len must be in [1, {cfg.block_size}] (the context), got {max_len}")
+        self.model, self.max_len, self.act_int8 = model, max_len, act_int8
         self._keep: list = []
         blocks = list(t.h)
         lins = {name: (Lin * cfg.n_layer)(*(make_lin(b.get_submodule(name), self._keep, act_int8) for b in blocks))
@@ -177,8 +188,33 @@ class NativeDecoder:
             (wte.qweight if quant_emb else wte.weight).data_ptr(), wte.scales.data_ptr() if quant_emb else None,
             norms[0], norms[1], t.ln_f.weight.data_ptr(),
             lins["attn.c_attn"], lins["attn.c_proj"], lins["mlp.c_fc"], lins["mlp.c_proj"],
-            head, self.cache.k.data_ptr(), self.cache.v.data_ptr(), self.scratch.data_ptr(), self.act.data_ptr(),
+            head, kv, self.scratch.data_ptr(), self.act.data_ptr(),
         )  # fmt: skip
+
+    def _run(self, token: int, pos: int) -> Tensor:
+        """The logits (V,) of `token` at `pos` (a buffer reused by the next step); its K/V written at `pos`."""
+        if not 0 <= pos < self.max_len:
+            raise ValueError(f"position {pos} outside the step's {self.max_len} positions")
+        if not 0 <= token < self.desc.V:
+            raise ValueError(f"token {token} outside the vocabulary of {self.desc.V}")
+        self.lib.decode_step(ctypes.byref(self.desc), token, pos, self.logits.data_ptr())
+        return self.logits
+
+
+class NativeDecoder(_Step):
+    """Greedy/argmax-free decoding state of one sequence: the model's weights as C descriptors, a KVCache of
+    `max_len` tokens, preallocated scratch and logits. `threads`: OpenMP threads (default torch's).
+    `act_int8`: the quantized linear layers of the step take int8 activations (w8a8, see the module docstring;
+    default False: fp32 activations, weight-only dequantization)."""
+
+    def __init__(self, model: GPT, max_len: int | None = None, threads: int | None = None, act_int8: bool = False):
+        cfg = model.config
+        max_len = max_len or cfg.block_size
+        self.cache = KVCache(cfg, 1, max_len)  # k, v (n_layer, 1, kv, max_len, hd)
+        hd = cfg.head_dim
+        kv = KV(self.cache.k.data_ptr(), self.cache.v.data_ptr(), None, cfg.n_kv_head * max_len * hd, 0, hd,
+                max_len * hd, max_len)  # fmt: skip
+        super().__init__(model, kv, max_len, threads, act_int8)
 
     @torch.no_grad()
     def prefill(self, prompt: list[int]) -> Tensor:
@@ -196,11 +232,9 @@ class NativeDecoder:
         pos = self.cache.pos
         if pos >= self.max_len:
             raise ValueError(f"KV cache full: {self.max_len} tokens")
-        if not 0 <= token < self.desc.V:
-            raise ValueError(f"token {token} outside the vocabulary of {self.desc.V}")
-        self.lib.decode_step(ctypes.byref(self.desc), token, pos, self.logits.data_ptr())
+        logits = self._run(token, pos)
         self.cache.advance(1)
-        return self.logits
+        return logits
 
     def greedy(self, prompt: list[int], max_tokens: int, stop_tokens: frozenset[int] = frozenset()) -> Iterator[int]:
         """Greedy tokens after `prompt`, as `infer.generate.generate` with temperature 0 yields them."""
@@ -214,6 +248,43 @@ class NativeDecoder:
             yield token
             if i + 1 < max_tokens:
                 logits = self.step(token)
+
+
+class PagedDecoder(_Step):
+    """The step over the engine's paged KV pool (engine.PagedKVCache: k, v (n_layer, num_blocks, bs, kv, hd)
+    fp32): `step(token, pos, blocks)` reads the sequence's keys/values [0, pos) through its block table and writes
+    position pos's into slot blocks[pos // bs] * bs + pos % bs, where the engine's batched path reads them."""
+
+    def __init__(self, model: GPT, k: Tensor, v: Tensor, threads: int | None = None, act_int8: bool = False):
+        cfg = model.config
+        want = (cfg.n_layer, k.size(1) if k.dim() == 5 else -1, k.size(2) if k.dim() == 5 else -1, cfg.n_kv_head,
+                cfg.head_dim)  # fmt: skip
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 5 or tuple(t.shape) != want or t.shape != k.shape:
+                raise ValueError(f"KV pool {name}: expected (n_layer, num_blocks, bs, kv, hd) = {want}, got "
+                                 f"{tuple(t.shape)}")  # fmt: skip
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"KV pool {name}: native decoding needs a contiguous fp32 CPU pool, got "
+                                 f"{t.dtype} on {t.device}")  # fmt: skip
+        self.pool, self.num_blocks, self.bs = (k, v), k.size(1), k.size(2)
+        row = cfg.n_kv_head * cfg.head_dim
+        kv = KV(k.data_ptr(), v.data_ptr(), None, self.num_blocks * self.bs * row, self.bs * row, row, cfg.head_dim,
+                self.bs)  # fmt: skip
+        super().__init__(model, kv, cfg.block_size, threads, act_int8)
+
+    def step(self, token: int, pos: int, blocks: list[int]) -> Tensor:
+        """The logits (V,) of `token` at `pos` of the sequence whose block table is `blocks` (a buffer reused by the
+        next step); its keys and values go into its slot for `pos`."""
+        if len(blocks) * self.bs <= pos:
+            raise ValueError(f"position {pos} is past the {len(blocks)} blocks of {self.bs} tokens of the table")
+        if min(blocks) < 0 or max(blocks) >= self.num_blocks:
+            raise ValueError(f"block ids must be in [0, {self.num_blocks}), got {min(blocks)}..{max(blocks)}")
+        table = (ctypes.c_int64 * len(blocks))(*blocks)
+        self.desc.cache.table = ctypes.addressof(table)
+        try:
+            return self._run(token, pos)
+        finally:
+            self.desc.cache.table = None
 
 
 def linear(module: nn.Module, x: Tensor, threads: int = 1, act_int8: bool = False) -> Tensor:

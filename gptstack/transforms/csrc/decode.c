@@ -1,7 +1,7 @@
 /* A whole batch-1 decode step of a Llama-style GPT in one native call (infer/native.py).
  *
- * Per layer: RMSNorm, the fused QKV product, RoPE (rotate-half), attention over the contiguous KV cache
- * (GQA), the output projection and residual, RMSNorm, the fused [gate; up] product, SwiGLU, the down
+ * Per layer: RMSNorm, the fused QKV product, RoPE (rotate-half), attention over the KV cache (GQA; a KV
+ * layout: NativeDecoder's contiguous cache, or the engine's paged block pool through a block table), the output projection and residual, RMSNorm, the fused [gate; up] product, SwiGLU, the down
  * projection and residual; then the final norm and the head. Compiled on first use by transforms/kernels.py
  * (gcc -O3 -march=native -ffast-math -fopenmp) and called through ctypes: one call per token instead of
  * ~40 PyTorch ops per layer. Buffers are preallocated by the caller; nothing is allocated here.
@@ -35,6 +35,18 @@ typedef struct {
   const float* bias; /* (N,) or NULL */
 } Lin;
 
+/* Where the keys and values live: position t of head j in layer l is at base + l * layer + blk * block +
+ * (t % bs) * pos + j * head, blk = table[t / bs] (the engine's paged pool (n_layer, num_blocks, bs, kv, hd) and one
+ * sequence's block table), or t / bs without a table (NativeDecoder's KVCache (n_layer, kv, max_len, hd): bs =
+ * max_len, one block). */
+typedef struct {
+  float* k;
+  float* v;
+  const int64_t* table; /* the sequence's block ids, or NULL */
+  int64_t layer, block, pos, head;
+  int bs;
+} KV;
+
 typedef struct {
   int n_layer, D, h, kv, hd, ff, V, max_len, nthreads;
   float eps, scale, norm_offset;
@@ -51,8 +63,7 @@ typedef struct {
   const Lin* fc;
   const Lin* down;
   Lin head;
-  float* kcache; /* (n_layer, kv, max_len, hd): KVCache's k for batch 1 */
-  float* vcache;
+  KV cache;
   float* scratch; /* native.scratch_floats() floats */
   void* act;      /* act_bytes(largest K) bytes for the quantized activations, or NULL without a8 linears */
 } Model;
@@ -406,20 +417,25 @@ static void rope(float* a, int n, int hd, const float* c, const float* s) {
   }
 }
 
-/* q (h, hd) over keys/values [0, len) of one layer's cache (kv, max_len, hd); out (h, hd); sc (h, max_len). */
-static void attention(const Model* M, const float* q, const float* kc, const float* vc, int len, float* out,
-                      float* sc) {
+/* The offset of (layer l, kv head j, position t) in the cache's k and v. */
+static inline int64_t kv_at(const KV* c, int l, int j, int t) {
+  int64_t blk = c->table ? c->table[t / c->bs] : t / c->bs;
+  return l * c->layer + blk * c->block + (int64_t)(t % c->bs) * c->pos + j * c->head;
+}
+
+/* q (h, hd) over keys/values [0, len) of layer l's cache; out (h, hd); sc (h, max_len). */
+static void attention(const Model* M, int l, const float* q, int len, float* out, float* sc) {
   int hd = M->hd, per = M->h / M->kv;
+  const KV* c = &M->cache;
 #pragma omp parallel for num_threads(M->nthreads) schedule(static)
   for (int h = 0; h < M->h; h++) {
-    const float* kh = kc + (int64_t)(h / per) * M->max_len * hd;
-    const float* vh = vc + (int64_t)(h / per) * M->max_len * hd;
     const float* qh = q + h * hd;
     float* p = sc + (int64_t)h * M->max_len;
     float mx = -INFINITY;
     for (int t = 0; t < len; t++) {
+      const float* kt = c->k + kv_at(c, l, h / per, t);
       float d = 0.f;
-      for (int i = 0; i < hd; i++) d += qh[i] * kh[(int64_t)t * hd + i];
+      for (int i = 0; i < hd; i++) d += qh[i] * kt[i];
       p[t] = d * M->scale;
       mx = p[t] > mx ? p[t] : mx;
     }
@@ -428,8 +444,9 @@ static void attention(const Model* M, const float* q, const float* kc, const flo
     float* o = out + h * hd;
     for (int i = 0; i < hd; i++) o[i] = 0.f;
     for (int t = 0; t < len; t++) {
+      const float* vt = c->v + kv_at(c, l, h / per, t);
       float w = p[t] / sum;
-      for (int i = 0; i < hd; i++) o[i] += w * vh[(int64_t)t * hd + i];
+      for (int i = 0; i < hd; i++) o[i] += w * vt[i];
     }
   }
 }
@@ -453,12 +470,12 @@ static void layer(const Model* M, int l, int pos, float* x, float* buf) {
   const float *c = M->rope_cos + (int64_t)pos * hd / 2, *s = M->rope_sin + (int64_t)pos * hd / 2;
   rope(qkv, M->h, hd, c, s);
   rope(qkv + qd, M->kv, hd, c, s);
-  int64_t lay = (int64_t)l * M->kv * M->max_len * hd;
   for (int j = 0; j < M->kv; j++) {
-    memcpy(M->kcache + lay + ((int64_t)j * M->max_len + pos) * hd, qkv + qd + j * hd, hd * sizeof(float));
-    memcpy(M->vcache + lay + ((int64_t)j * M->max_len + pos) * hd, qkv + qd + kvd + j * hd, hd * sizeof(float));
+    int64_t at = kv_at(&M->cache, l, j, pos);
+    memcpy(M->cache.k + at, qkv + qd + j * hd, hd * sizeof(float));
+    memcpy(M->cache.v + at, qkv + qd + kvd + j * hd, hd * sizeof(float));
   }
-  attention(M, qkv, M->kcache + lay, M->vcache + lay, pos + 1, att, sc);
+  attention(M, l, qkv, pos + 1, att, sc);
   lin(&M->proj[l], att, tmp, M->nthreads, M->act);
   for (int i = 0; i < D; i++) x[i] += tmp[i];
   rmsnorm(x, M->ln2[l], M->norm_offset, M->eps, xn, D);
