@@ -425,7 +425,8 @@ def only(cls: type, *names: str) -> tuple:
 
 SET = {"action": "append", "default": [], "metavar": "KEY=VALUE"}
 LOAD = opts(LoadConfig, positional=("checkpoint",))
-ONE_SEQUENCE = only(EngineConfig, "num_speculative", "draft_confidence", "kv_memory")  # generate, chat: max_seqs=1
+# generate, chat: max_seqs=1
+ONE_SEQUENCE = only(EngineConfig, "num_speculative", "draft_confidence", "kv_memory", "native", "act_int8")
 SAMPLING_SKIP = ("stop_token_ids", "prompt_logprobs")  # API-only sampling fields
 PRETRAIN_SKIP = ("model", "model_overrides", "sample_prompts")  # --preset / --config / --set give these
 COMMANDS = [  # (command, function, its options)
@@ -453,7 +454,8 @@ COMMANDS = [  # (command, function, its options)
     ("serve", cmd_serve, [arg("checkpoints", nargs="+", help="checkpoint folders, each served under its folder's name"),
                           arg("--name", action="append", default=[], help="served name of the n-th checkpoint"),
                           opts(LoadConfig, skip=("checkpoint", "speculative")),
-                          only(EngineConfig, "max_seqs", "kv_memory", "num_blocks", "max_step_tokens"),
+                          only(EngineConfig, "max_seqs", "kv_memory", "num_blocks", "max_step_tokens", "native",
+                               "act_int8"),
                           opts(ServeConfig)]),
     ("moderation train", cmd_moderation_train, [opts(ModerationTrainConfig)]),
     ("review next", cmd_review_next, [opts(ReviewNextConfig)]),

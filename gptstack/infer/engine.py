@@ -47,6 +47,15 @@ layers see every token at once (2-64 rows: the register-tiled kernels of transfo
 per sequence (`PagedKVCache.attend`): one call for all the single-token (decode) sequences (on CPU in fp32 a C
 kernel that reads each one's blocks in place; else one gather of the batch's block table and one SDPA), one call
 per multi-token chunk. The step's next tokens are sampled together (sampling.sample_rows).
+
+The native step (issue 20, `native=True`, the default): when a step is one sequence decoding one generated token
+(`gptstack generate`/`chat`, a lone request in `serve`), it runs as one C call (infer/native.py's PagedDecoder over
+transforms/csrc/decode.c) instead of ~40 PyTorch ops per layer, for models `native.supports` (Llama-style, fp32
+activations on CPU, linears in a native layout; else `native_off` says why). It reads and writes the same paged
+pool through the sequence's block table, so a request that joins mid-decode continues on the batched path from the
+K/V the native step wrote, and back. Speculative engines keep the batched path. `act_int8=True` (opt-in) runs the
+quantized layers as w8a8 products in the native step and their definition (`quantize.int8_activations`, fake-
+quantized inputs) in every batched forward, prefill included, so both paths compute the same model.
 """
 
 from __future__ import annotations
@@ -88,9 +97,7 @@ class EngineConfig:
     draft_confidence: float = 0.0  # a draft model stops a round's proposals below this top probability (0: k always)
     ngram_max: int = 4  # prompt lookup tries the last ngram_max..1 tokens
     image_cache: int = 64  # images whose vision features are kept (by the image bytes' digest)
-    native: bool = (
-        True  # a lone decoding sequence steps in one C call per token (infer/native.py) where the model allows
-    )
+    native: bool = True  # one decoding sequence alone: one C call per token (infer/native.py) where the model allows
     act_int8: bool = False  # int8 activations for the quantized layers (w8a8, as llama.cpp's Q8_1 dots): needs native
 
     def __post_init__(self) -> None:

@@ -19,6 +19,11 @@ SIMD, one float FMA per block. Decoding is compute-bound on the float dequantiza
 equals the forward under `transforms.quantize.int8_activations(model)` (its quantized layers see
 `kernels.fake_quantize_act(x)` instead of x), which the prefill runs; fp32 layers keep fp32 activations. Needs
 every quantized layer's input width and weight groups in multiples of 32.
+
+`PagedDecoder(model, k, v)` is the same step over the engine's paged KV pool (infer/engine.py's PagedKVCache, k/v
+(n_layer, num_blocks, bs, kv, hd)): `step(token, pos, blocks)` reads and writes through the sequence's block
+table. decode.c has one layer for both: its `KV` layout (strides, and a block table or none) says where each
+position's keys and values live.
 """
 
 from __future__ import annotations
