@@ -351,3 +351,6 @@ def test_engine_act_int8_needs_the_native_step():
         EngineConfig(native=False, act_int8=True)
     with pytest.raises(ValueError, match="act_int8 needs the native step"):
         Engine(llama("fp32").double(), EngineConfig(act_int8=True))
+    engine = Engine(llama("fp32").double())  # float64: the batched path, and the reason
+    assert engine.native is None and "fp32 on CPU" in engine.native_off
+    assert Engine(llama("fp32"), EngineConfig(speculative="ngram")).native_off == "speculative decoding"

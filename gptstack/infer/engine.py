@@ -502,7 +502,8 @@ class Engine:
             steps=0, prompt_tokens=0, computed_tokens=0, generated_tokens=0, prefix_queried=0, prefix_hits=0,
             preemptions=0, spec_proposed=0, spec_accepted=0, images=0, images_encoded=0, native_steps=0,
         )  # fmt: skip
-        self.native, self.native_off = self._native_step(), ""
+        self.native_off = ""  # why the native step does not run, when it does not
+        self.native = self._native_step()
 
     def _native_step(self) -> native.PagedDecoder | None:
         """The native decode step over the engine's pool (config.native), or None where it does not apply (then
