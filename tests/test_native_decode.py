@@ -2,7 +2,10 @@
 kernels equals its PyTorch definition in transforms/kernels.py; the whole step's logits equal the PyTorch
 forward's; greedy tokens equal the plain forward loop for fp32, int8, int4 and a Q8_0 token table with its tied
 head; models the step cannot run are refused with the reason. The opt-in w8a8 step (`act_int8`): its products
-equal exact integer block dots, and on the real SmolLM2 it follows the forward under `int8_activations`."""
+equal exact integer block dots, and on the real SmolLM2 it follows the forward under `int8_activations`. The
+engine's native step (PagedDecoder over the paged pool): bit-equal to the contiguous step over a shuffled block
+table; the engine's greedy tokens with it equal the batched path and the forward loop (tiny fp32/int8/int4, SmolLM2
+fp32 and Q4_1 kept), seeded samples equal, and a request joining mid-decode leaves both outputs as alone."""
 
 from __future__ import annotations
 
