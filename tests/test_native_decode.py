@@ -5,7 +5,9 @@ head; models the step cannot run are refused with the reason. The opt-in w8a8 st
 equal exact integer block dots, and on the real SmolLM2 it follows the forward under `int8_activations`. The
 engine's native step (PagedDecoder over the paged pool): bit-equal to the contiguous step over a shuffled block
 table; the engine's greedy tokens with it equal the batched path and the forward loop (tiny fp32/int8/int4, SmolLM2
-fp32 and Q4_1 kept), seeded samples equal, and a request joining mid-decode leaves both outputs as alone."""
+fp32 and Q4_1 kept), seeded samples equal, and a request joining mid-decode leaves both outputs as alone. The
+batched native step (`step_batch`, rows over their own block tables) equals each row stepped alone, and concurrent
+requests decode through it as each alone."""
 
 from __future__ import annotations
 
@@ -279,6 +281,55 @@ def test_paged_step_over_a_shuffled_block_table_equals_the_contiguous_step():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("kernel", ["fp32", "int4", "q8_0 table"])
+def test_native_batched_step_equals_each_row_stepped_alone(kernel):
+    """step_batch (decode.c's decode_batch over gemm.c's tiled products): rows at different positions over their own
+    block tables give the logits and K/V slots of each row through the batch-1 step (to float rounding: the tiled
+    products sum in another order); bad batches are refused."""
+    model = llama(kernel)
+    cfg = model.config
+    bs, nb = 4, 16
+    k, v = (torch.zeros(cfg.n_layer, nb, bs, cfg.n_kv_head, cfg.head_dim) for _ in range(2))
+    paged = PagedDecoder(model, k, v, threads=2)
+    tables, lens = [[3, 9, 1], [0, 12], [5, 2, 14, 7, 11]], [9, 5, 18]
+    g = torch.Generator().manual_seed(6)
+    for table, n in zip(tables, lens, strict=True):
+        for pos, t in enumerate(torch.randint(0, 97, (n,), generator=g).tolist()):
+            paged.step(t, pos, table)
+    before = k.clone(), v.clone()
+    tokens = [4, 50, 96]
+    got = paged.step_batch(tokens, lens, tables).clone()  # (3, V)
+    after = k.clone(), v.clone()
+    k.copy_(before[0]), v.copy_(before[1])
+    want = torch.stack([paged.step(t, n, table).clone() for t, n, table in zip(tokens, lens, tables, strict=True)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    torch.testing.assert_close(after[0], k, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after[1], v, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="one position and one block table per token"):
+        paged.step_batch(tokens, lens[:2], tables)
+    with pytest.raises(ValueError, match="past the 2 blocks"):
+        paged.step_batch([1, 2], [3, 8], tables[:2])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        paged.step_batch([1, cfg.vocab_size], lens[:2], tables[:2])
+
+
+@torch.no_grad()
+def test_engine_decodes_concurrent_requests_in_native_batched_steps_as_each_alone():
+    """Five requests at once (max_seqs 5): their decode steps run natively as one batch; each request's greedy tokens
+    equal its plain forward loop, and an act_int8 engine keeps batches of more than one row on the PyTorch path."""
+    model = llama("int4")
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (3, 8, 1, 13, 6)]
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (20, 9, 25, 14, 17)]
+    alone = [list(generate(model, p, sp)) for p, sp in zip(prompts, params, strict=True)]
+    engine = Engine(model, EngineConfig(kv_block_size=4, max_seqs=5))
+    assert [c.token_ids for c in engine.generate(prompts, params)] == alone
+    assert engine.native.batches and engine.stats["native_steps"] >= 20  # a prefill step, then native steps only
+    assert engine.stats["steps"] - engine.stats["native_steps"] <= 2
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("kernel", ["fp32", "int8", "int4"])
 def test_engine_native_step_equals_the_batched_path_and_the_forward_loop(kernel):
     model = llama(kernel)
@@ -293,8 +344,9 @@ def test_engine_native_step_equals_the_batched_path_and_the_forward_loop(kernel)
 
 @torch.no_grad()
 def test_a_request_joining_mid_native_decode_continues_both_exactly():
-    """A runs alone (native steps) for 9 tokens, then B arrives: the batched path reads A's native K/V, and once B
-    ends A returns to native steps over the blocks the batched path wrote; each equals its output alone."""
+    """A runs alone (native steps) for 9 tokens, then B arrives: the PyTorch path runs B's prefill with A's next
+    token, reading A's native K/V; then both decode in native batched steps over the blocks either path wrote, and
+    once B ends A decodes alone again; each equals its output alone."""
     model = llama("int8")
     g = torch.Generator().manual_seed(4)
     a, b = (torch.randint(0, 97, (n,), generator=g).tolist() for n in (6, 13))
@@ -309,7 +361,7 @@ def test_a_request_joining_mid_native_decode_continues_both_exactly():
             got[out.request_id] += out.token_ids
         steps += 1
     assert list(got.values()) == alone
-    assert engine.stats["native_steps"] == 9 + 18  # A's steps 1-9 before B, and its last 18 after B's 12 tokens
+    assert engine.stats["native_steps"] == 9 + 11 + 18  # A alone 9, A and B batched 11 (after B's prefill), A 18
 
 
 @pytest.fixture(scope="module")

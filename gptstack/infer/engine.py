@@ -757,7 +757,7 @@ class Engine:
             rows[i] = (first, len(want) - first)
             offset += n
         if self._native_applies(batch):
-            logits = self._native_logits(batch[0][0])  # (1, V)
+            logits = self._native_logits([seq for seq, _ in batch])  # (B, V)
         else:
             logits = self._forward(self.model, self.cache, batch, want)  # (len(want), V)
         sampled = self._sample(batch, rows, logits)
@@ -782,17 +782,21 @@ class Engine:
         return outputs
 
     def _native_applies(self, batch: list[tuple[Sequence, int]]) -> bool:
-        """One sequence decoding one generated token (past its prompt: no image positions, no prompt logprobs)."""
-        if self.native is None or len(batch) != 1:
+        """Every sequence decoding one generated token (past its prompt: no image positions, no prompt logprobs),
+        and one sequence alone unless the native step batches (fp32 activations)."""
+        if self.native is None or (len(batch) > 1 and not self.native.batches):
             return False
-        seq, n = batch[0]
-        return n == 1 and seq.num_computed + 1 == len(seq.tokens) and seq.num_computed >= len(seq.prompt)
+        return all(n == 1 and s.num_computed + 1 == len(s.tokens) and s.num_computed >= len(s.prompt) for s, n in batch)
 
-    def _native_logits(self, seq: Sequence) -> Tensor:
-        """The next-token logits (1, V) of seq's last token through the native step, which writes its K/V into
-        seq's slot of the pool (where the batched path reads it)."""
-        pos = seq.num_computed
-        logits = self.native.step(seq.tokens[pos], pos, seq.blocks)[None].clone()
+    def _native_logits(self, seqs: list[Sequence]) -> Tensor:
+        """The next-token logits (B, V) of each sequence's last token through the native step (one C call for the
+        batch), which writes their K/V into their slots of the pool (where the batched path reads them)."""
+        pos = [seq.num_computed for seq in seqs]
+        if len(seqs) == 1:
+            logits = self.native.step(seqs[0].tokens[pos[0]], pos[0], seqs[0].blocks)[None].clone()
+        else:
+            tokens = [seq.tokens[p] for seq, p in zip(seqs, pos, strict=True)]
+            logits = self.native.step_batch(tokens, pos, [seq.blocks for seq in seqs]).clone()
         self.stats["native_steps"] += 1
         return self._mask(logits)
 

@@ -100,6 +100,8 @@ def _declare(cdll: ctypes.CDLL) -> ctypes.CDLL:
     P = ctypes.c_void_p
     cdll.decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, P]
     cdll.native_linear.argtypes = [ctypes.POINTER(Lin), P, P, ctypes.c_int, P]
+    cdll.batch_floats.argtypes, cdll.batch_floats.restype = [ctypes.POINTER(Model), ctypes.c_int], ctypes.c_int64
+    cdll.decode_batch.argtypes = [ctypes.POINTER(Model), ctypes.c_int, P, P, P, ctypes.c_int, P, P]
     return cdll
 
 
@@ -272,6 +274,8 @@ class PagedDecoder(_Step):
                 raise ValueError(f"KV pool {name}: native decoding needs a contiguous fp32 CPU pool, got "
                                  f"{t.dtype} on {t.device}")  # fmt: skip
         self.pool, self.num_blocks, self.bs = (k, v), k.size(1), k.size(2)
+        self._batch_buf: Tensor | None = None  # decode_batch's scratch and logits, grown to the largest batch
+        self._batch_logits: Tensor | None = None
         row = cfg.n_kv_head * cfg.head_dim
         kv = KV(k.data_ptr(), v.data_ptr(), None, self.num_blocks * self.bs * row, self.bs * row, row, cfg.head_dim,
                 self.bs)  # fmt: skip
@@ -280,16 +284,50 @@ class PagedDecoder(_Step):
     def step(self, token: int, pos: int, blocks: list[int]) -> Tensor:
         """The logits (V,) of `token` at `pos` of the sequence whose block table is `blocks` (a buffer reused by the
         next step); its keys and values go into its slot for `pos`."""
-        if len(blocks) * self.bs <= pos:
-            raise ValueError(f"position {pos} is past the {len(blocks)} blocks of {self.bs} tokens of the table")
-        if min(blocks) < 0 or max(blocks) >= self.num_blocks:
-            raise ValueError(f"block ids must be in [0, {self.num_blocks}), got {min(blocks)}..{max(blocks)}")
+        self._check_table(pos, blocks)
         table = (ctypes.c_int64 * len(blocks))(*blocks)
         self.desc.cache.table = ctypes.addressof(table)
         try:
             return self._run(token, pos)
         finally:
             self.desc.cache.table = None
+
+    def _check_table(self, pos: int, blocks: list[int]) -> None:
+        if len(blocks) * self.bs <= pos:
+            raise ValueError(f"position {pos} is past the {len(blocks)} blocks of {self.bs} tokens of the table")
+        if min(blocks) < 0 or max(blocks) >= self.num_blocks:
+            raise ValueError(f"block ids must be in [0, {self.num_blocks}), got {min(blocks)}..{max(blocks)}")
+
+    @property
+    def batches(self) -> bool:
+        """Whether step_batch runs natively: every linear takes fp32 activations (the a8 products are batch-1)."""
+        return not self.act_int8
+
+    def step_batch(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> Tensor:
+        """The logits (B, V) of B decoding sequences, row b: `tokens[b]` at `positions[b]` of the sequence whose block
+        table is `tables[b]`, all in one C call (decode.c's decode_batch: each weight tile read once for every row);
+        their keys and values go into their slots. A buffer reused by the next call. Needs `batches`."""
+        if not self.batches:
+            raise ValueError("step_batch needs fp32 activations (act_int8 runs one sequence at a time)")
+        B = len(tokens)
+        if not B or len(positions) != B or len(tables) != B:
+            raise ValueError(f"need one position and one block table per token, got {B}/{len(positions)}/{len(tables)}")
+        for pos, blocks, token in zip(positions, tables, tokens, strict=True):
+            self._check_table(pos, blocks)
+            if not 0 <= token < self.desc.V:
+                raise ValueError(f"token {token} outside the vocabulary of {self.desc.V}")
+        W = max(map(len, tables))
+        table = torch.tensor([t + [0] * (W - len(t)) for t in tables], dtype=torch.int64)  # (B, W)
+        tok, at = torch.tensor(tokens, dtype=torch.int32), torch.tensor(positions, dtype=torch.int32)
+        need = self.lib.batch_floats(ctypes.byref(self.desc), B)
+        if self._batch_buf is None or self._batch_buf.numel() < need:
+            self._batch_buf = torch.empty(need)
+        if self._batch_logits is None or self._batch_logits.size(0) < B:
+            self._batch_logits = torch.empty(B, self.desc.V)
+        logits = self._batch_logits[:B]
+        self.lib.decode_batch(ctypes.byref(self.desc), B, tok.data_ptr(), at.data_ptr(), table.data_ptr(), W,
+                              logits.data_ptr(), self._batch_buf.data_ptr())  # fmt: skip
+        return logits
 
 
 def linear(module: nn.Module, x: Tensor, threads: int = 1, act_int8: bool = False) -> Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import subprocess
 import warnings
 from pathlib import Path
@@ -112,8 +113,11 @@ def _load(build) -> ctypes.CDLL | bool:
 
 
 def _build(source: Path, libs: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """`libs`: linker flags after the source (decode.c's vectorised expf needs libm's vector functions, -lm)."""
+    """`libs`: linker flags after the source (decode.c's vectorised expf needs libm's vector functions, -lm). The
+    cache key covers the source and the local files it includes (decode.c includes gemm.c)."""
     text = source.read_bytes()
+    for name in re.findall(rb'^#include "([^"]+)"', text, flags=re.M):
+        text += (source.parent / name.decode()).read_bytes()
     flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256(text + " ".join(flags + list(libs)).encode() + os.uname().machine.encode()).hexdigest()[:16]
     root = Path(os.environ.get("GPTSTACK_CACHE", Path.home() / ".cache" / "gptstack")) / "kernels"

@@ -25,6 +25,8 @@
 #endif
 #include <omp.h>
 
+#include "gemm.c" /* the register-tiled kernels of the batched step (decode_batch) */
+
 enum { LIN_F32 = 0, LIN_INT8 = 1, LIN_INT4 = 2, LIN_INT8G = 3 };
 
 typedef struct {
@@ -423,32 +425,32 @@ static inline int64_t kv_at(const KV* c, int l, int j, int t) {
   return l * c->layer + blk * c->block + (int64_t)(t % c->bs) * c->pos + j * c->head;
 }
 
+/* Query head h (hd,) over keys/values [0, len) of layer l in the layout c; out (hd,); p: len floats of scores. */
+static void attend_head(const Model* M, const KV* c, int l, const float* qh, int h, int len, float* o, float* p) {
+  int hd = M->hd, per = M->h / M->kv;
+  float mx = -INFINITY;
+  for (int t = 0; t < len; t++) {
+    const float* kt = c->k + kv_at(c, l, h / per, t);
+    float d = 0.f;
+    for (int i = 0; i < hd; i++) d += qh[i] * kt[i];
+    p[t] = d * M->scale;
+    mx = p[t] > mx ? p[t] : mx;
+  }
+  float sum = 0.f;
+  for (int t = 0; t < len; t++) sum += (p[t] = expf(p[t] - mx));
+  for (int i = 0; i < hd; i++) o[i] = 0.f;
+  for (int t = 0; t < len; t++) {
+    const float* vt = c->v + kv_at(c, l, h / per, t);
+    float w = p[t] / sum;
+    for (int i = 0; i < hd; i++) o[i] += w * vt[i];
+  }
+}
+
 /* q (h, hd) over keys/values [0, len) of layer l's cache; out (h, hd); sc (h, max_len). */
 static void attention(const Model* M, int l, const float* q, int len, float* out, float* sc) {
-  int hd = M->hd, per = M->h / M->kv;
-  const KV* c = &M->cache;
 #pragma omp parallel for num_threads(M->nthreads) schedule(static)
-  for (int h = 0; h < M->h; h++) {
-    const float* qh = q + h * hd;
-    float* p = sc + (int64_t)h * M->max_len;
-    float mx = -INFINITY;
-    for (int t = 0; t < len; t++) {
-      const float* kt = c->k + kv_at(c, l, h / per, t);
-      float d = 0.f;
-      for (int i = 0; i < hd; i++) d += qh[i] * kt[i];
-      p[t] = d * M->scale;
-      mx = p[t] > mx ? p[t] : mx;
-    }
-    float sum = 0.f;
-    for (int t = 0; t < len; t++) sum += (p[t] = expf(p[t] - mx));
-    float* o = out + h * hd;
-    for (int i = 0; i < hd; i++) o[i] = 0.f;
-    for (int t = 0; t < len; t++) {
-      const float* vt = c->v + kv_at(c, l, h / per, t);
-      float w = p[t] / sum;
-      for (int i = 0; i < hd; i++) o[i] += w * vt[i];
-    }
-  }
+  for (int h = 0; h < M->h; h++)
+    attend_head(M, &M->cache, l, q + h * M->hd, h, len, out + h * M->hd, sc + (int64_t)h * M->max_len);
 }
 
 static void embed(const Model* M, int token, float* x) {
@@ -461,26 +463,37 @@ static void embed(const Model* M, int token, float* x) {
   for (int i = 0; i < M->D; i++) x[i] = (float)q[i] * s[i / M->emb_g];
 }
 
+/* One row's fused q|k|v (qd + 2 kvd,) at position pos: RoPE on q and k in place, k and v stored in the layout c. */
+static void rope_store(const Model* M, const KV* c, int l, float* qkv, int pos) {
+  int hd = M->hd, qd = M->h * hd, kvd = M->kv * hd;
+  const float *cs = M->rope_cos + (int64_t)pos * hd / 2, *sn = M->rope_sin + (int64_t)pos * hd / 2;
+  rope(qkv, M->h, hd, cs, sn);
+  rope(qkv + qd, M->kv, hd, cs, sn);
+  for (int j = 0; j < M->kv; j++) {
+    int64_t at = kv_at(c, l, j, pos);
+    memcpy(c->k + at, qkv + qd + j * hd, hd * sizeof(float));
+    memcpy(c->v + at, qkv + qd + kvd + j * hd, hd * sizeof(float));
+  }
+}
+
+/* hb (2 ff,) = [gate; up] → hb[0:ff] = silu(gate) * up. */
+static void swiglu(float* hb, int ff) {
+  for (int i = 0; i < ff; i++) hb[i] = hb[i] / (1.f + expf(-hb[i])) * hb[ff + i];
+}
+
 static void layer(const Model* M, int l, int pos, float* x, float* buf) {
   int D = M->D, hd = M->hd, qd = M->h * hd, kvd = M->kv * hd;
   float *xn = buf, *qkv = xn + D, *att = qkv + qd + 2 * kvd, *hb = att + qd, *tmp = hb + 2 * M->ff;
   float* sc = tmp + D;
   rmsnorm(x, M->ln1[l], M->norm_offset, M->eps, xn, D);
   lin(&M->qkv[l], xn, qkv, M->nthreads, M->act);
-  const float *c = M->rope_cos + (int64_t)pos * hd / 2, *s = M->rope_sin + (int64_t)pos * hd / 2;
-  rope(qkv, M->h, hd, c, s);
-  rope(qkv + qd, M->kv, hd, c, s);
-  for (int j = 0; j < M->kv; j++) {
-    int64_t at = kv_at(&M->cache, l, j, pos);
-    memcpy(M->cache.k + at, qkv + qd + j * hd, hd * sizeof(float));
-    memcpy(M->cache.v + at, qkv + qd + kvd + j * hd, hd * sizeof(float));
-  }
+  rope_store(M, &M->cache, l, qkv, pos);
   attention(M, l, qkv, pos + 1, att, sc);
   lin(&M->proj[l], att, tmp, M->nthreads, M->act);
   for (int i = 0; i < D; i++) x[i] += tmp[i];
   rmsnorm(x, M->ln2[l], M->norm_offset, M->eps, xn, D);
   lin(&M->fc[l], xn, hb, M->nthreads, M->act);
-  for (int i = 0; i < M->ff; i++) hb[i] = hb[i] / (1.f + expf(-hb[i])) * hb[M->ff + i]; /* silu(gate) * up */
+  swiglu(hb, M->ff);
   lin(&M->down[l], hb, tmp, M->nthreads, M->act);
   for (int i = 0; i < D; i++) x[i] += tmp[i];
 }
@@ -493,4 +506,79 @@ void decode_step(const Model* M, int token, int pos, float* logits) {
   for (int l = 0; l < M->n_layer; l++) layer(M, l, pos, x, buf);
   rmsnorm(x, M->lnf, M->norm_offset, M->eps, buf, M->D);
   lin(&M->head, buf, logits, M->nthreads, M->act);
+}
+
+/* --- a batch of decoding sequences in one call (the engine's batched decode step) ------------------------------ */
+
+/* Y (B, N) = X (B, K) · Wᵀ (+ bias) through gemm.c's register-tiled kernels: each weight tile read once for all B
+ * rows, dequantized once per tile (fp32 activations; the a8 layers are not batched natively). */
+static void lin_rows(const Lin* L, const float* x, float* y, int B) {
+  if (L->kind == LIN_F32) gemm_tiled_f32(x, (const float*)L->w, y, B, L->K, L->N);
+  else if (L->kind == LIN_INT8) gemm_tiled_int8(x, (const int8_t*)L->w, (const float*)L->s, y, B, L->K, L->N);
+  else if (L->kind == LIN_INT8G)
+    gemm_tiled_int8g(x, (const int8_t*)L->w, (const float*)L->s, y, B, L->K, L->N, L->g);
+  else gemm_tiled_int4(x, (const uint8_t*)L->w, (const float*)L->s, (const float*)L->m, y, B, L->K, L->N, L->g);
+  if (L->bias)
+    for (int b = 0; b < B; b++)
+      for (int n = 0; n < L->N; n++) y[(int64_t)b * L->N + n] += L->bias[n];
+}
+
+/* M's KV layout with row b's block table (tables (B, W)). */
+static inline KV row_kv(const Model* M, const int64_t* tables, int W, int b) {
+  KV c = M->cache;
+  c.table = tables + (int64_t)b * W;
+  return c;
+}
+
+/* Layer l for B rows x (B, D) at positions pos (B,); buf as decode_batch's. Row-wise work (norms, RoPE, cache
+ * writes, SwiGLU) and the (row, head) attention pairs are split across the threads; the products are batched. */
+static void layer_rows(const Model* M, int l, int B, const int* pos, const int64_t* tables, int W, float* x,
+                       float* buf) {
+  int D = M->D, hd = M->hd, qd = M->h * hd, Q = qd + 2 * M->kv * hd, F = 2 * M->ff;
+  float *xn = buf, *qkv = xn + (int64_t)B * D, *att = qkv + (int64_t)B * Q, *hb = att + (int64_t)B * qd;
+  float *tmp = hb + (int64_t)B * F, *sc = tmp + (int64_t)B * D;
+#pragma omp parallel for num_threads(M->nthreads)
+  for (int b = 0; b < B; b++) rmsnorm(x + (int64_t)b * D, M->ln1[l], M->norm_offset, M->eps, xn + (int64_t)b * D, D);
+  lin_rows(&M->qkv[l], xn, qkv, B);
+#pragma omp parallel for num_threads(M->nthreads)
+  for (int b = 0; b < B; b++) {
+    KV c = row_kv(M, tables, W, b);
+    rope_store(M, &c, l, qkv + (int64_t)b * Q, pos[b]);
+  }
+#pragma omp parallel for num_threads(M->nthreads) schedule(dynamic, 4)
+  for (int bh = 0; bh < B * M->h; bh++) {
+    int b = bh / M->h, h = bh % M->h;
+    KV c = row_kv(M, tables, W, b);
+    attend_head(M, &c, l, qkv + (int64_t)b * Q + h * hd, h, pos[b] + 1, att + (int64_t)b * qd + h * hd,
+                sc + (int64_t)omp_get_thread_num() * M->max_len);
+  }
+  lin_rows(&M->proj[l], att, tmp, B);
+  for (int64_t i = 0; i < (int64_t)B * D; i++) x[i] += tmp[i];
+#pragma omp parallel for num_threads(M->nthreads)
+  for (int b = 0; b < B; b++) rmsnorm(x + (int64_t)b * D, M->ln2[l], M->norm_offset, M->eps, xn + (int64_t)b * D, D);
+  lin_rows(&M->fc[l], xn, hb, B);
+#pragma omp parallel for num_threads(M->nthreads)
+  for (int b = 0; b < B; b++) swiglu(hb + (int64_t)b * F, M->ff);
+  for (int b = 0; b < B; b++) /* the down product reads rows of ff: pack silu(gate) * up down to them */
+    memmove(hb + (int64_t)b * M->ff, hb + (int64_t)b * F, M->ff * sizeof(float));
+  lin_rows(&M->down[l], hb, tmp, B);
+  for (int64_t i = 0; i < (int64_t)B * D; i++) x[i] += tmp[i];
+}
+
+/* Floats of decode_batch's scratch for B rows. */
+int64_t batch_floats(const Model* M, int B) {
+  int64_t qd = M->h * M->hd, Q = qd + 2 * M->kv * M->hd;
+  return (int64_t)B * (3 * M->D + Q + qd + 2 * M->ff) + (int64_t)M->nthreads * M->max_len;
+}
+
+/* The logits (B, V) of B sequences' tokens (B,) at positions pos (B,), each through its block table (row b of
+ * tables (B, W)); writes their keys and values. buf: batch_floats(M, B) floats. Needs fp32-activation linears. */
+void decode_batch(const Model* M, int B, const int* tokens, const int* pos, const int64_t* tables, int W,
+                  float* logits, float* buf) {
+  int D = M->D;
+  float *x = buf, *rest = x + (int64_t)B * D;
+  for (int b = 0; b < B; b++) embed(M, tokens[b], x + (int64_t)b * D);
+  for (int l = 0; l < M->n_layer; l++) layer_rows(M, l, B, pos, tables, W, x, rest);
+  for (int b = 0; b < B; b++) rmsnorm(x + (int64_t)b * D, M->lnf, M->norm_offset, M->eps, rest + (int64_t)b * D, D);
+  lin_rows(&M->head, rest, logits, B);
 }
