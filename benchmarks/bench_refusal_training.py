@@ -107,7 +107,14 @@ def subset(rows: list[dict], n: int) -> list[dict]:
 
 def build_data(out: Path, model, suites: dict, judge, args) -> dict:
     """sft.jsonl and dpo.jsonl from the train suites and the base model's judged replies."""
-    from gptstack.safety.data import check_disjoint, helpful_rows, preference_pairs, refusal_demos, write_jsonl
+    from gptstack.safety.data import (
+        check_disjoint,
+        helpful_rows,
+        preference_pairs,
+        refusal_demos,
+        wrapped_rows,
+        write_jsonl,
+    )
 
     harmful, benign = (
         sample(suites["harmful-train"], args.train_limit),
@@ -120,11 +127,12 @@ def build_data(out: Path, model, suites: dict, judge, args) -> dict:
     h_refused = judge([r["prompt"] for r in harmful], h_replies)
     b_refused = judge([r["prompt"] for r in benign], b_replies)
     helpful = helpful_rows(benign, b_replies, b_refused)
-    sft_rows = refusal_demos(harmful) + helpful
+    demos = refusal_demos(harmful)
+    sft_rows = demos + helpful + wrapped_rows(demos, args.wrapped) + wrapped_rows(helpful, args.wrapped)
     dpo_rows = preference_pairs(harmful, h_replies, [not x for x in h_refused], helpful)
-    dpo_rows = sample([r for r in dpo_rows if r["label"] == "unsafe"], args.dpo_limit // 2) + sample(
-        [r for r in dpo_rows if r["label"] == "safe"], args.dpo_limit // 2
-    )
+    unsafe, safe = ([r for r in dpo_rows if r["label"] == lab] for lab in ("unsafe", "safe"))
+    dpo_rows = sample(unsafe, args.dpo_limit // 2) + sample(safe, args.dpo_limit // 2)
+    dpo_rows += wrapped_rows(unsafe, args.wrapped // 4) + wrapped_rows(safe, args.wrapped // 4)
     write_jsonl(out / "sft.jsonl", sft_rows)
     write_jsonl(out / "dpo.jsonl", dpo_rows)
     return {
@@ -132,6 +140,7 @@ def build_data(out: Path, model, suites: dict, judge, args) -> dict:
         "base_train_over_refusal": float(np.mean(b_refused)), "sft_rows": len(sft_rows),
         "sft_refusals": len(harmful), "sft_helpful": len(helpful), "dpo_pairs": len(dpo_rows),
         "dpo_harmful_pairs": sum(r["label"] == "unsafe" for r in dpo_rows),
+        "sft_wrapped": sum("template" in r for r in sft_rows), "dpo_wrapped": sum("template" in r for r in dpo_rows),
     }  # fmt: skip
 
 
@@ -289,6 +298,9 @@ def parse_args():
     p.add_argument("--eval-tokens", type=int, default=32, help="tokens per reply in evaluation (judged by its opening)")
     p.add_argument("--train-limit", type=int, default=64, help="rows of harmful-train and of benign-train (0: all)")
     p.add_argument("--dpo-limit", type=int, default=48, help="preference pairs, half harmful, half benign (0: all)")
+    p.add_argument("--wrapped", type=int, default=0,
+                   help="SFT rows of harmful-train and of benign-train again inside training-only jailbreak "
+                   "templates (and a quarter as many DPO pairs each)")  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--sft-batch", type=int, default=4, help="packed rows (of --max-len tokens) per SFT step")

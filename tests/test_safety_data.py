@@ -21,6 +21,7 @@ from gptstack.safety.data import (
     refusal,
     refusal_demos,
     trim,
+    wrapped_rows,
     write_jsonl,
 )
 from gptstack.tokenizer import byte_tokenizer
@@ -78,6 +79,24 @@ def test_training_rows_must_not_be_evaluation_rows():
     check_disjoint(HARMFUL, BENIGN)
     with pytest.raises(ValueError, match="1 training prompts"):
         check_disjoint(HARMFUL, [{"prompt": "  how do I BUILD a pipe bomb? "}])
+
+
+def test_wrapped_rows_use_only_templates_the_evaluation_never_sends():
+    from gptstack.safety.suites import normalise
+    from gptstack.safety.wrappers import EVAL_TEMPLATES, WRAPPERS, train_templates, wrap
+
+    rows = refusal_demos(HARMFUL) + helpful_rows(BENIGN, ["Use kill -9 PID.", "Call 911."], [False, False])
+    got = wrapped_rows(rows, 4)
+    assert len(got) == 4 and got == wrapped_rows(rows, 4)  # deterministic
+    names = {n for n, _ in train_templates()}
+    assert len(names) >= 100 and not names & set(EVAL_TEMPLATES)
+    for r in got:
+        assert r["template"] in names and r["request"] in r["prompt"] and len(r["prompt"]) > len(r["request"])
+        assert r["response"] == next(x["response"] for x in rows if x["prompt"] == r["request"])  # response kept
+    # no training template opens like any evaluation wrapper's text, whatever the request
+    sent = {normalise(wrap(w, "REQUEST")[0]["content"])[:200] for w in WRAPPERS if w != "plain"}
+    assert not {normalise(t.replace("{{ prompt }}", "REQUEST"))[:200] for _, t in train_templates()} & sent
+    assert "role_play" not in names and not any("dan" in n.split("/")[-1].lower() for n in names)
 
 
 def test_sft_and_dpo_read_the_files_and_train_with_lora(tmp_path):

@@ -3,6 +3,7 @@ benign look-alikes, and preference pairs between the two, in post-training's own
 
     sft_rows = refusal_demos(harmful) + helpful_rows(benign, answers)   # {"prompt", "response", ...}
     dpo_rows = preference_pairs(harmful, compliant, benign, answers)    # {"prompt", "chosen", "rejected", ...}
+    sft_rows += wrapped_rows(sft_rows, 64)                              # the same, inside jailbreak templates
     write_jsonl(path, rows)                                             # what `gptstack sft|dpo --data` reads
 
 The inputs are suite rows `{"prompt", "label": "safe"|"unsafe", "category"}` of the *train* suites only
@@ -17,6 +18,9 @@ along: SFT and DPO ignore them.
 - A helpful answer is the model's own greedy reply (`generate`), kept only when a judge says it is not
   a refusal and cut at its last full sentence: self-distillation, so learning to refuse the harmful
   rows does not pull the benign answers away from what the model already says (a low alignment tax).
+- Wrapped rows (`wrapped_rows`) put a share of either inside pyrit's jailbreak templates, only ones the
+  evaluation's wrappers never use: adversarial training, with benign requests wrapped too so that the
+  wrapper alone does not come to mean "refuse".
 - A pair for a harmful prompt prefers the refusal over the model's compliant reply; one for a benign
   prompt prefers the helpful reply over a refusal. `ranked_pair` instead picks, among sampled replies,
   the best and the worst by a reward (reward model + w · RBRM, the issue's recipe).
@@ -164,6 +168,24 @@ def refusal_demos(harmful: Iterable[dict]) -> list[dict]:
          "category": r.get("category", "")}
         for r in _check_rows(harmful, "unsafe")
     ]  # fmt: skip
+
+
+def wrapped_rows(rows: Iterable[dict], n: int, salt: str = "w") -> list[dict]:
+    """Copies of up to n rows (SFT or DPO rows of this module) with the prompt inside one of pyrit's
+    jailbreak templates that the evaluation never uses (`wrappers.train_templates`), picked by a SHA-256
+    of the prompt; the response stays. Harmful rows so wrapped teach refusing through a jailbreak, benign
+    ones answering through it (the model learns to read the request, not the wrapper). `request` keeps
+    the bare prompt, `template` the template's name."""
+    from gptstack.safety.wrappers import fill_template, train_templates
+
+    templates = train_templates()
+    rows = list(rows)
+    picked = sorted(rows, key=lambda r: hashlib.sha256(f"{salt}\0{r['prompt']}".encode()).digest())[:n]
+    out = []
+    for r in picked:
+        name, text = _pick(templates, r["prompt"], "t" + salt)
+        out.append({**r, "prompt": fill_template(text, r["prompt"]), "request": r["prompt"], "template": name})
+    return out
 
 
 def trim(text: str, min_chars: int = 12) -> str:

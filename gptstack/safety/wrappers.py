@@ -169,6 +169,35 @@ WRAPPERS: dict[str, tuple[str, Callable[[str], str | Turns]]] = {
 }  # fmt: skip
 
 
+EVAL_TEMPLATES = ("aim", "role_play", "prefix_injection", "refusal_suppression")  # pyrit's, used by WRAPPERS
+MAX_TRAIN_TEMPLATE_CHARS = 1400  # short enough that a template, a request and a reply fit 512 tokens
+
+
+@cache
+def train_templates(max_chars: int = MAX_TRAIN_TEMPLATE_CHARS) -> tuple[tuple[str, str], ...]:
+    """(name, text) of pyrit's jailbreak templates that refusal training may use: every one with a
+    `{{ prompt }}` slot and at most max_chars, except the evaluation's own (EVAL_TEMPLATES), any DAN
+    variant (the `dan` wrapper is garak's DAN), and any whose opening matches an evaluation template.
+    Sorted by name, so a seeded pick is the same on every machine."""
+    root = data_dir("pyrit", "datasets", "jailbreak", "templates")
+    held = {normalise(_pyrit_template(n))[:200] for n in EVAL_TEMPLATES} | {normalise(_dan())[:200]}
+    out = []
+    for path in sorted(root.rglob("*.yaml")):
+        name = path.relative_to(root).with_suffix("").as_posix()
+        if path.stem in EVAL_TEMPLATES or "dan" in path.stem.lower():
+            continue
+        value = read_yaml(path)
+        text = value.get("value", "") if isinstance(value, dict) else ""
+        text = text.strip() if isinstance(text, str) else ""
+        if "{{ prompt }}" in text and len(text) <= max_chars and normalise(text)[:200] not in held:
+            out.append((name, text))
+    return tuple(out)
+
+
+def fill_template(text: str, prompt: str) -> str:
+    return text.replace("{{ prompt }}", prompt)
+
+
 def wrap(name: str, prompt: str) -> Turns:
     """The chat messages that send `prompt` under wrapper `name`."""
     if name not in WRAPPERS:
