@@ -6,8 +6,9 @@ equal exact integer block dots, and on the real SmolLM2 it follows the forward u
 engine's native step (PagedDecoder over the paged pool): bit-equal to the contiguous step over a shuffled block
 table; the engine's greedy tokens with it equal the batched path and the forward loop (tiny fp32/int8/int4, SmolLM2
 fp32 and Q4_1 kept), seeded samples equal, and a request joining mid-decode leaves both outputs as alone. The
-batched native step (`step_batch`, rows over their own block tables) equals each row stepped alone, and concurrent
-requests decode through it as each alone."""
+batched native step (`step_batch`, rows over their own block tables) equals each row stepped alone, prompt chunks
+through it (rows of one sequence, attending causally) equal the forward, and concurrent requests, joining mid-decode
+with their prefills in the same native step, decode through it as each alone."""
 
 from __future__ import annotations
 
@@ -343,25 +344,53 @@ def test_engine_native_step_equals_the_batched_path_and_the_forward_loop(kernel)
 
 
 @torch.no_grad()
-def test_a_request_joining_mid_native_decode_continues_both_exactly():
-    """A runs alone (native steps) for 9 tokens, then B arrives: the PyTorch path runs B's prefill with A's next
-    token, reading A's native K/V; then both decode in native batched steps over the blocks either path wrote, and
-    once B ends A decodes alone again; each equals its output alone."""
+@pytest.mark.parametrize("b_path", ["native", "pytorch"])
+def test_a_request_joining_mid_native_decode_continues_both_exactly(b_path):
+    """A runs alone (native steps) for 9 tokens, then B arrives: its 13-token prefill runs with A's next token in one
+    native batched step (rows of one sequence attend causally to each other) or, when B asks for prompt logprobs, on
+    the PyTorch path, reading A's native K/V; then both decode in native batched steps over the blocks either path
+    wrote, and once B ends A decodes alone again; each equals its output alone."""
     model = llama("int8")
     g = torch.Generator().manual_seed(4)
     a, b = (torch.randint(0, 97, (n,), generator=g).tolist() for n in (6, 13))
     alone = [list(generate(model, p, SamplingParams(temperature=0, max_tokens=n))) for p, n in ((a, 40), (b, 12))]
     engine = Engine(model, EngineConfig(kv_block_size=4))
     got = {engine.add_request(a, SamplingParams(temperature=0, max_tokens=40)): []}
+    b_params = SamplingParams(temperature=0, max_tokens=12, prompt_logprobs=1 if b_path == "pytorch" else None)
     steps = 0
     while engine.has_unfinished():
         if steps == 10:
-            got[engine.add_request(b, SamplingParams(temperature=0, max_tokens=12))] = []
+            got[engine.add_request(b, b_params)] = []
         for out in engine.step():
             got[out.request_id] += out.token_ids
         steps += 1
     assert list(got.values()) == alone
-    assert engine.stats["native_steps"] == 9 + 11 + 18  # A alone 9, A and B batched 11 (after B's prefill), A 18
+    # A's prefill 1, A alone 9, B's prefill with A 1 (native only), A and B 11, A alone 18
+    assert engine.stats["native_steps"] == 1 + 9 + (b_path == "native") + 11 + 18
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kernel", ["fp32", "int4"])
+def test_native_prefill_rows_equal_the_forward_and_fill_the_same_cache(kernel):
+    """A 10-token prompt through step_batch as 10 rows of one block table (positions 0..9), then 3 more tokens as a
+    second chunk: the logits of every row equal the PyTorch forward's, and a decode step after it equals the
+    forward's next position, so the keys and values the rows wrote are the ones the forward computes."""
+    model = llama(kernel)
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, 97, (14,), generator=g).tolist()
+    cfg = model.config
+    k, v = (torch.zeros(cfg.n_layer, 8, 4, cfg.n_kv_head, cfg.head_dim) for _ in range(2))
+    step = PagedDecoder(model, k, v, threads=2)
+    blocks = [5, 2, 7, 0]  # scrambled, so a row that read the wrong block would differ
+    expected = model(torch.tensor([tokens]))[0]  # (14, V)
+    first = step.step_batch(tokens[:10], list(range(10)), [blocks] * 10).clone()  # (10, V)
+    second = step.step_batch(tokens[10:13], [10, 11, 12], [blocks] * 3, want=[2]).clone()  # (1, V)
+    last = step.step(tokens[13], 13, blocks)
+    torch.testing.assert_close(first, expected[:10], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second[0], expected[12], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, expected[13], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"rows 0\.\.3 of logits asked of a batch of 3"):
+        step.step_batch(tokens[:3], [0, 1, 2], [blocks] * 3, want=[0, 3])
 
 
 @pytest.fixture(scope="module")

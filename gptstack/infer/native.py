@@ -101,7 +101,7 @@ def _declare(cdll: ctypes.CDLL) -> ctypes.CDLL:
     cdll.decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, P]
     cdll.native_linear.argtypes = [ctypes.POINTER(Lin), P, P, ctypes.c_int, P]
     cdll.batch_floats.argtypes, cdll.batch_floats.restype = [ctypes.POINTER(Model), ctypes.c_int], ctypes.c_int64
-    cdll.decode_batch.argtypes = [ctypes.POINTER(Model), ctypes.c_int, P, P, P, ctypes.c_int, P, P]
+    cdll.decode_batch.argtypes = [ctypes.POINTER(Model), ctypes.c_int, P, P, P, ctypes.c_int, ctypes.c_int, P, P, P]
     return cdll
 
 
@@ -303,15 +303,22 @@ class PagedDecoder(_Step):
         """Whether step_batch runs natively: every linear takes fp32 activations (the a8 products are batch-1)."""
         return not self.act_int8
 
-    def step_batch(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> Tensor:
-        """The logits (B, V) of B decoding sequences, row b: `tokens[b]` at `positions[b]` of the sequence whose block
-        table is `tables[b]`, all in one C call (decode.c's decode_batch: each weight tile read once for every row);
-        their keys and values go into their slots. A buffer reused by the next call. Needs `batches`."""
+    def step_batch(
+        self, tokens: list[int], positions: list[int], tables: list[list[int]], want: list[int] | None = None
+    ) -> Tensor:
+        """The logits (len(want), V) of rows `want` (default: every row) of B rows, row b: `tokens[b]` at
+        `positions[b]` of the sequence whose block table is `tables[b]`, all in one C call (decode.c's decode_batch:
+        each weight tile read once for every row); their keys and values go into their slots. Rows of one sequence
+        at consecutive positions (a prefill chunk) attend causally to each other. A buffer reused by the next call.
+        Needs `batches`."""
         if not self.batches:
             raise ValueError("step_batch needs fp32 activations (act_int8 runs one sequence at a time)")
         B = len(tokens)
         if not B or len(positions) != B or len(tables) != B:
             raise ValueError(f"need one position and one block table per token, got {B}/{len(positions)}/{len(tables)}")
+        want = list(range(B)) if want is None else list(want)
+        if want and not 0 <= min(want) <= max(want) < B:
+            raise ValueError(f"rows {min(want)}..{max(want)} of logits asked of a batch of {B}")
         for pos, blocks, token in zip(positions, tables, tokens, strict=True):
             self._check_table(pos, blocks)
             if not 0 <= token < self.desc.V:
@@ -319,14 +326,15 @@ class PagedDecoder(_Step):
         W = max(map(len, tables))
         table = torch.tensor([t + [0] * (W - len(t)) for t in tables], dtype=torch.int64)  # (B, W)
         tok, at = torch.tensor(tokens, dtype=torch.int32), torch.tensor(positions, dtype=torch.int32)
+        out = torch.tensor(want, dtype=torch.int32)
         need = self.lib.batch_floats(ctypes.byref(self.desc), B)
         if self._batch_buf is None or self._batch_buf.numel() < need:
             self._batch_buf = torch.empty(need)
-        if self._batch_logits is None or self._batch_logits.size(0) < B:
-            self._batch_logits = torch.empty(B, self.desc.V)
-        logits = self._batch_logits[:B]
+        if self._batch_logits is None or self._batch_logits.size(0) < len(want):
+            self._batch_logits = torch.empty(max(len(want), 1), self.desc.V)
+        logits = self._batch_logits[: len(want)]
         self.lib.decode_batch(ctypes.byref(self.desc), B, tok.data_ptr(), at.data_ptr(), table.data_ptr(), W,
-                              logits.data_ptr(), self._batch_buf.data_ptr())  # fmt: skip
+                              len(want), out.data_ptr(), logits.data_ptr(), self._batch_buf.data_ptr())  # fmt: skip
         return logits
 
 

@@ -571,14 +571,18 @@ int64_t batch_floats(const Model* M, int B) {
   return (int64_t)B * (3 * M->D + Q + qd + 2 * M->ff) + (int64_t)M->nthreads * M->max_len;
 }
 
-/* The logits (B, V) of B sequences' tokens (B,) at positions pos (B,), each through its block table (row b of
- * tables (B, W)); writes their keys and values. buf: batch_floats(M, B) floats. Needs fp32-activation linears. */
+/* B rows: tokens (B,) at positions pos (B,), row b through block table b of tables (B, W); writes their keys and
+ * values. Rows of one sequence (the same table, consecutive positions: a prefill chunk, a speculative
+ * verification) attend causally to each other, because every row's keys and values of a layer are written before
+ * any row of it attends. The logits (n_out, V) are those of rows out[0..n_out). buf: batch_floats(M, B) floats.
+ * Needs fp32-activation linears. */
 void decode_batch(const Model* M, int B, const int* tokens, const int* pos, const int64_t* tables, int W,
-                  float* logits, float* buf) {
+                  int n_out, const int* out, float* logits, float* buf) {
   int D = M->D;
   float *x = buf, *rest = x + (int64_t)B * D;
   for (int b = 0; b < B; b++) embed(M, tokens[b], x + (int64_t)b * D);
   for (int l = 0; l < M->n_layer; l++) layer_rows(M, l, B, pos, tables, W, x, rest);
-  for (int b = 0; b < B; b++) rmsnorm(x + (int64_t)b * D, M->lnf, M->norm_offset, M->eps, rest + (int64_t)b * D, D);
-  lin_rows(&M->head, rest, logits, B);
+  for (int i = 0; i < n_out; i++)
+    rmsnorm(x + (int64_t)out[i] * D, M->lnf, M->norm_offset, M->eps, rest + (int64_t)i * D, D);
+  if (n_out) lin_rows(&M->head, rest, logits, n_out);
 }
