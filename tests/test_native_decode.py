@@ -370,6 +370,26 @@ def test_a_request_joining_mid_native_decode_continues_both_exactly(b_path):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("kind", ["ngram", "draft"])
+def test_speculative_rounds_run_natively_and_keep_the_plain_greedy_output(kind):
+    """Prompt lookup and a draft model (the same weights in fp32 against the int4 target: mostly accepted; its own
+    native step over its own pool): each round's (k+1)-row verification and the draft's steps are native steps,
+    and the greedy tokens are the forward loop's."""
+    model = llama("int4")
+    g = torch.Generator().manual_seed(8)
+    ps = [torch.randint(0, 97, (n,), generator=g).tolist() * 3 for n in (3, 5, 8)]  # repeats: n-gram matches
+    greedy = SamplingParams(temperature=0, max_tokens=20)
+    expected = [list(generate(model, p, greedy)) for p in ps]
+    cfg = EngineConfig(kv_block_size=4, speculative=kind, num_speculative=3)
+    engine = Engine(model, cfg, draft=llama("fp32") if kind == "draft" else None)
+    assert [c.token_ids for c in engine.generate(ps, greedy)] == expected
+    stats = engine.stats
+    assert stats["spec_accepted"] > 0.3 * stats["spec_proposed"] > 0
+    assert stats["native_steps"] == stats["steps"]  # the joint prefill, then every round's verification
+    assert (stats["draft_native_steps"] > 0) == (kind == "draft")
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("kernel", ["fp32", "int4"])
 def test_native_prefill_rows_equal_the_forward_and_fill_the_same_cache(kernel):
     """A 10-token prompt through step_batch as 10 rows of one block table (positions 0..9), then 3 more tokens as a
@@ -437,4 +457,4 @@ def test_engine_act_int8_needs_the_native_step():
         Engine(llama("fp32").double(), EngineConfig(act_int8=True))
     engine = Engine(llama("fp32").double())  # float64: the batched path, and the reason
     assert engine.native is None and "fp32 on CPU" in engine.native_off
-    assert Engine(llama("fp32"), EngineConfig(speculative="ngram")).native_off == "speculative decoding"
+    assert Engine(llama("fp32"), EngineConfig(speculative="ngram")).native is not None  # verification rows batch

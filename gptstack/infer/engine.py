@@ -53,7 +53,9 @@ The native step (issue 20, `native=True`, the default): when a step is one seque
 transforms/csrc/decode.c) instead of ~40 PyTorch ops per layer, for models `native.supports` (Llama-style, fp32
 activations on CPU, linears in a native layout; else `native_off` says why). It reads and writes the same paged
 pool through the sequence's block table, so a request that joins mid-decode continues on the batched path from the
-K/V the native step wrote, and back. Speculative engines keep the batched path. `act_int8=True` (opt-in) runs the
+K/V the native step wrote, and back. With fp32 activations the native step also batches (one C call for every
+decoding sequence and prompt chunk of the step, up to NATIVE_ROWS tokens) and runs speculative decoding: the
+(k+1)-row verification of the target, and the draft model's steps over its own pool. `act_int8=True` (opt-in) runs the
 quantized layers as w8a8 products in the native step and their definition (`quantize.int8_activations`, fake-
 quantized inputs) in every batched forward, prefill included, so both paths compute the same model.
 """
@@ -504,25 +506,33 @@ class Engine:
         self.stats = dict(
             steps=0, prompt_tokens=0, computed_tokens=0, generated_tokens=0, prefix_queried=0, prefix_hits=0,
             preemptions=0, spec_proposed=0, spec_accepted=0, images=0, images_encoded=0, native_steps=0,
+            draft_native_steps=0,
         )  # fmt: skip
         self.native_off = ""  # why the native step does not run, when it does not
         self.native = self._native_step()
+        self.draft_native = None  # the draft model's native step (fp32 activations) over its own pool
+        if self.draft_cache is not None and self.native is not None:
+            self.draft_native = self._native_decoder(draft, self.draft_cache)[0]
 
     def _native_step(self) -> native.PagedDecoder | None:
         """The native decode step over the engine's pool (config.native), or None where it does not apply (then
         `native_off` says why); with act_int8, a model it cannot serve is an error."""
         cfg = self.config
-        why = "native=False" if not cfg.native else "speculative decoding" if cfg.speculative else None
-        why = why or native.supports(self.model)
-        if why is None:
-            try:
-                return native.PagedDecoder(self.model, self.cache.k, self.cache.v, act_int8=cfg.act_int8)
-            except (TypeError, ValueError, RuntimeError) as e:
-                why = str(e)
-        if cfg.act_int8 and cfg.native:
+        step, why = self._native_decoder(self.model, self.cache, cfg.act_int8)
+        if step is None and cfg.act_int8 and cfg.native:
             raise ValueError(f"act_int8 needs the native step, which this engine cannot run: {why}")
         self.native_off = why
-        return None
+        return step
+
+    def _native_decoder(self, model: GPT, cache, act_int8: bool = False) -> tuple[native.PagedDecoder | None, str]:
+        """A native step over `cache`'s pool for `model`, or None and the reason it cannot run."""
+        why = "native=False" if not self.config.native else native.supports(model)
+        if why is None:
+            try:
+                return native.PagedDecoder(model, cache.k, cache.v, act_int8=act_int8), ""
+            except (TypeError, ValueError, RuntimeError) as e:
+                why = str(e)
+        return None, why
 
     # ---- requests ----------------------------------------------------------------------------------
 
@@ -784,33 +794,36 @@ class Engine:
             outputs.append(self._finish_output(seq, out))
         return outputs
 
-    def _native_applies(self, batch: list[tuple[Sequence, int]]) -> bool:
-        """The native step runs the batch: one sequence decoding one token, or (when it batches: fp32 activations)
-        any mix of decoding sequences and prompt chunks of at most NATIVE_ROWS tokens in all, none of them with
-        images or prompt logprobs (the PyTorch forward handles those, and larger prefills, where BLAS wins)."""
-        if self.native is None:
+    def _native_applies(self, batch: list[tuple[Sequence, int]], draft: bool = False) -> bool:
+        """The native step (the draft's, with `draft`) runs the batch: one row, or (when it batches: fp32
+        activations) any mix of decoding sequences, prompt chunks and speculative verifications of at most
+        NATIVE_ROWS tokens in all; no target prompt chunk with images or prompt logprobs (the PyTorch forward handles
+        those, and larger prefills, where BLAS wins; the draft sees image placeholders' own embeddings)."""
+        step = self.draft_native if draft else self.native
+        rows = sum(n for _, n in batch)
+        if step is None or rows > NATIVE_ROWS or (rows > 1 and not step.batches):
             return False
-        if len(batch) == 1 and batch[0][1] == 1 and batch[0][0].num_computed >= len(batch[0][0].prompt):
-            return True
-        if not self.native.batches or sum(n for _, n in batch) > NATIVE_ROWS:
-            return False
-        return all(s.num_computed >= len(s.prompt) or (not s.images and s.prompt_logprobs is None) for s, _ in batch)
+        return draft or all(
+            s.num_computed >= len(s.prompt) or (not s.images and s.prompt_logprobs is None) for s, _ in batch
+        )
 
-    def _native_logits(self, batch: list[tuple[Sequence, int]], want: list[int]) -> Tensor:
+    def _native_logits(self, batch: list[tuple[Sequence, int]], want: Seq[int], draft: bool = False) -> Tensor:
         """The logits (len(want), V) of rows `want` of the batch's flattened new tokens through the native step (one
         C call for the batch), which writes their K/V into their slots of the pool (where the batched path reads
-        them)."""
+        them). With `draft`, the draft model's, from each sequence's draft_computed."""
+        step = self.draft_native if draft else self.native
+        starts = [seq.draft_computed if draft else seq.num_computed for seq, _ in batch]
         if len(batch) == 1 and batch[0][1] == 1:
-            seq, pos = batch[0][0], batch[0][0].num_computed
-            logits = self.native.step(seq.tokens[pos], pos, seq.blocks)[None].clone()
+            seq, pos = batch[0][0], starts[0]
+            logits = step.step(seq.tokens[pos], pos, seq.blocks)[None][: len(want)].clone()  # (len(want) <= 1, V)
         else:
             tokens, pos, tables = [], [], []
-            for seq, n in batch:
-                tokens += seq.tokens[seq.num_computed : seq.num_computed + n]
-                pos += range(seq.num_computed, seq.num_computed + n)
+            for (seq, n), start in zip(batch, starts, strict=True):
+                tokens += seq.tokens[start : start + n]
+                pos += range(start, start + n)
                 tables += [seq.blocks] * n
-            logits = self.native.step_batch(tokens, pos, tables, want).clone()
-        self.stats["native_steps"] += 1
+            logits = step.step_batch(tokens, pos, tables, list(want)).clone()
+        self.stats["draft_native_steps" if draft else "native_steps"] += 1
         return self._mask(logits)
 
     def _mask(self, logits: Tensor) -> Tensor:
@@ -961,7 +974,11 @@ class Engine:
         saved = [list(seq.tokens) for seq, _ in batch]
         for i, (seq, _) in enumerate(batch):
             seq.tokens += drafts[i]  # temporarily, so the forward reads them
-        logits = self._forward(self.model, self.cache, chunks, range(sum(n for _, n in chunks)))
+        rows = range(sum(n for _, n in chunks))
+        if self._native_applies(chunks):
+            logits = self._native_logits(chunks, rows)  # (rows, V)
+        else:
+            logits = self._forward(self.model, self.cache, chunks, rows)
         outputs, offset = [], 0
         for i, (seq, n) in enumerate(chunks):
             seq.tokens = saved[i]
@@ -1002,7 +1019,10 @@ class Engine:
                 break
             chunks = [(batch[i][0], len(batch[i][0].tokens) - batch[i][0].draft_computed) for i in active]
             want = list(itertools.accumulate((n for _, n in chunks), initial=-1))[1:]
-            logits = self._forward(self.draft, self.draft_cache, chunks, want, draft=True)
+            if self._native_applies(chunks, draft=True):
+                logits = self._native_logits(chunks, want, draft=True)  # (len(active), V)
+            else:
+                logits = self._forward(self.draft, self.draft_cache, chunks, want, draft=True)
             for row, i in enumerate(active):
                 seq = batch[i][0]
                 seq.draft_computed = len(seq.tokens)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from gptstack.files import iter_jsonl
 from gptstack.infer.engine import Engine, EngineConfig
 from gptstack.infer.sampling import SamplingParams
 from gptstack.model import GPT, build_model
+from gptstack.posttrain.common import progress_bar
 
 PROMPT_FIELDS = ("prompt", "query", "text")
 
@@ -64,6 +66,7 @@ class DistillConfig:
     prompt_share: float = 0.1  # share of prompt positions scored (every answer position is)
     seed: int = 0
     answers: str | None = None  # JSONL cache of the teacher's answers: read when it exists, else written
+    progress: bool = True  # a progress bar over the training steps (stderr)
 
     def __post_init__(self) -> None:
         if self.items < 1 or self.steps < 1 or self.batch_size < 1 or self.answer_tokens < 1:
@@ -169,7 +172,7 @@ def train_draft(draft: GPT, rows: list[tuple[list[int], list[int]]], cfg: Distil
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     draft.train()
-    losses = []
+    losses, bar = [], progress_bar(cfg.steps, cfg.progress)
     for step in range(cfg.steps):
         warm = min(1.0, (step + 1) / 20)
         cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.steps))
@@ -184,6 +187,9 @@ def train_draft(draft: GPT, rows: list[tuple[list[int], list[int]]], cfg: Distil
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+        bar.update()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    bar.close()
     return losses
 
 
@@ -197,6 +203,8 @@ def distill(cfg: DistillConfig) -> dict:
     t0 = time.perf_counter()
     answers = cached_answers(cfg.answers, prompts, cfg.answer_tokens)
     if answers is None:
+        if cfg.progress:
+            print(f"the teacher answers {len(prompts)} prompts ({cfg.answer_tokens} tokens each)", file=sys.stderr)
         engine = Engine(teacher, EngineConfig(max_seqs=cfg.teacher_batch, kv_memory="1GiB"), tokenizer=tok)
         answers = teacher_answers(engine, prompts, cfg.answer_tokens)
         del engine
