@@ -12,10 +12,14 @@
    prefix cache warm vs disabled.
 4. Speculative decoding: decode tokens/s with prompt lookup and with a 2-layer early-exit draft
    (the target's own first layers and head) vs plain decoding.
+5. Prefill on the native step (`native-prefill`, not in the default parts): one prompt of 16..1024 tokens through
+   the engine's native batched step vs its PyTorch forward (--model), the measurement behind
+   engine.NATIVE_ROWS.
 
     python benchmarks/bench_infer.py [--reps 3] [--tokens 64] [--skip-hf]
     python benchmarks/bench_infer.py --parts throughput --requests 64 --model smollm2-q --llama-cpp --no-static
     python benchmarks/bench_infer.py --parts throughput --quick      # checks the script in a minute
+    python benchmarks/bench_infer.py --parts native-prefill --model smollm2-q
 """
 
 from __future__ import annotations
@@ -284,6 +288,35 @@ def llamacpp_run(L, reqs: list[tuple[list[int], int]], c: int, threads: int) -> 
     return wall
 
 
+def part_native_prefill(args) -> None:
+    """Median time of one prompt's prefill (and its first token) through the engine, with every step on the native
+    batched step (NATIVE_ROWS raised) and with every prefill on the PyTorch forward (NATIVE_ROWS 0)."""
+    from gptstack.infer import engine as E
+
+    model, g = throughput_model(args.model), torch.Generator().manual_seed(0)
+    default, reps = E.NATIVE_ROWS, 1 if args.quick else 5
+
+    def timed(n: int, rows: int) -> float:
+        E.NATIVE_ROWS = rows
+        engine = E.Engine(model, EngineConfig(prefix_caching=False, max_step_tokens=1024))
+        times = []
+        for _ in range(reps + 1):  # the first builds the buffers
+            prompt = torch.randint(256, model.config.vocab_size, (n,), generator=g).tolist()
+            t0 = time.perf_counter()
+            engine.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    print(f"\n### Prefill, {args.model}: native batched step vs the PyTorch forward (NATIVE_ROWS = {default})\n")
+    print("| prompt tokens | PyTorch prefill ms | native rows ms | native / PyTorch |\n| ---: | ---: | ---: | ---: |")
+    try:
+        for n in (16, 64) if args.quick else (16, 32, 64, 128, 256, 512, 1024):
+            torch_ms, native_ms = 1e3 * timed(n, 0), 1e3 * timed(n, 4096)
+            print(f"| {n} | {torch_ms:.1f} | {native_ms:.1f} | {native_ms / torch_ms:.2f} |", flush=True)
+    finally:
+        E.NATIVE_ROWS = default
+
+
 def part_prefix(args) -> None:
     cfg = get_preset("gpt2-small")
     model = decode_layout(build_model(cfg, seed=0))
@@ -380,6 +413,8 @@ def main() -> None:
         part_prefix(args)
     if "speculative" in parts:
         part_speculative(args)
+    if "native-prefill" in parts:
+        part_native_prefill(args)
 
 
 if __name__ == "__main__":
