@@ -18,6 +18,7 @@
 
     python benchmarks/bench_infer.py [--reps 3] [--tokens 64] [--skip-hf]
     python benchmarks/bench_infer.py --parts throughput --requests 64 --model smollm2-q --llama-cpp --no-static
+    python benchmarks/bench_infer.py --parts throughput --requests 64 --model smollm2-q --no-static --act-int8
     python benchmarks/bench_infer.py --parts throughput --quick      # checks the script in a minute
     python benchmarks/bench_infer.py --parts native-prefill --model smollm2-q
 """
@@ -162,10 +163,11 @@ def pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def engine_run(model: GPT, reqs: list[tuple[list[int], int]], c: int) -> dict:
+def engine_run(model: GPT, reqs: list[tuple[list[int], int]], c: int, act_int8: bool = False) -> dict:
     """All requests submitted at once to an engine of max_seqs=c (continuous batching; c=1: one at a time);
-    wall time, and per request TTFT (from submission, queueing included) and TPOT (after the first token)."""
-    engine = Engine(model, EngineConfig(max_seqs=c))
+    wall time, and per request TTFT (from submission, queueing included) and TPOT (after the first token).
+    `act_int8`: the engine's w8a8 step (EngineConfig.act_int8) for every concurrency, one at a time included."""
+    engine = Engine(model, EngineConfig(max_seqs=c, act_int8=act_int8))
     t0 = time.perf_counter()
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p, n in reqs]
     first, last, count = {}, {}, dict.fromkeys(ids, 0)
@@ -190,17 +192,19 @@ def part_throughput(args) -> None:
     total_out = sum(n for _, n in reqs)
 
     def static(c):
-        engine = Engine(model, EngineConfig(max_seqs=c))
+        engine = Engine(model, EngineConfig(max_seqs=c, act_int8=args.act_int8))
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in reqs]
         for i in range(0, len(reqs), c):  # the next batch starts when the whole batch has finished
             engine.generate([p for p, _ in reqs[i : i + c]], params[i : i + c])
 
-    engine_run(model, reqs[:2], 2)  # build the kernels, warm the caches
-    serial = engine_run(model, reqs, 1)
+    a8 = args.act_int8
+    engine_run(model, reqs[:2], 2, a8)  # build the kernels, warm the caches
+    serial = engine_run(model, reqs, 1, a8)
     rows = {1: serial}
     for c in args.concurrency:
-        rows[c] = rows.get(c) or engine_run(model, reqs, c)
+        rows[c] = rows.get(c) or engine_run(model, reqs, c, a8)
     head = f"{len(reqs)} requests, 32-token prompts, {total_out} output tokens (8..{longest} each)"
+    head += ", int8 activations (act_int8)" if a8 else ""
     print(f"\n### Throughput, {args.model}: {head}\n")
     print("| concurrency | one at a time tok/s | static batching tok/s | continuous batching tok/s | × one at a time "
           "| TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) |")  # fmt: skip
@@ -298,7 +302,7 @@ def part_native_prefill(args) -> None:
 
     def timed(n: int, rows: int) -> float:
         E.NATIVE_ROWS = rows
-        engine = E.Engine(model, EngineConfig(prefix_caching=False, max_step_tokens=1024))
+        engine = E.Engine(model, EngineConfig(prefix_caching=False, max_step_tokens=1024, act_int8=args.act_int8))
         times = []
         for _ in range(reps + 1):  # the first builds the buffers
             prompt = torch.randint(256, model.config.vocab_size, (n,), generator=g).tolist()
@@ -307,7 +311,8 @@ def part_native_prefill(args) -> None:
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
 
-    print(f"\n### Prefill, {args.model}: native batched step vs the PyTorch forward (NATIVE_ROWS = {default})\n")
+    a8 = ", int8 activations (act_int8)" if args.act_int8 else ""
+    print(f"\n### Prefill, {args.model}{a8}: native batched step vs the PyTorch forward (NATIVE_ROWS = {default})\n")
     print("| prompt tokens | PyTorch prefill ms | native rows ms | native / PyTorch |\n| ---: | ---: | ---: | ---: |")
     try:
         for n in (16, 64) if args.quick else (16, 32, 64, 128, 256, 512, 1024):
@@ -393,6 +398,7 @@ def main() -> None:
     ap.add_argument("--model", default="gpt2-small", choices=models, help="throughput part's model")
     ap.add_argument("--concurrency", default="1,8,32,64", help="throughput part: concurrent requests, comma-separated")
     ap.add_argument("--no-static", action="store_true", help="throughput part: skip the static-batching column")
+    ap.add_argument("--act-int8", action="store_true", help="throughput part: the engine's w8a8 step (act_int8)")
     ap.add_argument("--llama-cpp", action="store_true", help="throughput part (SmolLM2): llama.cpp's batched rows")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     ap.add_argument("--quick", action="store_true", help="a small run that checks the script: 8 requests, 8 tokens")

@@ -8,7 +8,8 @@ table; the engine's greedy tokens with it equal the batched path and the forward
 fp32 and Q4_1 kept), seeded samples equal, and a request joining mid-decode leaves both outputs as alone. The
 batched native step (`step_batch`, rows over their own block tables) equals each row stepped alone, prompt chunks
 through it (rows of one sequence, attending causally) equal the forward, and concurrent requests, joining mid-decode
-with their prefills in the same native step, decode through it as each alone."""
+with their prefills in the same native step, decode through it as each alone. The batched w8a8 kernels
+(gemm_a8.c) equal the batch-1 ones bit for bit, so w8a8 batched steps equal each row alone."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import Tensor
 from gptstack.infer.engine import Engine, EngineConfig
 from gptstack.infer.generate import generate
 from gptstack.infer.kvcache import KVCache
-from gptstack.infer.native import NativeDecoder, PagedDecoder, linear, make_lin, supports
+from gptstack.infer.native import NativeDecoder, PagedDecoder, library, linear, linear_rows, make_lin, supports
 from gptstack.infer.sampling import SamplingParams
 from gptstack.model import build_model
 from gptstack.transforms import kernels
@@ -182,6 +183,40 @@ def test_native_w8a8_linear_equals_exact_integer_block_dots(method, group, K, N)
     torch.testing.assert_close(got, module(kernels.fake_quantize_act(x)[None])[0], rtol=1e-4, atol=1e-4)
 
 
+needs_a8_batched = pytest.mark.skipif(
+    library() is None or not library().a8_batched(), reason="the batched w8a8 kernels need AVX-512 VNNI"
+)
+
+
+@torch.no_grad()
+@needs_a8_batched
+@pytest.mark.parametrize("method", ["int4", "int4 f16", "int8", "int8g"])
+def test_native_w8a8_batched_rows_equal_the_batch1_kernel_bit_for_bit(method):
+    """gemm_a8.c's batched kernels on the repacked layouts: every row equals the batch-1 w8a8 kernel's product bit for
+    bit (1, 5 and 9 rows: the 4-row tiles and their tails; 48 outputs: a pair of 16-output panels and a single one;
+    40 outputs: no batched layout, each row through the batch-1 kernel)."""
+    g = torch.Generator().manual_seed(3)
+    K = 96
+    for N in (48, 40):
+        if method == "int8g":
+            module = QuantizedLinear(K, N, False, "int8g", 32)
+            module.qweight.copy_(torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g))  # -128 too
+            module.scales.copy_(torch.rand(N, K // 32, generator=g))
+        else:
+            lin = torch.nn.Linear(K, N, bias=False)
+            lin.weight.copy_(torch.randn(N, K, generator=g))
+            module = QuantizedLinear.from_linear(lin, method.split()[0], 32)
+        if method == "int4 f16":
+            module.scales.copy_(module.scales.half().float())
+            module.mins.copy_(module.mins.half().float())
+        assert bool(make_lin(module, [], act_int8=True, batched=True).pw) == (N % 16 == 0)
+        for B in (1, 5, 9):
+            x = torch.randn(B, K, generator=g) * torch.rand(B, K, generator=g) ** 3 * 4
+            x[0, :32] = 0  # an all-zero block
+            alone = torch.stack([linear(module, row, 2, act_int8=True) for row in x])
+            assert torch.equal(linear_rows(module, x, 2, act_int8=True), alone), (N, B)
+
+
 def test_native_w8a8_refuses_widths_off_the_32_blocks():
     module = QuantizedLinear.from_linear(torch.nn.Linear(48, 8), "int8")
     with pytest.raises(ValueError, match="multiples of 32"):
@@ -318,7 +353,7 @@ def test_native_batched_step_equals_each_row_stepped_alone(kernel):
 @torch.no_grad()
 def test_engine_decodes_concurrent_requests_in_native_batched_steps_as_each_alone():
     """Five requests at once (max_seqs 5): their decode steps run natively as one batch; each request's greedy tokens
-    equal its plain forward loop, and an act_int8 engine keeps batches of more than one row on the PyTorch path."""
+    equal its plain forward loop."""
     model = llama("int4")
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (3, 8, 1, 13, 6)]
@@ -448,6 +483,33 @@ def test_smollm2_engine_act_int8_is_deterministic_and_follows_the_int8_activatio
     ref = teacher_forced(smol_kept, tokens, None)
     agree = (native.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.85, f"top-1 agreement {agree:.2f} over {len(ref)} positions"
+
+
+@torch.no_grad()
+@needs_a8_batched
+def test_smollm2_act_int8_batched_steps_equal_each_row_alone(smol_kept, smollm2):
+    """The w8a8 step batches (gemm_a8.c): prompt chunks and decode rows of three sequences in one step_batch call give
+    each row's logits bit for bit as step() alone; and concurrent requests through the engine (max_seqs 4, every step
+    native, several rows each) decode each request's greedy tokens exactly as it alone."""
+    tok = smollm2.tokenizer
+    cfg = smol_kept.config
+    k, v = (torch.zeros(cfg.n_layer, 6, 16, cfg.n_kv_head, cfg.head_dim) for _ in range(2))
+    paged = PagedDecoder(smol_kept, k, v, threads=2, act_int8=True)
+    assert paged.batches
+    seqs = [tok.encode(s) for s in ("The capital of France is", "def fibonacci(n):", "Water boils at")]
+    tables = [[4, 1], [0, 5], [3, 2]]
+    alone = [[paged.step(t, p, tb).clone() for p, t in enumerate(s)] for s, tb in zip(seqs, tables, strict=True)]
+    rows = [(t, p, tb) for s, tb in zip(seqs, tables, strict=True) for p, t in enumerate(s[:-1])]  # prompt chunks
+    first = paged.step_batch(*map(list, zip(*rows, strict=True))).clone()
+    last = paged.step_batch([s[-1] for s in seqs], [len(s) - 1 for s in seqs], tables).clone()  # decode rows
+    assert torch.equal(first, torch.stack([x for a in alone for x in a[:-1]]))
+    assert torch.equal(last, torch.stack([a[-1] for a in alone]))
+    prompts = [*seqs, tok.encode("Once upon a time")]
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    one = engine_run(smol_kept, prompts, greedy, True, act_int8=True)
+    engine = Engine(smol_kept, EngineConfig(kv_block_size=4, max_seqs=4, act_int8=True))
+    assert [c.token_ids for c in engine.generate(prompts, greedy)] == one
+    assert engine.stats["native_steps"] == engine.stats["steps"] < sum(map(len, one))
 
 
 def test_engine_act_int8_needs_the_native_step():

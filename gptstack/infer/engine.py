@@ -53,11 +53,13 @@ The native step (issue 20, `native=True`, the default): when a step is one seque
 transforms/csrc/decode.c) instead of ~40 PyTorch ops per layer, for models `native.supports` (Llama-style, fp32
 activations on CPU, linears in a native layout; else `native_off` says why). It reads and writes the same paged
 pool through the sequence's block table, so a request that joins mid-decode continues on the batched path from the
-K/V the native step wrote, and back. With fp32 activations the native step also batches (one C call for every
-decoding sequence and prompt chunk of the step, up to NATIVE_ROWS tokens) and runs speculative decoding: the
-(k+1)-row verification of the target, and the draft model's steps over its own pool. `act_int8=True` (opt-in) runs the
-quantized layers as w8a8 products in the native step and their definition (`quantize.int8_activations`, fake-
-quantized inputs) in every batched forward, prefill included, so both paths compute the same model.
+K/V the native step wrote, and back. The native step also batches (one C call for every decoding sequence and prompt
+chunk of the step, up to NATIVE_ROWS tokens) and runs speculative decoding: the (k+1)-row verification of the target,
+and the draft model's steps over its own pool. `act_int8=True` (opt-in) runs the quantized layers as w8a8 products in
+the native step and their definition (`quantize.int8_activations`, fake-quantized inputs) in the PyTorch forward
+(prefills over NATIVE_ROWS_A8 tokens), so both paths compute the same model; its batched steps (csrc/gemm_a8.c, on
+AVX-512 VNNI) compute each row bit for bit as that row's step alone, so a request's greedy tokens do not depend on
+what else runs with it while every step of it is native.
 """
 
 from __future__ import annotations
@@ -122,8 +124,11 @@ class EngineConfig:
 # ---- sizing the KV pool from a memory budget ---------------------------------------------------------
 
 # Most new tokens of one step through the native batched step; more go through the PyTorch forward (BLAS). SmolLM2
-# Q4_1 kept, one prompt, 2 threads: native / PyTorch prefill time 0.63 at 16 tokens, 0.86 at 256, 1.25 at 512.
+# Q4_1 kept, one prompt, 2 threads: native / PyTorch prefill time 0.63 at 16 tokens, 0.86 at 256, 1.25 at 512; with
+# int8 activations (act_int8: gemm_a8.c's kernels against the forward under int8_activations) 0.18 at 16, 0.41 at
+# 256, 0.66 at 512, 1.12 at 1,024.
 NATIVE_ROWS = 256
+NATIVE_ROWS_A8 = 512
 DEFAULT_KV_MEMORY = (2 << 30, 0.1)  # no kv_memory: min(2 GiB, 10% of the device's memory)
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
          "tib": 2**40}  # fmt: skip
@@ -795,13 +800,15 @@ class Engine:
         return outputs
 
     def _native_applies(self, batch: list[tuple[Sequence, int]], draft: bool = False) -> bool:
-        """The native step (the draft's, with `draft`) runs the batch: one row, or (when it batches: fp32
-        activations) any mix of decoding sequences, prompt chunks and speculative verifications of at most
-        NATIVE_ROWS tokens in all; no target prompt chunk with images or prompt logprobs (the PyTorch forward handles
-        those, and larger prefills, where BLAS wins; the draft sees image placeholders' own embeddings)."""
+        """The native step (the draft's, with `draft`) runs the batch: one row, or (when it batches) any mix of
+        decoding sequences, prompt chunks and speculative verifications of at most NATIVE_ROWS tokens in all
+        (NATIVE_ROWS_A8 with int8 activations); no target prompt chunk with images or prompt logprobs (the PyTorch
+        forward handles those, and larger prefills, where BLAS wins; the draft sees image placeholders' own
+        embeddings)."""
         step = self.draft_native if draft else self.native
         rows = sum(n for _, n in batch)
-        if step is None or rows > NATIVE_ROWS or (rows > 1 and not step.batches):
+        most = NATIVE_ROWS_A8 if step is not None and step.act_int8 else NATIVE_ROWS
+        if step is None or rows > most or (rows > 1 and not step.batches):
             return False
         return draft or all(
             s.num_computed >= len(s.prompt) or (not s.images and s.prompt_logprobs is None) for s, _ in batch

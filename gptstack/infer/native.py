@@ -49,7 +49,7 @@ _lib: ctypes.CDLL | bool | None = None
 
 class Lin(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("kind", "K", "N", "g", "a8", "f16")] + [
-        (n, ctypes.c_void_p) for n in ("w", "s", "m", "bias")
+        (n, ctypes.c_void_p) for n in ("w", "s", "m", "bias", "pw", "ps", "pm", "pc")
     ]
 
 
@@ -102,7 +102,23 @@ def _declare(cdll: ctypes.CDLL) -> ctypes.CDLL:
     cdll.native_linear.argtypes = [ctypes.POINTER(Lin), P, P, ctypes.c_int, P]
     cdll.batch_floats.argtypes, cdll.batch_floats.restype = [ctypes.POINTER(Model), ctypes.c_int], ctypes.c_int64
     cdll.decode_batch.argtypes = [ctypes.POINTER(Model), ctypes.c_int, P, P, P, ctypes.c_int, ctypes.c_int, P, P, P]
+    cdll.a8_batched.argtypes, cdll.a8_batched.restype = [], ctypes.c_int
+    cdll.native_linear_rows.argtypes = [ctypes.POINTER(Lin), P, P, ctypes.c_int, ctypes.c_int, P]
     return cdll
+
+
+def batched_layout(kind: int, K: int, N: int, ts: list[Tensor | None]) -> list[Tensor]:
+    """An a8 layer's weights repacked for csrc/gemm_a8.c's batched kernels (see its header): [panels, fp32 scales
+    (K/g, N) or int8's (N,), int4's fp32 mins (K/g, N) or None, int8's corrections (K/32, N) int32 or None].
+    `ts`: the layer's [weight, scales, mins] in the layouts of transforms/quantize.py, fp32 scales."""
+    w, s, m = ts
+    if kind == LAYOUT["int4"]:  # packed (K/2, N): byte row j = code 2j | code 2j + 1 << 4
+        codes = torch.stack([w & 15, w >> 4], dim=1).reshape(K, N)
+        c = codes.view(K // 32, 4, 2, 4, N // 16, 16).permute(4, 0, 1, 5, 3, 2)  # (i, b, p, l, t, half)
+        return [(c[..., 0] | (c[..., 1] << 4)).contiguous(), s.contiguous(), m.contiguous(), None]
+    panels = w.view(N // 16, 16, K // 32, 8, 4).permute(0, 2, 3, 1, 4).contiguous()  # (i, b, p, l, t)
+    corr = (128 * w.view(N, K // 32, 32).sum(-1, dtype=torch.int32)).t().contiguous()
+    return [panels, s.contiguous() if kind == LAYOUT["int8"] else s.t().contiguous(), None, corr]
 
 
 def supports(model: nn.Module) -> str | None:
@@ -125,11 +141,13 @@ def supports(model: nn.Module) -> str | None:
     return f"native decoding needs {', '.join(missing)}" if missing else None
 
 
-def make_lin(module: nn.Module, keep: list, act_int8: bool = False) -> Lin:
+def make_lin(module: nn.Module, keep: list, act_int8: bool = False, batched: bool = False) -> Lin:
     """The Lin descriptor of a linear layer (nn.Linear, QuantizedLinear or a TiedHead); `keep` holds tensors
     that must outlive it (contiguous copies, if any were needed). `act_int8`: a quantized layer takes int8
     activations (w8a8); an fp32 one keeps fp32; an int4 one whose scales and minimums are all fp16 values
-    multiplies fp16 copies of them (exact: `f16`), a sixth fewer bytes per token for a kept Q4_1 file."""
+    multiplies fp16 copies of them (exact: `f16`), a sixth fewer bytes per token for a kept Q4_1 file.
+    `batched`: an a8 layer also gets its `batched_layout` (a copy of its weights) where the library has the
+    batched w8a8 kernels and N is a multiple of 16."""
     if isinstance(module, TiedHead):
         module = module.table
     bias = getattr(module, "bias", None)
@@ -149,19 +167,22 @@ def make_lin(module: nn.Module, keep: list, act_int8: bool = False) -> Lin:
             f"int8 activations need the input width ({module.in_features}) and weight group ({g}) of "
             f"{type(module).__name__} {module.method} in multiples of {kernels.ACT_BLOCK}"
         )
+    K, N = module.in_features, module.out_features
+    lib = library() if a8 and batched and N % 16 == 0 else None
+    packs = batched_layout(kind, K, N, ts[:3]) if lib is not None and lib.a8_batched() else [None] * 4
     f16 = a8 and kind == LAYOUT["int4"] and all(torch.equal(t.half().float(), t) for t in ts[1:3])
     if f16:  # scales and minimums that are fp16 values (a GGUF file's Q4_1/Q4_0 d and m): read in half the bytes
         ts[1:3] = [t.half() for t in ts[1:3]]
-    keep.extend(t for t in ts if t is not None)
-    ptr = [0 if t is None else t.data_ptr() for t in ts]
-    return Lin(kind, module.in_features, module.out_features, g, int(a8), int(f16), *ptr)
+    keep.extend(t for t in ts + packs if t is not None)
+    ptr = [0 if t is None else t.data_ptr() for t in ts + packs]
+    return Lin(kind, K, N, g, int(a8), int(f16), *ptr)
 
 
 class _Step:
     """The C descriptor of one model's decode step over a KV layout `kv` (a KV): its weights as Lin descriptors,
     preallocated scratch and logits, for `max_len` positions (scores rows; at most the model's context)."""
 
-    def __init__(self, model: GPT, kv: KV, max_len: int, threads: int | None, act_int8: bool):
+    def __init__(self, model: GPT, kv: KV, max_len: int, threads: int | None, act_int8: bool, batched: bool = False):
         why = supports(model)
         if why is not None:
             raise ValueError(why)
@@ -174,9 +195,13 @@ class _Step:
         self.model, self.max_len, self.act_int8 = model, max_len, act_int8
         self._keep: list = []
         blocks = list(t.h)
-        lins = {name: (Lin * cfg.n_layer)(*(make_lin(b.get_submodule(name), self._keep, act_int8) for b in blocks))
+
+        def lin(module: nn.Module) -> Lin:
+            return make_lin(module, self._keep, act_int8, batched)
+
+        lins = {name: (Lin * cfg.n_layer)(*(lin(b.get_submodule(name)) for b in blocks))
                 for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # fmt: skip
-        head = make_lin(model.lm_head, self._keep, act_int8)
+        head = lin(model.lm_head)
         self.act = torch.empty(act_bytes(max(cfg.n_embd, cfg.d_ff, cfg.n_head * cfg.head_dim)), dtype=torch.uint8)
         norms = [(ctypes.c_void_p * cfg.n_layer)(*(getattr(b, n).weight.data_ptr() for b in blocks))
                  for n in ("ln_1", "ln_2")]  # fmt: skip
@@ -279,7 +304,7 @@ class PagedDecoder(_Step):
         row = cfg.n_kv_head * cfg.head_dim
         kv = KV(k.data_ptr(), v.data_ptr(), None, self.num_blocks * self.bs * row, self.bs * row, row, cfg.head_dim,
                 self.bs)  # fmt: skip
-        super().__init__(model, kv, cfg.block_size, threads, act_int8)
+        super().__init__(model, kv, cfg.block_size, threads, act_int8, batched=act_int8)
 
     def step(self, token: int, pos: int, blocks: list[int]) -> Tensor:
         """The logits (V,) of `token` at `pos` of the sequence whose block table is `blocks` (a buffer reused by the
@@ -300,8 +325,10 @@ class PagedDecoder(_Step):
 
     @property
     def batches(self) -> bool:
-        """Whether step_batch runs natively: every linear takes fp32 activations (the a8 products are batch-1)."""
-        return not self.act_int8
+        """Whether step_batch runs natively: with fp32 activations always; with int8 ones where the library has the
+        batched w8a8 kernels (AVX-512 VNNI; elsewhere the engine sends batches to the PyTorch forward). An a8 layer
+        without a batched layout (N not a multiple of 16) runs its rows through the batch-1 kernel."""
+        return not self.act_int8 or bool(self.lib.a8_batched())
 
     def step_batch(
         self, tokens: list[int], positions: list[int], tables: list[list[int]], want: list[int] | None = None
@@ -312,7 +339,7 @@ class PagedDecoder(_Step):
         at consecutive positions (a prefill chunk) attend causally to each other. A buffer reused by the next call.
         Needs `batches`."""
         if not self.batches:
-            raise ValueError("step_batch needs fp32 activations (act_int8 runs one sequence at a time)")
+            raise ValueError("step_batch with act_int8 needs the batched w8a8 kernels (AVX-512 VNNI), absent here")
         B = len(tokens)
         if not B or len(positions) != B or len(tables) != B:
             raise ValueError(f"need one position and one block table per token, got {B}/{len(positions)}/{len(tables)}")
@@ -349,4 +376,19 @@ def linear(module: nn.Module, x: Tensor, threads: int = 1, act_int8: bool = Fals
     x = x.contiguous().float()
     y, act = x.new_empty(desc.N), torch.empty(act_bytes(desc.K), dtype=torch.uint8)
     lib.native_linear(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), threads, act.data_ptr())
+    return y
+
+
+def linear_rows(module: nn.Module, x: Tensor, threads: int = 1, act_int8: bool = False) -> Tensor:
+    """Y (B, N) = module(x (B, K)) through decode_batch's product for its layout (with `act_int8`, the batched w8a8
+    kernels on the layer's batched layout where the library has them): what the tests compare with `linear`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("native decoding unavailable: gcc could not build csrc/decode.c")
+    keep: list = []
+    desc = make_lin(module, keep, act_int8, batched=True)
+    x = x.contiguous().float()
+    y = x.new_empty(x.size(0), desc.N)
+    act = torch.empty(x.size(0) * (2 * desc.K + 8 * (desc.K // kernels.ACT_BLOCK)), dtype=torch.uint8)
+    lib.native_linear_rows(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), x.size(0), threads, act.data_ptr())
     return y

@@ -25,7 +25,12 @@
 #endif
 #include <omp.h>
 
-#include "gemm.c" /* the register-tiled kernels of the batched step (decode_batch) */
+/* The row-wise helpers both steps share (norms, RoPE, attention, SwiGLU) are never inlined: -ffast-math lets GCC
+ * vectorise a reduction differently in each caller, and decode_batch's rows must equal decode_step bit for bit. */
+#define NOINLINE __attribute__((noinline))
+
+#include "gemm.c"    /* the register-tiled kernels of the batched step (decode_batch) */
+#include "gemm_a8.c" /* and its w8a8 kernels */
 
 enum { LIN_F32 = 0, LIN_INT8 = 1, LIN_INT4 = 2, LIN_INT8G = 3 };
 
@@ -35,6 +40,11 @@ typedef struct {
   const void* s; /* fp32, or fp16 with f16 */
   const void* m;
   const float* bias; /* (N,) or NULL */
+  /* an a8 layer's batched layout (gemm_a8.c), or NULLs: panels, fp32 scales and mins, int8's corrections */
+  const void* pw;
+  const float* ps;
+  const float* pm;
+  const int32_t* pc;
 } Lin;
 
 /* Where the keys and values live: position t of head j in layer l is at base + l * layer + blk * block +
@@ -245,26 +255,32 @@ static inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
 #endif
 
 /* int8 weights · int8 activations, rows [n0, n1): g == K, one scale per row (scaling the row's total), or
- * s (N, K/g) per group of g (a multiple of 32). Four rows share each block of activation codes; the next four are
- * prefetched (one sequential stream is all the hardware prefetcher sees here: measured 1.4x on SmolLM2's int8). */
+ * s (N, K/g) per group of g (a multiple of 32). Per block and row one exact int32 dot, then one FMA into the row's
+ * total in block order (gemm_a8.c's batched kernel does the same, so the two agree bit for bit). Four rows share
+ * each block of activation codes; the next four are prefetched (one sequential stream is all the hardware
+ * prefetcher sees here: measured 1.4x on SmolLM2's int8). */
 static void lin_int8_a8(Act8 a, const int8_t* q, const float* s, float* y, int K, int g, int n0, int n1) {
   int B = K / 32, G = K / g, per = g / 32, by_row = g == K, n = n0;
 #ifdef __AVX2__
   for (; n + 4 <= n1; n += 4) {
-    __m256 tot[4];
-    for (int i = 0; i < 4; i++) tot[i] = _mm256_setzero_ps();
+    __m128 tot = _mm_setzero_ps();
     for (int b = 0; b < B; b++) {
-      __m256i xv = _mm256_loadu_si256((const __m256i*)(a.q + 32 * b));
+      __m256i xv = _mm256_loadu_si256((const __m256i*)(a.q + 32 * b)), dots[4];
       for (int i = 0; i < 4; i++) {
         const int8_t* r = q + (int64_t)(n + i) * K + 32 * b;
         _mm_prefetch((const char*)(r + (int64_t)4 * K), _MM_HINT_T0); /* the next 4 rows' block (never faults) */
         __m256i w = _mm256_loadu_si256((const __m256i*)r);
-        __m256i dots = dot4(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
-        float scale = by_row ? a.d[b] : a.d[b] * s[(int64_t)(n + i) * G + b / per];
-        tot[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(scale), tot[i]);
+        dots[i] = dot4(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
       }
+      __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(dots[0], dots[1]), _mm256_hadd_epi32(dots[2], dots[3]));
+      __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)); /* rows' dots */
+      __m128 d = _mm_set1_ps(a.d[b]);
+      __m128 scale = by_row ? d
+                            : _mm_mul_ps(d, _mm_set_ps(s[(int64_t)(n + 3) * G + b / per], s[(int64_t)(n + 2) * G + b / per],
+                                                       s[(int64_t)(n + 1) * G + b / per], s[(int64_t)n * G + b / per]));
+      tot = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), scale, tot);
     }
-    for (int i = 0; i < 4; i++) y[n + i] = hsum8(tot[i]) * (by_row ? s[n + i] : 1.f);
+    _mm_storeu_ps(y + n, by_row ? _mm_mul_ps(tot, _mm_loadu_ps(s + n)) : tot);
   }
 #endif
   for (; n < n1; n++) {
@@ -273,9 +289,9 @@ static void lin_int8_a8(Act8 a, const int8_t* q, const float* s, float* y, int K
     for (int b = 0; b < B; b++) {
       int dot = 0;
       for (int k = 32 * b; k < 32 * b + 32; k++) dot += (int)r[k] * (int)a.q[k];
-      tot += (float)dot * (by_row ? a.d[b] : a.d[b] * s[(int64_t)n * G + b / per]);
+      tot = fmaf((float)dot, by_row ? a.d[b] : a.d[b] * s[(int64_t)n * G + b / per], tot);
     }
-    y[n] = tot * (by_row ? s[n] : 1.f);
+    y[n] = by_row ? tot * s[n] : tot;
   }
 }
 
@@ -359,8 +375,8 @@ static void lin_int4_a8(Act8 a, const uint8_t* p, const void* s, const void* m, 
         uint8_t c = p[(int64_t)j * N + n];
         dot += (c & 15) * (int)a.q[2 * j] + (c >> 4) * (int)a.q[2 * j + 1];
       }
-      const int64_t o = (int64_t)(b / per) * N + n;
-      out += (float)dot * (a.d[b] * scale_at(s, o, f16)) + a.sd[b] * scale_at(m, o, f16);
+      const int64_t o = (int64_t)(b / per) * N + n; /* the vector path's order: gemm_a8.c repeats it */
+      out = fmaf(a.sd[b], scale_at(m, o, f16), fmaf((float)dot, a.d[b] * scale_at(s, o, f16), out));
     }
     y[n] = out;
   }
@@ -399,7 +415,7 @@ static void lin(const Lin* L, const float* x, float* y, int nthreads, void* act)
 /* One product through the step's own kernels, for the tests against kernels.py's references; `act` as lin's. */
 void native_linear(const Lin* L, const float* x, float* y, int nthreads, void* act) { lin(L, x, y, nthreads, act); }
 
-static void rmsnorm(const float* x, const float* w, float offset, float eps, float* y, int D) {
+static NOINLINE void rmsnorm(const float* x, const float* w, float offset, float eps, float* y, int D) {
   float ss = 0.f;
   for (int i = 0; i < D; i++) ss += x[i] * x[i];
   float r = 1.f / sqrtf(ss / D + eps);
@@ -407,7 +423,7 @@ static void rmsnorm(const float* x, const float* w, float offset, float eps, flo
 }
 
 /* a (n, hd) heads rotated in place at one position: pairs (i, i + hd/2). */
-static void rope(float* a, int n, int hd, const float* c, const float* s) {
+static NOINLINE void rope(float* a, int n, int hd, const float* c, const float* s) {
   int half = hd / 2;
   for (int h = 0; h < n; h++) {
     float* v = a + h * hd;
@@ -426,7 +442,7 @@ static inline int64_t kv_at(const KV* c, int l, int j, int t) {
 }
 
 /* Query head h (hd,) over keys/values [0, len) of layer l in the layout c; out (hd,); p: len floats of scores. */
-static void attend_head(const Model* M, const KV* c, int l, const float* qh, int h, int len, float* o, float* p) {
+static NOINLINE void attend_head(const Model* M, const KV* c, int l, const float* qh, int h, int len, float* o, float* p) {
   int hd = M->hd, per = M->h / M->kv;
   float mx = -INFINITY;
   for (int t = 0; t < len; t++) {
@@ -464,7 +480,7 @@ static void embed(const Model* M, int token, float* x) {
 }
 
 /* One row's fused q|k|v (qd + 2 kvd,) at position pos: RoPE on q and k in place, k and v stored in the layout c. */
-static void rope_store(const Model* M, const KV* c, int l, float* qkv, int pos) {
+static NOINLINE void rope_store(const Model* M, const KV* c, int l, float* qkv, int pos) {
   int hd = M->hd, qd = M->h * hd, kvd = M->kv * hd;
   const float *cs = M->rope_cos + (int64_t)pos * hd / 2, *sn = M->rope_sin + (int64_t)pos * hd / 2;
   rope(qkv, M->h, hd, cs, sn);
@@ -477,7 +493,7 @@ static void rope_store(const Model* M, const KV* c, int l, float* qkv, int pos) 
 }
 
 /* hb (2 ff,) = [gate; up] → hb[0:ff] = silu(gate) * up. */
-static void swiglu(float* hb, int ff) {
+static NOINLINE void swiglu(float* hb, int ff) {
   for (int i = 0; i < ff; i++) hb[i] = hb[i] / (1.f + expf(-hb[i])) * hb[ff + i];
 }
 
@@ -510,10 +526,44 @@ void decode_step(const Model* M, int token, int pos, float* logits) {
 
 /* --- a batch of decoding sequences in one call (the engine's batched decode step) ------------------------------ */
 
+/* B rows x (B, K) → ActRows in `act` (batch_act_bytes(B, K) bytes): each row quantized as quantize_act does, and
+ * its codes + 128 for the int8 kernels' unsigned operand. */
+static ActRows quantize_rows(const float* x, int B, int K, void* act, int nthreads) {
+  int8_t* q = (int8_t*)act;
+  uint8_t* u = (uint8_t*)(q + (int64_t)B * K);
+  float* d = (float*)(u + (int64_t)B * K);
+  float* sd = d + (int64_t)B * (K / 32);
+#pragma omp parallel for num_threads(nthreads)
+  for (int b = 0; b < B; b++) {
+    Act8 a = {q + (int64_t)b * K, d + (int64_t)b * (K / 32), sd + (int64_t)b * (K / 32)};
+    quantize_act(x + (int64_t)b * K, K, a);
+    for (int k = 0; k < K; k++) u[(int64_t)b * K + k] = (uint8_t)(a.q[k] + 128);
+  }
+  ActRows r = {q, u, d, sd};
+  return r;
+}
+
+static int64_t batch_act_bytes(int B, int K) { return (int64_t)B * (2 * K + 8 * (K / 32)); }
+
+/* An a8 layer for B rows: gemm_a8.c's batched kernels on its batched layout, or (a build without them, or a layer
+ * without the layout) each row through the batch-1 kernel. */
+static void lin_rows_a8(const Lin* L, const float* x, float* y, int B, void* act, int nthreads) {
+  if (A8_BATCHED && L->pw) {
+    ActRows a = quantize_rows(x, B, L->K, act, nthreads);
+#if A8_BATCHED
+    if (L->kind == LIN_INT4) gemm_a8_int4(a, B, L->pw, L->ps, L->pm, y, L->K, L->N, L->g, nthreads);
+    else gemm_a8_int8(a, B, L->pw, L->pc, L->ps, y, L->K, L->N, L->kind == LIN_INT8 ? L->K : L->g, nthreads);
+#endif
+    return;
+  }
+  for (int b = 0; b < B; b++) lin(L, x + (int64_t)b * L->K, y + (int64_t)b * L->N, nthreads, act);
+}
+
 /* Y (B, N) = X (B, K) · Wᵀ (+ bias) through gemm.c's register-tiled kernels: each weight tile read once for all B
- * rows, dequantized once per tile (fp32 activations; the a8 layers are not batched natively). */
-static void lin_rows(const Lin* L, const float* x, float* y, int B) {
-  if (L->kind == LIN_F32) gemm_tiled_f32(x, (const float*)L->w, y, B, L->K, L->N);
+ * rows, dequantized once per tile; a8 layers through lin_rows_a8 (`act`: batch_act_bytes(B, K) of scratch). */
+static void lin_rows(const Lin* L, const float* x, float* y, int B, void* act, int nthreads) {
+  if (L->a8) lin_rows_a8(L, x, y, B, act, nthreads);
+  else if (L->kind == LIN_F32) gemm_tiled_f32(x, (const float*)L->w, y, B, L->K, L->N);
   else if (L->kind == LIN_INT8) gemm_tiled_int8(x, (const int8_t*)L->w, (const float*)L->s, y, B, L->K, L->N);
   else if (L->kind == LIN_INT8G)
     gemm_tiled_int8g(x, (const int8_t*)L->w, (const float*)L->s, y, B, L->K, L->N, L->g);
@@ -521,6 +571,11 @@ static void lin_rows(const Lin* L, const float* x, float* y, int B) {
   if (L->bias)
     for (int b = 0; b < B; b++)
       for (int n = 0; n < L->N; n++) y[(int64_t)b * L->N + n] += L->bias[n];
+}
+
+/* B rows through one layer's batched product (what the tests compare); `act`: batch_act_bytes(B, K) bytes. */
+void native_linear_rows(const Lin* L, const float* x, float* y, int B, int nthreads, void* act) {
+  lin_rows(L, x, y, B, act, nthreads);
 }
 
 /* M's KV layout with row b's block table (tables (B, W)). */
@@ -533,13 +588,13 @@ static inline KV row_kv(const Model* M, const int64_t* tables, int W, int b) {
 /* Layer l for B rows x (B, D) at positions pos (B,); buf as decode_batch's. Row-wise work (norms, RoPE, cache
  * writes, SwiGLU) and the (row, head) attention pairs are split across the threads; the products are batched. */
 static void layer_rows(const Model* M, int l, int B, const int* pos, const int64_t* tables, int W, float* x,
-                       float* buf) {
+                       float* buf, void* act) {
   int D = M->D, hd = M->hd, qd = M->h * hd, Q = qd + 2 * M->kv * hd, F = 2 * M->ff;
   float *xn = buf, *qkv = xn + (int64_t)B * D, *att = qkv + (int64_t)B * Q, *hb = att + (int64_t)B * qd;
   float *tmp = hb + (int64_t)B * F, *sc = tmp + (int64_t)B * D;
 #pragma omp parallel for num_threads(M->nthreads)
   for (int b = 0; b < B; b++) rmsnorm(x + (int64_t)b * D, M->ln1[l], M->norm_offset, M->eps, xn + (int64_t)b * D, D);
-  lin_rows(&M->qkv[l], xn, qkv, B);
+  lin_rows(&M->qkv[l], xn, qkv, B, act, M->nthreads);
 #pragma omp parallel for num_threads(M->nthreads)
   for (int b = 0; b < B; b++) {
     KV c = row_kv(M, tables, W, b);
@@ -552,37 +607,44 @@ static void layer_rows(const Model* M, int l, int B, const int* pos, const int64
     attend_head(M, &c, l, qkv + (int64_t)b * Q + h * hd, h, pos[b] + 1, att + (int64_t)b * qd + h * hd,
                 sc + (int64_t)omp_get_thread_num() * M->max_len);
   }
-  lin_rows(&M->proj[l], att, tmp, B);
+  lin_rows(&M->proj[l], att, tmp, B, act, M->nthreads);
   for (int64_t i = 0; i < (int64_t)B * D; i++) x[i] += tmp[i];
 #pragma omp parallel for num_threads(M->nthreads)
   for (int b = 0; b < B; b++) rmsnorm(x + (int64_t)b * D, M->ln2[l], M->norm_offset, M->eps, xn + (int64_t)b * D, D);
-  lin_rows(&M->fc[l], xn, hb, B);
+  lin_rows(&M->fc[l], xn, hb, B, act, M->nthreads);
 #pragma omp parallel for num_threads(M->nthreads)
   for (int b = 0; b < B; b++) swiglu(hb + (int64_t)b * F, M->ff);
   for (int b = 0; b < B; b++) /* the down product reads rows of ff: pack silu(gate) * up down to them */
     memmove(hb + (int64_t)b * M->ff, hb + (int64_t)b * F, M->ff * sizeof(float));
-  lin_rows(&M->down[l], hb, tmp, B);
+  lin_rows(&M->down[l], hb, tmp, B, act, M->nthreads);
   for (int64_t i = 0; i < (int64_t)B * D; i++) x[i] += tmp[i];
 }
 
-/* Floats of decode_batch's scratch for B rows. */
-int64_t batch_floats(const Model* M, int B) {
+static int64_t batch_work_floats(const Model* M, int B) {
   int64_t qd = M->h * M->hd, Q = qd + 2 * M->kv * M->hd;
   return (int64_t)B * (3 * M->D + Q + qd + 2 * M->ff) + (int64_t)M->nthreads * M->max_len;
+}
+
+/* Floats of decode_batch's scratch for B rows: the layers' work, then (a8 layers) the rows' activation codes. */
+int64_t batch_floats(const Model* M, int B) {
+  int K = M->D > M->ff ? M->D : M->ff;
+  K = K > M->h * M->hd ? K : M->h * M->hd;
+  return batch_work_floats(M, B) + (M->act ? (batch_act_bytes(B, K) + 3) / 4 : 0);
 }
 
 /* B rows: tokens (B,) at positions pos (B,), row b through block table b of tables (B, W); writes their keys and
  * values. Rows of one sequence (the same table, consecutive positions: a prefill chunk, a speculative
  * verification) attend causally to each other, because every row's keys and values of a layer are written before
  * any row of it attends. The logits (n_out, V) are those of rows out[0..n_out). buf: batch_floats(M, B) floats.
- * Needs fp32-activation linears. */
+ * a8 layers run gemm_a8.c's kernels on their batched layouts (each row as its batch-1 step computes it). */
 void decode_batch(const Model* M, int B, const int* tokens, const int* pos, const int64_t* tables, int W,
                   int n_out, const int* out, float* logits, float* buf) {
   int D = M->D;
   float *x = buf, *rest = x + (int64_t)B * D;
+  void* act = buf + batch_work_floats(M, B);
   for (int b = 0; b < B; b++) embed(M, tokens[b], x + (int64_t)b * D);
-  for (int l = 0; l < M->n_layer; l++) layer_rows(M, l, B, pos, tables, W, x, rest);
+  for (int l = 0; l < M->n_layer; l++) layer_rows(M, l, B, pos, tables, W, x, rest, act);
   for (int i = 0; i < n_out; i++)
     rmsnorm(x + (int64_t)out[i] * D, M->lnf, M->norm_offset, M->eps, rest + (int64_t)i * D, D);
-  if (n_out) lin_rows(&M->head, rest, logits, n_out);
+  if (n_out) lin_rows(&M->head, rest, logits, n_out, act, M->nthreads);
 }
