@@ -441,24 +441,27 @@ static inline int64_t kv_at(const KV* c, int l, int j, int t) {
   return l * c->layer + blk * c->block + (int64_t)(t % c->bs) * c->pos + j * c->head;
 }
 
-/* Query head h (hd,) over keys/values [0, len) of layer l in the layout c; out (hd,); p: len floats of scores. */
+/* Query head h (hd,) over keys/values [0, len) of layer l in the layout c; out (hd,); p: len floats of scores. Block
+ * by block: one table lookup per block of bs positions (pos floats apart), not two divisions per position. */
 static NOINLINE void attend_head(const Model* M, const KV* c, int l, const float* qh, int h, int len, float* o, float* p) {
-  int hd = M->hd, per = M->h / M->kv;
+  int hd = M->hd, j = h / (M->h / M->kv);
   float mx = -INFINITY;
-  for (int t = 0; t < len; t++) {
-    const float* kt = c->k + kv_at(c, l, h / per, t);
-    float d = 0.f;
-    for (int i = 0; i < hd; i++) d += qh[i] * kt[i];
-    p[t] = d * M->scale;
-    mx = p[t] > mx ? p[t] : mx;
+  for (int t0 = 0; t0 < len; t0 += c->bs) {
+    const float* kb = c->k + kv_at(c, l, j, t0);
+    int n = len - t0 < c->bs ? len - t0 : c->bs;
+    for (int i = 0; i < n; i++) {
+      float d = dot(qh, kb + (int64_t)i * c->pos, hd) * M->scale;
+      p[t0 + i] = d;
+      mx = d > mx ? d : mx;
+    }
   }
   float sum = 0.f;
   for (int t = 0; t < len; t++) sum += (p[t] = expf(p[t] - mx));
   for (int i = 0; i < hd; i++) o[i] = 0.f;
-  for (int t = 0; t < len; t++) {
-    const float* vt = c->v + kv_at(c, l, h / per, t);
-    float w = p[t] / sum;
-    for (int i = 0; i < hd; i++) o[i] += w * vt[i];
+  for (int t0 = 0; t0 < len; t0 += c->bs) {
+    const float* vb = c->v + kv_at(c, l, j, t0);
+    int n = len - t0 < c->bs ? len - t0 : c->bs;
+    for (int i = 0; i < n; i++) axpy(p[t0 + i] / sum, vb + (int64_t)i * c->pos, o, hd);
   }
 }
 
