@@ -426,7 +426,9 @@ def only(cls: type, *names: str) -> tuple:
 SET = {"action": "append", "default": [], "metavar": "KEY=VALUE"}
 LOAD = opts(LoadConfig, positional=("checkpoint",))
 # generate, chat: max_seqs=1
-ONE_SEQUENCE = only(EngineConfig, "num_speculative", "draft_confidence", "kv_memory", "native", "act_int8")
+ONE_SEQUENCE = only(
+    EngineConfig, "num_speculative", "draft_confidence", "kv_memory", "native", "act_int8", "draft_act_int8"
+)
 SAMPLING_SKIP = ("stop_token_ids", "prompt_logprobs")  # API-only sampling fields
 PRETRAIN_SKIP = ("model", "model_overrides", "sample_prompts")  # --preset / --config / --set give these
 COMMANDS = [  # (command, function, its options)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VARIANTS, scramble
+from conftest import VARIANTS, scramble, smollm2_file
 from torch import Tensor
 
 from gptstack.infer.engine import Engine, EngineConfig
@@ -510,6 +510,42 @@ def test_smollm2_act_int8_batched_steps_equal_each_row_alone(smol_kept, smollm2)
     engine = Engine(smol_kept, EngineConfig(kv_block_size=4, max_seqs=4, act_int8=True))
     assert [c.token_ids for c in engine.generate(prompts, greedy)] == one
     assert engine.stats["native_steps"] == engine.stats["steps"] < sum(map(len, one))
+
+
+@torch.no_grad()
+def test_smollm2_decode_layout_runs_natively_and_a_w4a8_self_draft_keeps_its_greedy_output(smollm2, smol_kept):
+    """The fp32 decode layout (transforms.decode's DecodeLinear, what `gptstack generate` loads an fp32 model as)
+    runs on the native step; the file kept at its Q4_1/Q8_0 codes, its step with int8 activations
+    (`draft_act_int8`), drafts for it: the greedy tokens are plain decoding's, most proposals are accepted, the
+    draft's steps are native w8a8 ones, and the draft reads the prompt in the prefill step (its first round starts
+    caught up)."""
+    from gptstack.checkpoint import load_model
+    from gptstack.transforms.decode import decode_layout
+
+    target = decode_layout(load_model(smollm2_file()))  # a fresh copy: the layout is applied in place
+    prompt = smollm2.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    plain = Engine(target, EngineConfig(kv_block_size=4))
+    assert plain.native is not None, plain.native_off
+    expected = plain.generate([prompt], greedy)[0].token_ids
+    cfg = EngineConfig(kv_block_size=4, speculative="draft", num_speculative=4, draft_act_int8=True)
+    engine = Engine(target, cfg, draft=smol_kept)
+    assert engine.draft_native.act_int8 and engine.draft_native.batches
+    engine.add_request(prompt, greedy)
+    got = [t for out in engine.step() for t in out.token_ids]  # the prefill: the draft reads the prompt too
+    assert engine.running[0].draft_computed == len(prompt) and engine.stats["draft_native_steps"] == 1
+    while engine.has_unfinished():
+        got += [t for out in engine.step() for t in out.token_ids]
+    assert got == expected
+    stats = engine.stats
+    assert stats["spec_accepted"] > 0.7 * stats["spec_proposed"] > 0
+
+
+def test_draft_act_int8_needs_a_draft_and_the_native_step():
+    for bad in (dict(draft_act_int8=True), dict(draft_act_int8=True, speculative="ngram"),
+                dict(draft_act_int8=True, speculative="draft", native=False)):  # fmt: skip
+        with pytest.raises(ValueError, match="draft_act_int8 needs speculative='draft'"):
+            EngineConfig(**bad)
 
 
 def test_engine_act_int8_needs_the_native_step():

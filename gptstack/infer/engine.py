@@ -103,6 +103,7 @@ class EngineConfig:
     image_cache: int = 64  # images whose vision features are kept (by the image bytes' digest)
     native: bool = True  # one decoding sequence alone: one C call per token (infer/native.py) where the model allows
     act_int8: bool = False  # int8 activations for the quantized layers (w8a8, as llama.cpp's Q8_1 dots): needs native
+    draft_act_int8: bool = False  # the same for the draft model's step (a quantized copy of the target as its draft)
 
     def __post_init__(self) -> None:
         if self.kv_block_size < 1 or self.max_seqs < 1 or self.max_step_tokens < 1:
@@ -119,6 +120,8 @@ class EngineConfig:
             parse_memory(self.kv_memory)  # a bad budget fails here, not when the engine starts
         if self.act_int8 and not self.native:
             raise ValueError("act_int8 needs the native step (native=True)")
+        if self.draft_act_int8 and (self.speculative != "draft" or not self.native):
+            raise ValueError("draft_act_int8 needs speculative='draft' and the native step (native=True)")
 
 
 # ---- sizing the KV pool from a memory budget ---------------------------------------------------------
@@ -515,9 +518,11 @@ class Engine:
         )  # fmt: skip
         self.native_off = ""  # why the native step does not run, when it does not
         self.native = self._native_step()
-        self.draft_native = None  # the draft model's native step (fp32 activations) over its own pool
+        self.draft_native = None  # the draft model's native step over its own pool (w8a8 with draft_act_int8)
         if self.draft_cache is not None and self.native is not None:
-            self.draft_native = self._native_decoder(draft, self.draft_cache)[0]
+            self.draft_native, why = self._native_decoder(draft, self.draft_cache, cfg.draft_act_int8)
+            if self.draft_native is None and cfg.draft_act_int8:
+                raise ValueError(f"draft_act_int8 needs the draft's native step, which cannot run: {why}")
 
     def _native_step(self) -> native.PagedDecoder | None:
         """The native decode step over the engine's pool (config.native), or None where it does not apply (then
@@ -778,6 +783,8 @@ class Engine:
             logits = self._native_logits(batch, want)  # (len(want), V)
         else:
             logits = self._forward(self.model, self.cache, batch, want)  # (len(want), V)
+        if self.draft_cache is not None:
+            self._draft_prefill(batch)
         sampled = self._sample(batch, rows, logits)
         outputs = []
         for i, (seq, n) in enumerate(batch):
@@ -862,7 +869,7 @@ class Engine:
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, N)
         at = torch.tensor(want, dtype=torch.long, device=self.device)
         embeds = None if draft else self._image_rows(batch, len(ids))  # the draft sees the placeholders' embeddings
-        w8a8 = self.config.act_int8 and not draft  # the forward the native step's int8 activations equal
+        w8a8 = self.config.draft_act_int8 if draft else self.config.act_int8  # what the native step's a8 equals
         with int8_activations(model) if w8a8 else contextlib.nullcontext():
             logits = model(idx, kv_cache=cache, logits_at=at, embeds=embeds)[0].float()  # (len(want), V)
         return self._mask(logits)
@@ -1010,6 +1017,24 @@ class Engine:
             self.stats["computed_tokens"] += n
             outputs.append(self._finish_output(seq, out))
         return outputs
+
+    def _draft_prefill(self, batch: list[tuple[Sequence, int]]) -> None:
+        """The draft model reads this step's prompt chunks too (into its own pool, from each sequence's
+        draft_computed), so a sequence's first speculative round starts from a draft that has read the prompt: the
+        draft's prompt processing is part of the prefill (time to first token), not of the first round."""
+        chunks = [
+            (seq, seq.num_computed + n - seq.draft_computed) for seq, n in batch if seq.num_computed < len(seq.prompt)
+        ]
+        chunks = [(seq, n) for seq, n in chunks if n > 0]
+        if not chunks:
+            return
+        last = [sum(n for _, n in chunks) - 1]  # one row of logits, unused (the forward wants at least one)
+        if self._native_applies(chunks, draft=True):
+            self._native_logits(chunks, last, draft=True)
+        else:
+            self._forward(self.draft, self.draft_cache, chunks, last, draft=True)
+        for seq, n in chunks:
+            seq.draft_computed += n
 
     def _draft(self, batch, room) -> tuple[dict[int, list[int]], dict[int, Tensor | None]]:
         """The draft model catches up on each sequence's tokens, then proposes room[i] tokens, with their

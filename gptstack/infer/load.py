@@ -28,6 +28,7 @@ class LoadConfig:
     speculative: str | None = None  # 'ngram' (prompt lookup) or a draft model's checkpoint
     device: str = "cpu"  # cpu | cuda
     keep_quantized: bool = False  # GGUF files: hold Q4_0/Q4_1/Q8_0 tensors as codes instead of fp32
+    draft_keep_quantized: bool = False  # the same for the draft alone (e.g. the target's own GGUF as its draft)
 
 
 def load_engine(cfg: LoadConfig, engine: EngineConfig | None = None) -> Engine:
@@ -47,7 +48,8 @@ def load_engine(cfg: LoadConfig, engine: EngineConfig | None = None) -> Engine:
 
     draft, speculative = None, cfg.speculative
     if speculative not in (None, "ngram"):
-        draft = prepare(load_model(speculative, device=cfg.device, tokenizer=tok, keep_quantized=cfg.keep_quantized))
+        keep = cfg.keep_quantized or cfg.draft_keep_quantized
+        draft = prepare(load_model(speculative, device=cfg.device, tokenizer=tok, keep_quantized=keep))
         speculative = "draft"
     engine = engine or EngineConfig()
     if speculative is not None:  # else the engine config's own mode (e.g. "ngram") stands

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from gptstack.infer.kvcache import KVCache
 from gptstack.model import GPT
 from gptstack.transforms import kernels
+from gptstack.transforms.decode import DecodeLinear
 from gptstack.transforms.quantize import QuantizedEmbedding, QuantizedLinear, TiedHead, int8_activations
 
 SOURCE = Path(kernels.__file__).with_name("csrc") / "decode.c"
@@ -154,7 +155,7 @@ def make_lin(module: nn.Module, keep: list, act_int8: bool = False, batched: boo
     if isinstance(module, QuantizedLinear):
         ts = [module.qweight, module.scales, getattr(module, "mins", None)]
         kind, g = LAYOUT[module.method], module.group_size
-    elif isinstance(module, nn.Linear):
+    elif isinstance(module, nn.Linear | DecodeLinear):  # DecodeLinear: transforms/decode.py's fp32 layout
         ts, kind, g = [module.weight.detach(), None, None], 0, 0
     else:
         raise TypeError(f"no native layout for {type(module).__name__}")
