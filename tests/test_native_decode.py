@@ -542,10 +542,11 @@ def test_smollm2_decode_layout_runs_natively_and_a_w4a8_self_draft_keeps_its_gre
 
 
 def test_draft_act_int8_needs_a_draft_and_the_native_step():
-    for bad in (dict(draft_act_int8=True), dict(draft_act_int8=True, speculative="ngram"),
-                dict(draft_act_int8=True, speculative="draft", native=False)):  # fmt: skip
-        with pytest.raises(ValueError, match="draft_act_int8 needs speculative='draft'"):
-            EngineConfig(**bad)
+    with pytest.raises(ValueError, match="draft_act_int8 needs the native step"):
+        EngineConfig(draft_act_int8=True, speculative="draft", native=False)
+    for mode in (None, "ngram"):
+        with pytest.raises(ValueError, match=r"draft_act_int8 needs a draft model \(speculative='draft'\)"):
+            Engine(llama("int4"), EngineConfig(draft_act_int8=True, speculative=mode))
 
 
 def test_engine_act_int8_needs_the_native_step():

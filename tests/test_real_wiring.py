@@ -251,3 +251,15 @@ def test_gemma_token_bytes_count_ids_the_ranks_table_drops(gemma):
     assert dropped and all(counts[i] == len(tok.decode_bytes([i])) > 0 for i in dropped)
     text = "Line one\n\n\n    indented 🦙 naïve 東京\t\tend"  # newline and space runs are Gemma's added tokens
     assert counts[tok.encode(text)].sum() == len(text.encode())
+
+
+def test_gptstack_generate_with_the_file_as_its_own_w4a8_draft_prints_the_plain_greedy_text():
+    """`--speculative FILE --draft-keep-quantized --draft-act-int8`: the fp32 SmolLM2 drafted by the same file at its
+    Q4_1/Q8_0 codes with int8 activations prints plain greedy decoding's text and nearly every draft accepted."""
+    path = str(smollm2_file())
+    args = ["--prompt", "The capital of France is", "--max-tokens", "24", "--temperature", "0"]
+    plain = gptstack("generate", path, *args)
+    spec = gptstack("generate", path, *args, "--speculative", path, "--draft-keep-quantized", "--draft-act-int8")
+    assert spec.stdout == plain.stdout and len(plain.stdout) > len("The capital of France is") + 10
+    accepted = int(spec.stderr.split("% of drafts accepted")[0].rsplit(" ", 1)[-1])
+    assert accepted >= 70, spec.stderr

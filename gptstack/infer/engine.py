@@ -120,8 +120,8 @@ class EngineConfig:
             parse_memory(self.kv_memory)  # a bad budget fails here, not when the engine starts
         if self.act_int8 and not self.native:
             raise ValueError("act_int8 needs the native step (native=True)")
-        if self.draft_act_int8 and (self.speculative != "draft" or not self.native):
-            raise ValueError("draft_act_int8 needs speculative='draft' and the native step (native=True)")
+        if self.draft_act_int8 and not self.native:
+            raise ValueError("draft_act_int8 needs the native step (native=True)")
 
 
 # ---- sizing the KV pool from a memory budget ---------------------------------------------------------
@@ -485,6 +485,8 @@ class Engine:
         mc = model.config
         self.context = mc.block_size
         self.device = model.transformer.wte.weight.device
+        if cfg.draft_act_int8 and cfg.speculative != "draft":
+            raise ValueError("draft_act_int8 needs a draft model (speculative='draft')")
         if cfg.speculative == "draft":
             if draft is None:
                 raise ValueError("speculative='draft' needs a draft model")
