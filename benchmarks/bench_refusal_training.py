@@ -2,6 +2,7 @@
 
     python benchmarks/bench_refusal_training.py --out /work/runs/refusal          # the full run
     python benchmarks/bench_refusal_training.py --out /tmp/refusal-quick --quick  # a few minutes
+    python benchmarks/bench_refusal_training.py --out /work/runs/refusal2 --stage tax --task-limit 250  # re-scored
 
 Stages, each kept in --out and skipped when its file is there (rerun to resume; --fresh to redo):
 1. data: the base model's greedy replies to the *train* suites (harmful-train, benign-train), judged;
@@ -197,6 +198,26 @@ def paired_tax(before: dict, after: dict) -> tuple[float, float]:
     return float(np.mean(diffs)), float(np.sqrt(var) / len(diffs))
 
 
+def tax_table(out: Path, limit: int, fresh: bool) -> str:
+    """The alignment tax of a finished run (its base, SFT and DPO checkpoints in `out`) re-measured on the first
+    `limit` items of each shared task (the run's own figure uses --task-limit 40): accuracy per task, the mean, the
+    paired tax with its standard error, and ECE; scores cached as tasks-TAG-LIMIT.json."""
+    models = {"base": smollm2_file(), "sft": out / "sft", "dpo": out / "dpo"}
+    scores = {tag: cached(out / f"tasks-{tag}-{limit}.json", fresh, lambda c=c: task_scores(c, limit))
+              for tag, c in models.items()}  # fmt: skip
+    n = {t: len(v) for t, v in scores["base"]["correct"].items()}
+    lines = [f"Shared tasks, 0-shot, first {limit} items each ({', '.join(f'{t} {k}' for t, k in n.items())})", "",
+             "| task | base | after SFT | after SFT + DPO |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    for task in TASKS:
+        lines.append(f"| {task} | " + " | ".join(f"{s['acc'][task]:.3f}" for s in scores.values()) + " |")
+    lines.append("| mean | " + " | ".join(f"{s['mean_acc']:.4f}" for s in scores.values()) + " |")
+    lines.append("| ECE | " + " | ".join(f"{s['ece']:.3f}" for s in scores.values()) + " |")
+    for tag in ("sft", "dpo"):
+        tax, se = paired_tax(scores["base"], scores[tag])
+        lines.append(f"\ntax after {tag}: {-100 * tax:+.2f} ± {100 * se:.2f} points (paired standard error)")
+    return "\n".join(lines)
+
+
 def table(cols: dict[str, tuple[dict, dict]], judge: str) -> str:
     """The markdown table: one column per model (name -> (safety scores, task scores)), the first the base."""
     names, (tb, _) = list(cols), next(iter(cols.values()))
@@ -288,7 +309,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/refusal-training")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, numbers mean nothing")
-    p.add_argument("--stage", default="all", help="all | tasks-base (only the base model's task scores)")
+    p.add_argument("--stage", default="all",
+                   help="all | tasks-base (only the base model's task scores) | tax (a finished run's tax, re-scored "
+                        "on --task-limit items)")  # fmt: skip
     p.add_argument("--judge", default="prefix", help="the refusal judge (gptstack.safety.judges.build_judge)")
     p.add_argument("--wrappers", default="", help="comma-separated jailbreak wrappers (default: all)")
     p.add_argument("--limit", type=int, default=40, help="prompts of harmful-eval and of benign-eval")
@@ -337,6 +360,9 @@ def main() -> None:
     if args.stage == "tasks-base":
         r = cached(out / "tasks-base.json", args.fresh, lambda: task_scores(smollm2_file(), args.task_limit))
         print(json.dumps({k: v for k, v in r.items() if k in ("acc", "mean_acc", "ece", "seconds")}))
+        return
+    if args.stage == "tax":
+        print(tax_table(out, args.task_limit, args.fresh))
         return
     suites, judge, wrappers = load_suites(args.quick), refusal_judge(args.judge), jailbreak_wrappers(args.wrappers)
     data = cached(out / "data.json", args.fresh,
