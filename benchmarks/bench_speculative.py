@@ -75,7 +75,9 @@ def timed(engine: Engine, prompt: list[int], tokens: int) -> tuple[list[int], fl
     return out, rate, dt / max(1, rounds), rounds, first - t0
 
 
-def engines(target, draft, ks: list[int], confidence: float = 0.0, self_draft=None) -> dict[str, Engine]:
+def engines(
+    target, draft, ks: list[int], confidence: float = 0.0, self_draft=None, draft_a8: bool = False
+) -> dict[str, Engine]:
     tok = target.tokenizer
     base = dict(max_seqs=1, kv_memory="256MiB")
     out = {"plain": Engine(target, EngineConfig(**base), tokenizer=tok)}
@@ -86,7 +88,9 @@ def engines(target, draft, ks: list[int], confidence: float = 0.0, self_draft=No
         spec = EngineConfig(**base, speculative="draft", num_speculative=k, draft_confidence=confidence)
         stop = f", stop below p={confidence}" if confidence else ""
         if draft is not None:
-            out[f"trained draft, k={k}{stop}"] = Engine(target, spec, tokenizer=tok, draft=draft)
+            a8 = ", w8a8" if draft_a8 else ""
+            cfg = replace(spec, draft_act_int8=draft_a8)
+            out[f"trained draft{a8}, k={k}{stop}"] = Engine(target, cfg, tokenizer=tok, draft=draft)
         if self_draft is not None:
             a8 = replace(spec, draft_act_int8=True)
             out[f"self-draft (Q4_1 kept, w4a8), k={k}{stop}"] = Engine(target, a8, tokenizer=tok, draft=self_draft)
@@ -170,6 +174,7 @@ def main() -> None:
         choices=["none", "int8", "int4"],
         help="the draft's weights (its 49152-row head dominates a draft step)",
     )
+    ap.add_argument("--draft-act-int8", action="store_true", help="the trained draft's step with int8 activations")
     ap.add_argument(
         "--self-draft",
         action="store_true",
@@ -188,7 +193,8 @@ def main() -> None:
     prompts = [chat_prompt(target.tokenizer, t, INSTRUCTION) for t in read_prompts(BOOLQ, args.items)]
     with torch.no_grad():
         self_draft = load_model(path, keep_quantized=True) if args.self_draft else None
-        engs = engines(target, draft, [int(k) for k in args.k.split(",")], args.draft_confidence, self_draft)
+        ks = [int(k) for k in args.k.split(",")]
+        engs = engines(target, draft, ks, args.draft_confidence, self_draft, args.draft_act_int8)
         res = run(engs, prompts, args.tokens)
     print(table(res, len(prompts), args.tokens))
     if not all(r["identical"] for r in res.values()):

@@ -102,3 +102,28 @@ def test_distilled_draft_agrees_with_its_teacher_and_keeps_greedy_output(trained
     untrained_rate, untrained_out = agreement(Engine(teacher, spec, tokenizer=tok, draft=untrained), prompts, 24)
     assert untrained_out == trained_out
     assert trained_rate > 0.5 and trained_rate > untrained_rate + 0.3, (trained_rate, untrained_rate)
+
+
+@torch.no_grad()
+def test_a_truncated_teacher_draft_starts_from_its_first_blocks_with_the_table_frozen():
+    """init_layers: the draft is the teacher's first blocks, final norm and tied table; only the blocks and norms
+    train; a teacher it cannot truncate is refused."""
+    from dataclasses import replace
+
+    from conftest import VARIANTS
+
+    from gptstack.model import build_model
+
+    teacher = build_model(replace(VARIANTS["llama-gqa"], n_layer=3, tie_embeddings=True), seed=1).eval()
+    cfg = DistillConfig(teacher="t", data="d", out="o", init_layers=2)
+    draft = build_draft(teacher, cfg).eval()
+    assert draft.config.n_layer == 2 and draft.config.n_embd == teacher.config.n_embd
+    for name, value in draft.state_dict().items():
+        assert torch.equal(value, teacher.state_dict()[name]), name
+    assert not draft.transformer.wte.weight.requires_grad and draft.transformer.h[0].mlp.c_fc.weight.requires_grad
+    with pytest.raises(ValueError, match="init_layers must be in"):
+        build_draft(teacher, DistillConfig(teacher="t", data="d", out="o", init_layers=3))
+    with pytest.raises(ValueError, match="tied"):
+        build_draft(build_model(replace(VARIANTS["llama-gqa"], n_layer=3), seed=1), cfg)
+    with pytest.raises(ValueError, match="init_layers must be >= 0"):
+        DistillConfig(teacher="t", data="d", out="o", init_layers=-1)

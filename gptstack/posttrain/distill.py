@@ -25,7 +25,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class DistillConfig:
     prompt_chars: int = 1500  # .txt data: characters per prompt
     answer_tokens: int = 64  # the teacher's greedy answer length (it may stop earlier)
     teacher_batch: int = 16  # prompts the teacher answers at once
+    init_layers: int = 0  # > 0: the draft is the teacher's first init_layers blocks, final norm and table (frozen)
     n_layer: int = 2  # draft shape: layers
     n_embd: int = 128  # draft width (the embedding is vocab × n_embd, tied with the head)
     n_head: int = 4  # draft attention heads
@@ -73,6 +74,8 @@ class DistillConfig:
             raise ValueError("items, steps, batch_size and answer_tokens must be >= 1")
         if not 0.0 <= self.prompt_share <= 1.0:
             raise ValueError(f"prompt_share must be in [0, 1], got {self.prompt_share}")
+        if self.init_layers < 0:
+            raise ValueError(f"init_layers must be >= 0, got {self.init_layers}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError("n_embd must divide by n_head, and n_head by n_kv_head")
 
@@ -144,6 +147,20 @@ def projected_embedding(teacher_wte: Tensor, d: int, std: float = 0.05) -> Tenso
 
 
 def build_draft(teacher: GPT, cfg: DistillConfig) -> GPT:
+    """A fresh draft of cfg's shape from the teacher's projected embedding; or (init_layers) a truncated teacher:
+    its first init_layers blocks, its final norm and its token table (tied to the head, frozen: the draft keeps
+    the teacher's vocabulary geometry and only its blocks and norms train)."""
+    if cfg.init_layers:
+        if not 0 < cfg.init_layers < teacher.config.n_layer:
+            raise ValueError(f"init_layers must be in [1, {teacher.config.n_layer - 1}], got {cfg.init_layers}")
+        if not teacher.config.tie_embeddings:
+            raise ValueError("init_layers needs a teacher whose head is tied to its token table")
+        draft = build_model(replace(teacher.config, n_layer=cfg.init_layers), seed=cfg.seed)
+        missing, _ = draft.load_state_dict(teacher.state_dict(), strict=False)
+        if missing:
+            raise ValueError(f"the truncated teacher lacks {missing[:3]}")
+        draft.transformer.wte.weight.requires_grad_(False)
+        return draft
     draft = build_model(draft_config(teacher.config, cfg), seed=cfg.seed)
     draft.transformer.wte.weight.data.copy_(projected_embedding(teacher.transformer.wte.weight, cfg.n_embd))
     return draft
@@ -170,7 +187,8 @@ def make_batch(
 def train_draft(draft: GPT, rows: list[tuple[list[int], list[int]]], cfg: DistillConfig) -> list[float]:
     """AdamW on the scored positions' cross-entropy; the loss of each step."""
     rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    trainable = [q for q in draft.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     draft.train()
     losses, bar = [], progress_bar(cfg.steps, cfg.progress)
     for step in range(cfg.steps):
@@ -184,7 +202,7 @@ def train_draft(draft: GPT, rows: list[tuple[list[int], list[int]]], cfg: Distil
         loss = F.cross_entropy(logits.float(), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
         bar.update()
