@@ -388,6 +388,7 @@ def hog(children, mb, limit_mb):
     except MemoryError:
         pass
     r, w = os.pipe()
+    forked = 0
     for _ in range(children):
         try:
             pid = os.fork()
@@ -399,14 +400,17 @@ def hog(children, mb, limit_mb):
                 os.write(w, b"1")
             finally:
                 signal.pause()
+        forked += 1
     os.close(w)
     import time
-    time.sleep(1)
+    got, deadline = 0, time.monotonic() + 10  # every started child reports, however loaded the machine
     os.set_blocking(r, False)
-    try:
-        return len(os.read(r, 1024))
-    except BlockingIOError:
-        return 0
+    while got < forked and time.monotonic() < deadline:
+        try:
+            got += len(os.read(r, 1024))
+        except BlockingIOError:
+            time.sleep(0.05)
+    return got
 """
     test = "def check(candidate):\n    assert candidate(20, 160, 256) == 2\n"  # 20 children asked, 2 could start
     outcome = run_job(Job(code, test, "hog"), Limits(timeout=15, memory_mb=256, processes=4))
